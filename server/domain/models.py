@@ -1,0 +1,274 @@
+"""Domain values: tasks, workflows, agents, state entries.
+
+Frozen dataclasses with no gRPC or backend types. Times are floats (Unix
+seconds, from the injected clock); durations are float seconds.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+DEFAULT_NAMESPACE = "default"
+
+
+class TaskState(enum.IntEnum):
+    """Lifecycle of a task (values match the proto enum)."""
+
+    PENDING = 1
+    QUEUED = 2
+    RUNNING = 3
+    SUCCEEDED = 4
+    FAILED = 5
+    CANCELLED = 6
+    RETRYING = 7
+    DEAD_LETTERED = 8
+
+    @property
+    def terminal(self) -> bool:
+        """True when no further transition happens without a human."""
+        return self in TERMINAL_TASK_STATES
+
+
+TERMINAL_TASK_STATES = frozenset(
+    {TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.DEAD_LETTERED}
+)
+
+
+class AgentState(enum.IntEnum):
+    """Lifecycle of an agent session (values match the proto enum)."""
+
+    ACTIVE = 1
+    DRAINING = 2
+    GONE = 3
+
+
+class WorkflowState(enum.IntEnum):
+    """Lifecycle of a workflow (values match the proto enum)."""
+
+    RUNNING = 1
+    SUCCEEDED = 2
+    FAILED = 3
+    CANCELLED = 4
+
+
+class Jitter(enum.IntEnum):
+    """Randomisation of retry delays."""
+
+    FULL = 1
+    NONE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """Opaque bytes plus metadata (``metadata["encoding"]`` names the format)."""
+
+    data: bytes = b""
+    metadata: Mapping[str, bytes] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        """Bytes on the wire, roughly."""
+        return len(self.data) + sum(len(k) + len(v) for k, v in self.metadata.items())
+
+
+EMPTY_PAYLOAD = Payload()
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How failed attempts are retried. Defaults are the server defaults."""
+
+    max_attempts: int = 3
+    initial_backoff: float = 0.2
+    max_backoff: float = 30.0
+    multiplier: float = 2.0
+    jitter: Jitter = Jitter.FULL
+    non_retryable_error_types: tuple[str, ...] = ()
+
+
+DEFAULT_RETRY_POLICY = RetryPolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFailure:
+    """Why an attempt failed."""
+
+    error_type: str
+    message: str = ""
+    non_retryable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TaskAttempt:
+    """The record of one attempt."""
+
+    attempt: int
+    agent_id: str
+    start_time: float
+    end_time: float | None = None
+    failure: TaskFailure | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A unit of work. ``fencing_token`` grows with every lease."""
+
+    id: str
+    capability: str
+    namespace: str = DEFAULT_NAMESPACE
+    input: Payload = EMPTY_PAYLOAD
+    state: TaskState = TaskState.QUEUED
+    priority: int = 0
+    labels: Mapping[str, str] = field(default_factory=dict)
+    retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY
+    execution_timeout: float = 0.0
+    fallback_capability: str = ""
+    output: Payload | None = None
+    failure: TaskFailure | None = None
+    attempt: int = 0
+    agent_id: str = ""
+    fencing_token: int = 0
+    lease_deadline: float = 0.0
+    workflow_id: str = ""
+    step_id: str = ""
+    depends_on: tuple[str, ...] = ()
+    create_time: float = 0.0
+    update_time: float = 0.0
+    start_time: float = 0.0
+    end_time: float = 0.0
+    retry_time: float = 0.0
+    served_by_fallback: bool = False
+    attempts: tuple[TaskAttempt, ...] = ()
+    human_intervened: bool = False
+    budget_start: int = 0
+    """Attempt number at the last human re-drive; the retry budget counts from it."""
+    trace_context: Mapping[str, str] = field(default_factory=dict)
+    dependency_outputs: Mapping[str, Payload] = field(default_factory=dict)
+    seq: int = 0
+    """Monotonic submit order, for FIFO within one priority and list order."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowStep:
+    """One node of a workflow DAG as submitted."""
+
+    id: str
+    capability: str
+    input: Payload = EMPTY_PAYLOAD
+    depends_on: tuple[str, ...] = ()
+    retry_policy: RetryPolicy = DEFAULT_RETRY_POLICY
+    timeout: float = 0.0
+    fallback_capability: str = ""
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Workflow:
+    """A DAG of steps; ``step_tasks`` maps step id to task id."""
+
+    id: str
+    namespace: str = DEFAULT_NAMESPACE
+    display_name: str = ""
+    steps: tuple[WorkflowStep, ...] = ()
+    step_tasks: Mapping[str, str] = field(default_factory=dict)
+    state: WorkflowState = WorkflowState.RUNNING
+    failure_reason: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    create_time: float = 0.0
+    end_time: float = 0.0
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Capability:
+    """One thing an agent can do."""
+
+    name: str
+    version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """A registered agent and its live status."""
+
+    id: str
+    display_name: str
+    namespace: str = DEFAULT_NAMESPACE
+    capabilities: tuple[Capability, ...] = ()
+    max_concurrency: int = 1
+    labels: Mapping[str, str] = field(default_factory=dict)
+    version: str = ""
+    state: AgentState = AgentState.ACTIVE
+    in_flight: int = 0
+    load: float = 0.0
+    register_time: float = 0.0
+    heartbeat_time: float = 0.0
+    expire_time: float = 0.0
+    session_token: str = ""
+
+    @property
+    def capability_names(self) -> frozenset[str]:
+        """Names of the capabilities."""
+        return frozenset(c.name for c in self.capabilities)
+
+
+@dataclass(frozen=True, slots=True)
+class StateEntry:
+    """One versioned key."""
+
+    key: str
+    value: Payload
+    version: int
+    revision: int
+    update_time: float
+    expire_time: float = 0.0
+
+
+class StateEventType(enum.IntEnum):
+    """What happened to a key."""
+
+    PUT = 1
+    DELETE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class StateEvent:
+    """One change of a key, with the namespace revision it made."""
+
+    type: StateEventType
+    entry: StateEntry
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A task leased to an agent."""
+
+    task: Task
+    fencing_token: int
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskChange:
+    """A task after a transition, for events and watchers."""
+
+    task: Task
+    previous_state: TaskState | None
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Queue and autonomy figures of a namespace."""
+
+    tasks_by_state: Mapping[TaskState, int]
+    tasks_ended: int
+    tasks_succeeded_autonomously: int
+
+    @property
+    def autonomy(self) -> float:
+        """Share of ended tasks that succeeded with no human action."""
+        if self.tasks_ended == 0:
+            return 1.0
+        return self.tasks_succeeded_autonomously / self.tasks_ended

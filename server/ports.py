@@ -1,0 +1,391 @@
+"""The Protocols every backend implements.
+
+Each method's docstring says what is atomic. Implementations: memory
+(``server/backends/memory``), Redis (``server/backends/redis``); buses in
+``server/bus``; blob stores in ``server/blob``. One conformance suite per port
+(``tests/conformance``) proves every implementation.
+
+Times (``now``, deadlines) are Unix seconds passed in by the caller, so tests
+drive the clock and never sleep.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from server.domain.models import (
+    Agent,
+    AgentState,
+    Lease,
+    Payload,
+    StateEntry,
+    StateEvent,
+    Stats,
+    Task,
+    TaskChange,
+    TaskFailure,
+    TaskState,
+    Workflow,
+    WorkflowState,
+)
+
+
+class FailVerdict(enum.Enum):
+    """What ``TaskStore.fail`` does with the task."""
+
+    RETRY = "retry"
+    """RETRYING until ``retry_at``; QUEUED at once when ``retry_at <= now``."""
+    FAIL = "fail"
+    """FAILED for good (non-retryable)."""
+    DEAD_LETTER = "dead_letter"
+    """DEAD_LETTERED: retries exhausted, a human must act."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """What one atomic store operation changed: tasks (in order) and the workflow."""
+
+    tasks: tuple[TaskChange, ...] = ()
+    workflow: Workflow | None = None
+
+    @property
+    def queued(self) -> list[Task]:
+        """Tasks that became QUEUED (they need dispatch)."""
+        return [c.task for c in self.tasks if c.task.state is TaskState.QUEUED]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    """Filter of ``TaskStore.list_tasks``; None/empty means any."""
+
+    namespace: str
+    state: TaskState | None = None
+    capability: str = ""
+    workflow_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentFilter:
+    """Filter of ``AgentRegistry.list``. ``states`` empty means any state."""
+
+    namespace: str
+    capability: str = ""
+    states: frozenset[AgentState] = frozenset()
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class TaskStore(Protocol):
+    """Tasks, workflows, ready queues, leases and timers.
+
+    Ready queues are per (namespace, capability), ordered by priority (higher
+    first) then ``seq`` (FIFO). Every method is one atomic step: two replicas
+    can never both lease a task or both accept a result for it.
+    """
+
+    async def create_task(
+        self, task: Task, *, request_id: str = "", max_queued: int = 0
+    ) -> tuple[Task, bool, Transition]:
+        """Insert a QUEUED task. Atomic with the idempotency check.
+
+        If ``request_id`` was used before in the task's namespace, returns the
+        first task and ``False`` and changes nothing. If ``max_queued`` > 0 and
+        the namespace holds that many QUEUED/PENDING/RETRYING tasks, raises
+        ResourceExhaustedError. The store assigns ``seq``.
+        """
+        ...
+
+    async def create_workflow(
+        self, workflow: Workflow, tasks: Sequence[Task], *, request_id: str = "",
+        max_queued: int = 0,
+    ) -> tuple[Workflow, bool, Transition]:
+        """Insert a workflow and its step tasks (PENDING, or QUEUED if no deps) atomically.
+
+        Idempotency and queue limit as in ``create_task``.
+        """
+        ...
+
+    async def get_task(self, task_id: str) -> Task | None:
+        """One task, or None."""
+        ...
+
+    async def list_tasks(self, flt: TaskFilter, *, before_seq: int, limit: int) -> list[Task]:
+        """Tasks matching ``flt`` with ``seq < before_seq`` (0: no bound), newest first."""
+        ...
+
+    async def get_workflow(self, workflow_id: str) -> Workflow | None:
+        """One workflow, or None."""
+        ...
+
+    async def list_workflows(
+        self, namespace: str, state: WorkflowState | None, *, before_seq: int, limit: int
+    ) -> list[Workflow]:
+        """Workflows of a namespace, newest first, ``seq < before_seq`` (0: no bound)."""
+        ...
+
+    async def lease_next(
+        self, namespace: str, capabilities: Sequence[str], agent_id: str, *,
+        now: float, default_timeout: float,
+    ) -> Lease | None:
+        """Atomically take the best QUEUED task among the capabilities' queues.
+
+        The task becomes RUNNING with ``attempt + 1``, ``fencing_token + 1``,
+        ``agent_id``, ``start_time = now``, a new TaskAttempt appended, and
+        ``lease_deadline = now + (execution_timeout or default_timeout)``.
+        Returns None when every queue is empty.
+        """
+        ...
+
+    async def complete(self, task_id: str, fencing_token: int, output: Payload, *,
+                       now: float) -> Transition:
+        """Accept a result. Atomic with the fencing check.
+
+        Raises NotFoundError for an unknown task and StaleLeaseError unless the
+        task is RUNNING with exactly this token. The task becomes SUCCEEDED. For
+        a workflow step, every dependent whose dependencies all succeeded becomes
+        QUEUED with ``dependency_outputs`` filled, and the workflow becomes
+        SUCCEEDED when its last step does.
+        """
+        ...
+
+    async def fail(self, task_id: str, fencing_token: int, failure: TaskFailure, *,
+                   verdict: FailVerdict, retry_at: float, now: float) -> Transition:
+        """Record a failed attempt. Atomic with the fencing check (as ``complete``).
+
+        The current TaskAttempt gets ``end_time`` and ``failure``. RETRY: RETRYING
+        with ``retry_time = retry_at`` (QUEUED at once when ``retry_at <= now``).
+        FAIL / DEAD_LETTER: terminal; for a workflow step every transitive
+        dependent that has not ended becomes CANCELLED and the workflow FAILED
+        with a reason naming the step.
+        """
+        ...
+
+    async def renew_lease(self, task_id: str, fencing_token: int, deadline: float) -> Task:
+        """Move a RUNNING task's deadline (progress report). StaleLeaseError as ``complete``."""
+        ...
+
+    async def expired_leases(self, now: float, limit: int) -> list[Task]:
+        """RUNNING tasks whose ``lease_deadline < now`` (at most ``limit``)."""
+        ...
+
+    async def leases_of(self, agent_id: str) -> list[Task]:
+        """RUNNING tasks leased to one agent."""
+        ...
+
+    async def promote_due(self, now: float, limit: int) -> Transition:
+        """RETRYING tasks with ``retry_time <= now`` become QUEUED (at most ``limit``)."""
+        ...
+
+    async def cancel_task(self, task_id: str, reason: str, *, now: float) -> Transition:
+        """Cancel a task that has not ended (NotFoundError / FailedPreconditionError).
+
+        For a workflow step, dependents are cancelled and the workflow FAILED.
+        """
+        ...
+
+    async def cancel_workflow(self, workflow_id: str, reason: str, *, now: float) -> Transition:
+        """Cancel every step that has not ended; the workflow becomes CANCELLED."""
+        ...
+
+    async def redrive(self, task_id: str, new_input: Payload | None, *, now: float) -> Transition:
+        """A human re-drives a DEAD_LETTERED, FAILED or CANCELLED task.
+
+        The task becomes QUEUED with ``human_intervened = True`` and a fresh retry
+        budget (attempt numbers keep growing). For a workflow step, dependents
+        cancelled because of it go back to PENDING and the workflow to RUNNING.
+        FailedPreconditionError for any other state.
+        """
+        ...
+
+    async def stats(self, namespace: str) -> Stats:
+        """Counts by state and the autonomy figures."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
+
+
+@runtime_checkable
+class AgentRegistry(Protocol):
+    """Agent cards and sessions. Each method is atomic on one agent."""
+
+    async def register(self, agent: Agent) -> Agent:
+        """Insert an agent (its id is unique)."""
+        ...
+
+    async def get(self, agent_id: str) -> Agent | None:
+        """One agent, or None."""
+        ...
+
+    async def list(self, flt: AgentFilter, *, after_id: str, limit: int) -> list[Agent]:
+        """Agents matching ``flt`` with ``id > after_id``, ordered by id."""
+        ...
+
+    async def heartbeat(self, agent_id: str, *, in_flight: int, load: float, now: float,
+                        expire_time: float) -> Agent | None:
+        """Record a beat of a live agent; None when unknown or GONE."""
+        ...
+
+    async def set_state(self, agent_id: str, state: AgentState, *, now: float) -> Agent | None:
+        """Change the state; None when unknown. GONE is final."""
+        ...
+
+    async def expired(self, now: float) -> list[Agent]:
+        """Live (ACTIVE/DRAINING) agents whose ``expire_time < now``."""
+        ...
+
+    async def live_capabilities(self, namespace: str) -> frozenset[str]:
+        """Capabilities offered by at least one ACTIVE agent of the namespace."""
+        ...
+
+    async def purge(self, before: float) -> int:
+        """Forget GONE agents whose last heartbeat is older than ``before``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Versioned key-value entries per namespace, with a change log.
+
+    Every write bumps the namespace revision by one and appends a StateEvent to
+    a bounded log, atomically with the write.
+    """
+
+    async def get(self, namespace: str, key: str, *, now: float) -> StateEntry | None:
+        """One live (not expired) entry, or None."""
+        ...
+
+    async def put(self, namespace: str, key: str, value: Payload, *,
+                  expected_version: int | None, ttl: float, now: float) -> StateEntry:
+        """Write a key; compare-and-set when ``expected_version`` is given.
+
+        ``expected_version == 0`` means the key must not exist. A mismatch raises
+        AbortedError (reason VERSION_MISMATCH). ``ttl`` > 0 sets an expiry.
+        """
+        ...
+
+    async def delete(self, namespace: str, key: str, *, expected_version: int | None,
+                     now: float) -> int:
+        """Delete a key and return the revision. NotFoundError / AbortedError."""
+        ...
+
+    async def list(self, namespace: str, prefix: str, *, after_key: str, limit: int,
+                   now: float) -> list[StateEntry]:
+        """Live entries under ``prefix`` with ``key > after_key``, ordered by key."""
+        ...
+
+    async def events_since(self, namespace: str, prefix: str, after_revision: int,
+                           limit: int) -> list[StateEvent]:
+        """Logged changes under ``prefix`` with revision > ``after_revision``, oldest first.
+
+        OutOfRangeError when the log no longer reaches back to ``after_revision``.
+        """
+        ...
+
+    async def revision(self, namespace: str) -> int:
+        """The namespace's current revision (0 before any write)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class BusMessage:
+    """A message as delivered. ``ack`` is set for durable subscriptions only."""
+
+    subject: str
+    data: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+    publish_time: float = 0.0
+    ack: Callable[[], Awaitable[None]] | None = None
+
+
+class Subscription(Protocol):
+    """A live subscription: iterate to receive; bounded, drops counted."""
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped because the subscriber did not keep up."""
+        ...
+
+    def __aiter__(self) -> AsyncIterator[BusMessage]:
+        """Messages in publish order (per publisher)."""
+        ...
+
+    async def unsubscribe(self) -> None:
+        """Stop receiving; iteration ends. Safe to repeat."""
+        ...
+
+
+@runtime_checkable
+class Bus(Protocol):
+    """Publish/subscribe with headers.
+
+    Subjects are dot-separated tokens; patterns accept ``*`` (one token) and
+    ``>`` (one or more trailing tokens). A queue group delivers each message to
+    one member of the group. ``durable`` asks for at-least-once delivery with
+    acknowledgements that survives the subscriber's restart (JetStream).
+    """
+
+    async def publish(self, subject: str, data: bytes,
+                      headers: Mapping[str, str] | None = None) -> None:
+        """Send a message; returns once the bus has it."""
+        ...
+
+    async def subscribe(self, pattern: str, *, queue_group: str = "", durable: str = "",
+                        max_pending: int = 10_000) -> Subscription:
+        """Start receiving matching messages (only those published from now on,
+        except for a durable subscription resuming where it left off)."""
+        ...
+
+    async def drain(self) -> None:
+        """Deliver what is in flight, then stop. Safe to repeat."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close at once. Safe to repeat."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """A stored blob's key, size and modification time."""
+
+    key: str
+    size: int
+    modified: float
+
+
+@runtime_checkable
+class BlobStore(Protocol):
+    """Whole-object storage for snapshots and artifacts."""
+
+    async def put(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key``, replacing any previous object atomically."""
+        ...
+
+    async def get(self, key: str) -> bytes:
+        """The object; NotFoundError when absent."""
+        ...
+
+    async def list(self, prefix: str) -> list[BlobInfo]:
+        """Objects under ``prefix``, ordered by key."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Remove an object; absent keys are not an error."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release resources."""
+        ...
