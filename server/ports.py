@@ -221,7 +221,7 @@ class AgentRegistry(Protocol):
         """One agent, or None."""
         ...
 
-    async def list(self, flt: AgentFilter, *, after_id: str, limit: int) -> list[Agent]:
+    async def list_agents(self, flt: AgentFilter, *, after_id: str, limit: int) -> list[Agent]:
         """Agents matching ``flt`` with ``id > after_id``, ordered by id."""
         ...
 
@@ -277,7 +277,7 @@ class StateStore(Protocol):
         """Delete a key and return the revision. NotFoundError / AbortedError."""
         ...
 
-    async def list(self, namespace: str, prefix: str, *, after_key: str, limit: int,
+    async def list_entries(self, namespace: str, prefix: str, *, after_key: str, limit: int,
                    now: float) -> list[StateEntry]:
         """Live entries under ``prefix`` with ``key > after_key``, ordered by key."""
         ...

@@ -179,6 +179,8 @@ class Workflow:
     create_time: float = 0.0
     end_time: float = 0.0
     seq: int = 0
+    trace_context: Mapping[str, str] = field(default_factory=dict)
+    """W3C trace context of the submitter; every step task carries it."""
 
 
 @dataclass(frozen=True, slots=True)

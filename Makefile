@@ -1,0 +1,57 @@
+# agentmesh: `make run` and `make test` work on a fresh clone with only Python 3.11+.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+PROTOS := $(wildcard protos/agentmesh/v1/*.proto)
+
+.PHONY: run test lint typecheck protos buf-lint buf-breaking bench clean install
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(NODE_STAMP): package.json
+	npm install --no-audit --no-fund --silent
+	touch $(NODE_STAMP)
+
+## Start the embedded mesh with the example agents and run the example workflow.
+run: $(STAMP)
+	$(PY) examples/run.py
+
+## Regenerate gen/ from protos/ (grpc_tools.protoc + mypy-protobuf, offline).
+protos: $(STAMP)
+	rm -rf gen/agentmesh/v1 && mkdir -p gen/agentmesh/v1
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -Iprotos \
+	  --python_out=gen --grpc_python_out=gen --mypy_out=gen --mypy_grpc_out=gen $(PROTOS)
+	touch gen/agentmesh/__init__.py gen/agentmesh/v1/__init__.py gen/agentmesh/py.typed
+
+buf-lint: $(NODE_STAMP)
+	npx --no-install buf lint
+	npx --no-install buf format --diff --exit-code
+
+## Breaking-change check against main (skipped when there is no main branch to compare).
+buf-breaking: $(NODE_STAMP)
+	@if git rev-parse --verify -q main >/dev/null && git cat-file -e main:buf.yaml 2>/dev/null; then \
+	  npx --no-install buf breaking --against '.git#branch=main'; \
+	else echo "buf breaking: no main branch with buf.yaml to compare against"; fi
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy server agent_sdk
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check server agent_sdk tests loadtests examples
+
+test: $(STAMP) $(NODE_STAMP) lint typecheck buf-lint buf-breaking
+	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) loadtests/bench.py
+
+clean:
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install the system tools the test suite uses but pip cannot provide.
+#
+# Today that is only `promtool` (Debian's `prometheus` package), which
+# tests/test_observability_config.py uses to check and unit-test the alert
+# rules in deploy/observability/. Run as root. Idempotent: when every tool is
+# already on PATH this exits 0 without touching apt.
+set -euo pipefail
+
+missing=()
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+
+if [ "${#missing[@]}" -eq 0 ]; then
+    exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-system-deps.sh: must run as root to install: ${missing[*]}" >&2
+    exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update
+apt-get install -y --no-install-recommends "${missing[@]}"
+
+command -v promtool >/dev/null 2>&1 || {
+    echo "install-system-deps.sh: promtool still missing after installing prometheus" >&2
+    exit 1
+}

@@ -1,0 +1,116 @@
+"""DiscoveryService servicer: thin, converts and delegates to the Registry."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from agentmesh.v1 import discovery_pb2, discovery_pb2_grpc
+
+from server.api import convert, errors
+from server.api.convert import Limits
+from server.api.streams import Duplex, first_message
+from server.domain.errors import InvalidArgumentError
+from server.domain.models import AgentState
+from server.ports import AgentFilter
+from server.services.registry import Drain, Registry
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+_LIVE = frozenset({AgentState.ACTIVE, AgentState.DRAINING})
+
+
+class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
+    """gRPC face of the agent registry."""
+
+    def __init__(self, registry: Registry, limits: Limits) -> None:
+        self._registry = registry
+        self._limits = limits
+
+    @errors.unary
+    async def RegisterAgent(self, request: discovery_pb2.RegisterAgentRequest,
+                            context: Ctx) -> discovery_pb2.RegisterAgentResponse:
+        """See the proto."""
+        card = convert.agent_from_register(request, self._limits)
+        agent = await self._registry.register(card)
+        return discovery_pb2.RegisterAgentResponse(
+            agent=convert.agent_to_proto(agent), session_token=agent.session_token,
+            heartbeat_interval=convert.to_duration(self._registry.config.heartbeat_interval),
+            expire_time=convert.to_timestamp(agent.expire_time))
+
+    @errors.unary
+    async def GetAgent(self, request: discovery_pb2.GetAgentRequest,
+                       context: Ctx) -> discovery_pb2.GetAgentResponse:
+        """See the proto."""
+        agent = await self._registry.get(convert.resource_id(request.name, "agents"))
+        return discovery_pb2.GetAgentResponse(agent=convert.agent_to_proto(agent))
+
+    @errors.unary
+    async def ListAgents(self, request: discovery_pb2.ListAgentsRequest,
+                         context: Ctx) -> discovery_pb2.ListAgentsResponse:
+        """See the proto."""
+        size = convert.page_size(request.page_size)
+        ns = convert.namespace(request.namespace)
+        state = convert.agent_state(request.state)
+        cap = convert.capability(request.capability, "capability", required=False)
+        labels = convert.labels(request.labels, "labels", self._limits)
+        fkey = f"{ns}|{cap}|{request.state}|{sorted(labels.items())}"
+        after = convert.decode_page_token(request.page_token, fkey) or ""
+        flt = AgentFilter(ns, cap, frozenset({state}) if state else _LIVE, labels)
+        agents = await self._registry.list(flt, after_id=str(after), limit=size + 1)
+        token = convert.encode_page_token(agents[size - 1].id, fkey) if len(agents) > size else ""
+        return discovery_pb2.ListAgentsResponse(
+            agents=[convert.agent_to_proto(a) for a in agents[:size]], next_page_token=token)
+
+    @errors.unary
+    async def DeregisterAgent(self, request: discovery_pb2.DeregisterAgentRequest,
+                              context: Ctx) -> discovery_pb2.DeregisterAgentResponse:
+        """See the proto."""
+        await self._registry.deregister(convert.resource_id(request.name, "agents"),
+                                        request.session_token)
+        return discovery_pb2.DeregisterAgentResponse()
+
+    @errors.streaming
+    async def Heartbeat(self, request_iterator: AsyncIterator[discovery_pb2.HeartbeatRequest],
+                        context: Ctx) -> AsyncIterator[discovery_pb2.HeartbeatResponse]:
+        """See the proto."""
+        first = await first_message(request_iterator, "open", "open")
+        agent_id = convert.resource_id(first.open.agent, "agents", "open.agent")
+        agent = await self._registry.authenticate(agent_id, first.open.session_token)
+        interval = convert.to_duration(self._registry.config.heartbeat_interval)
+
+        async def handle(req: discovery_pb2.HeartbeatRequest) -> None:
+            if req.WhichOneof("kind") != "beat":
+                raise InvalidArgumentError.field("open", "sent twice")
+            beat = await self._registry.beat(agent_id, max(0, req.beat.in_flight),
+                                             min(max(req.beat.load, 0.0), 1.0))
+            duplex.send(discovery_pb2.HeartbeatResponse(ack=discovery_pb2.HeartbeatAck(
+                expire_time=convert.to_timestamp(beat.expire_time),
+                heartbeat_interval=interval)))
+
+        def send_drain(drain: Drain) -> None:
+            duplex.send(discovery_pb2.HeartbeatResponse(drain=discovery_pb2.DrainDirective(
+                reason=drain.reason, grace_period=convert.to_duration(drain.grace_period))))
+
+        duplex: Duplex[discovery_pb2.HeartbeatRequest, discovery_pb2.HeartbeatResponse] = Duplex(
+            request_iterator, handle, max_outbox=64)
+        self._registry.attach(agent_id, send_drain)
+        try:
+            yield discovery_pb2.HeartbeatResponse(ack=discovery_pb2.HeartbeatAck(
+                expire_time=convert.to_timestamp(agent.expire_time), heartbeat_interval=interval))
+            async for response in duplex.responses():
+                yield response
+        finally:
+            await self._registry.detach(agent_id, "heartbeat stream closed")
+
+    @errors.streaming
+    async def WatchAgents(self, request: discovery_pb2.WatchAgentsRequest,
+                          context: Ctx) -> AsyncIterator[discovery_pb2.WatchAgentsResponse]:
+        """See the proto."""
+        ns = convert.namespace(request.namespace)
+        cap = convert.capability(request.capability, "capability", required=False)
+        async for event in self._registry.watch(ns, cap,
+                                                include_existing=request.include_existing):
+            yield discovery_pb2.WatchAgentsResponse(
+                type=int(event.type), agent=convert.agent_to_proto(event.agent),  # type: ignore[arg-type]
+                event_time=convert.to_timestamp(event.time))

@@ -1,0 +1,270 @@
+"""TaskService servicer: thin, converts and delegates to the Scheduler."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import grpc
+from agentmesh.v1 import task_pb2, task_pb2_grpc
+
+from server.api import convert, errors
+from server.api.convert import Limits
+from server.api.streams import Duplex, first_message
+from server.domain.errors import InvalidArgumentError, PermissionDeniedError
+from server.domain.models import AgentState, TaskState
+from server.ports import AgentFilter, TaskFilter
+from server.services.registry import Registry
+from server.services.scheduler import (
+    Assignment,
+    Cancellation,
+    Outbound,
+    ReportAck,
+    Scheduler,
+    WorkerSession,
+)
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+_TRACE_KEYS = ("traceparent", "tracestate")
+
+
+def trace_context(context: Ctx) -> dict[str, str]:
+    """The W3C trace context of the incoming call, if any."""
+    md = context.invocation_metadata() or ()
+    return {str(k): str(v) for k, v in md if k in _TRACE_KEYS}
+
+
+class TaskServicer(task_pb2_grpc.TaskServiceServicer):
+    """gRPC face of the task queue."""
+
+    def __init__(self, scheduler: Scheduler, registry: Registry, limits: Limits) -> None:
+        self._scheduler = scheduler
+        self._registry = registry
+        self._limits = limits
+
+    async def _task_msg(self, task_id: str) -> task_pb2.Task:
+        task = await self._scheduler.get_task(task_id)
+        live = await self._scheduler.live_capabilities(task.namespace)
+        return convert.task_to_proto(task, live=live)
+
+    @errors.unary
+    async def SubmitTask(self, request: task_pb2.SubmitTaskRequest,
+                         context: Ctx) -> task_pb2.SubmitTaskResponse:
+        """See the proto."""
+        task = convert.task_from_submit(request, self._limits, trace_context(context))
+        stored = await self._scheduler.submit(
+            task, request_id=convert.request_id(request.request_id, self._limits))
+        return task_pb2.SubmitTaskResponse(task=convert.task_to_proto(stored))
+
+    @errors.unary
+    async def GetTask(self, request: task_pb2.GetTaskRequest,
+                      context: Ctx) -> task_pb2.GetTaskResponse:
+        """See the proto."""
+        return task_pb2.GetTaskResponse(
+            task=await self._task_msg(convert.resource_id(request.name, "tasks")))
+
+    @errors.unary
+    async def ListTasks(self, request: task_pb2.ListTasksRequest,
+                        context: Ctx) -> task_pb2.ListTasksResponse:
+        """See the proto."""
+        size = convert.page_size(request.page_size)
+        ns = convert.namespace(request.namespace)
+        wf = (convert.resource_id(request.workflow, "workflows", "workflow")
+              if request.workflow else "")
+        flt = TaskFilter(ns, convert.task_state(request.state),
+                         convert.capability(request.capability, "capability", required=False),
+                         wf)
+        fkey = f"{ns}|{request.state}|{flt.capability}|{wf}"
+        before = convert.decode_page_token(request.page_token, fkey)
+        tasks = await self._scheduler.list_tasks(flt, before_seq=int(before or 0),
+                                                 limit=size + 1)
+        token = convert.encode_page_token(tasks[size - 1].seq, fkey) if len(tasks) > size else ""
+        live = await self._scheduler.live_capabilities(ns)
+        return task_pb2.ListTasksResponse(
+            tasks=[convert.task_to_proto(t, live=live) for t in tasks[:size]],
+            next_page_token=token)
+
+    @errors.unary
+    async def CancelTask(self, request: task_pb2.CancelTaskRequest,
+                         context: Ctx) -> task_pb2.CancelTaskResponse:
+        """See the proto."""
+        task = await self._scheduler.cancel(convert.resource_id(request.name, "tasks"),
+                                            request.reason[:1024])
+        return task_pb2.CancelTaskResponse(task=convert.task_to_proto(task))
+
+    @errors.unary
+    async def RetryTask(self, request: task_pb2.RetryTaskRequest,
+                        context: Ctx) -> task_pb2.RetryTaskResponse:
+        """See the proto."""
+        new_input = (convert.payload(request.input, "input", self._limits)
+                     if request.HasField("input") else None)
+        task = await self._scheduler.retry(convert.resource_id(request.name, "tasks"), new_input)
+        return task_pb2.RetryTaskResponse(task=convert.task_to_proto(task))
+
+    @errors.streaming
+    async def WatchTasks(self, request: task_pb2.WatchTasksRequest,
+                         context: Ctx) -> AsyncIterator[task_pb2.WatchTasksResponse]:
+        """See the proto."""
+        ns = convert.namespace(request.namespace)
+        names = convert.names(request.names, "tasks", "names")
+        wf = (convert.resource_id(request.workflow, "workflows", "workflow")
+              if request.workflow else "")
+        cap = convert.capability(request.capability, "capability", required=False)
+        async for task in self._scheduler.watch_tasks(ns, names=names, capability=cap,
+                                                      workflow_id=wf):
+            yield task_pb2.WatchTasksResponse(task=convert.task_to_proto(task))
+
+    @errors.unary
+    async def SubmitWorkflow(self, request: task_pb2.SubmitWorkflowRequest,
+                             context: Ctx) -> task_pb2.SubmitWorkflowResponse:
+        """See the proto."""
+        wf = convert.workflow_from_submit(request, self._limits, trace_context(context))
+        stored = await self._scheduler.submit_workflow(
+            wf, request_id=convert.request_id(request.request_id, self._limits))
+        wf2, steps = await self._scheduler.get_workflow(stored.id)
+        return task_pb2.SubmitWorkflowResponse(workflow=convert.workflow_to_proto(wf2, steps))
+
+    @errors.unary
+    async def GetWorkflow(self, request: task_pb2.GetWorkflowRequest,
+                          context: Ctx) -> task_pb2.GetWorkflowResponse:
+        """See the proto."""
+        wf, steps = await self._scheduler.get_workflow(
+            convert.resource_id(request.name, "workflows"))
+        live = await self._scheduler.live_capabilities(wf.namespace)
+        return task_pb2.GetWorkflowResponse(workflow=convert.workflow_to_proto(wf, steps,
+                                                                               live=live))
+
+    @errors.unary
+    async def ListWorkflows(self, request: task_pb2.ListWorkflowsRequest,
+                            context: Ctx) -> task_pb2.ListWorkflowsResponse:
+        """See the proto."""
+        size = convert.page_size(request.page_size)
+        ns = convert.namespace(request.namespace)
+        state = convert.workflow_state(request.state)
+        fkey = f"{ns}|{request.state}"
+        before = convert.decode_page_token(request.page_token, fkey)
+        wfs = await self._scheduler.list_workflows(ns, state, before_seq=int(before or 0),
+                                                   limit=size + 1)
+        token = convert.encode_page_token(wfs[size - 1].seq, fkey) if len(wfs) > size else ""
+        return task_pb2.ListWorkflowsResponse(
+            workflows=[convert.workflow_to_proto(w) for w in wfs[:size]], next_page_token=token)
+
+    @errors.unary
+    async def CancelWorkflow(self, request: task_pb2.CancelWorkflowRequest,
+                             context: Ctx) -> task_pb2.CancelWorkflowResponse:
+        """See the proto."""
+        wf = await self._scheduler.cancel_workflow(
+            convert.resource_id(request.name, "workflows"), request.reason[:1024])
+        wf2, steps = await self._scheduler.get_workflow(wf.id)
+        return task_pb2.CancelWorkflowResponse(workflow=convert.workflow_to_proto(wf2, steps))
+
+    @errors.streaming
+    async def WatchWorkflow(self, request: task_pb2.WatchWorkflowRequest,
+                            context: Ctx) -> AsyncIterator[task_pb2.WatchWorkflowResponse]:
+        """See the proto."""
+        wf_id = convert.resource_id(request.name, "workflows")
+        async for wf, steps in self._scheduler.watch_workflow(wf_id):
+            live = await self._scheduler.live_capabilities(wf.namespace)
+            yield task_pb2.WatchWorkflowResponse(
+                workflow=convert.workflow_to_proto(wf, steps, live=live))
+
+    @errors.streaming
+    async def ProcessTasks(self, request_iterator: AsyncIterator[task_pb2.ProcessTasksRequest],
+                           context: Ctx) -> AsyncIterator[task_pb2.ProcessTasksResponse]:
+        """See the proto."""
+        first = await first_message(request_iterator, "open", "open")
+        agent_id = convert.resource_id(first.open.agent, "agents", "open.agent")
+        agent = await self._registry.authenticate(agent_id, first.open.session_token)
+        scheduler = self._scheduler
+
+        def send(item: Outbound) -> None:
+            duplex.send(_outbound(item))
+
+        session = WorkerSession(agent.id, agent.namespace,
+                                tuple(sorted(agent.capability_names)), agent.max_concurrency,
+                                send)
+
+        async def handle(req: task_pb2.ProcessTasksRequest) -> None:
+            kind = req.WhichOneof("kind")
+            if kind == "credit":
+                if req.credit.count < 1:
+                    raise InvalidArgumentError.field("credit.count", "must be at least 1")
+                scheduler.grant(session, req.credit.count)
+            elif kind == "result":
+                r = req.result
+                task_id = convert.resource_id(r.task, "tasks", "result.task")
+                output = convert.payload(r.output, "result.output", self._limits)
+                outcome = await scheduler.report_result(session, task_id, r.fencing_token,
+                                                        output)
+                send(ReportAck(task_id, r.fencing_token, outcome))
+            elif kind == "failure":
+                f = req.failure
+                task_id = convert.resource_id(f.task, "tasks", "failure.task")
+                outcome = await scheduler.report_failure(
+                    session, task_id, f.fencing_token, convert.failure(f.failure, "failure"))
+                send(ReportAck(task_id, f.fencing_token, outcome))
+            elif kind == "progress":
+                p = req.progress
+                task_id = convert.resource_id(p.task, "tasks", "progress.task")
+                if session.in_flight.get(task_id) != p.fencing_token:
+                    raise PermissionDeniedError(f"tasks/{task_id} is not leased to this stream")
+                await scheduler.report_progress(session, task_id, p.fencing_token)
+            else:
+                raise InvalidArgumentError.field("kind", f"unexpected message `{kind}`")
+
+        duplex: Duplex[task_pb2.ProcessTasksRequest, task_pb2.ProcessTasksResponse] = Duplex(
+            request_iterator, handle, max_outbox=4 * agent.max_concurrency + 64)
+        scheduler.open_session(session)
+        try:
+            yield task_pb2.ProcessTasksResponse(
+                opened=task_pb2.ProcessTasksOpened(agent=f"agents/{agent.id}"))
+            async for response in duplex.responses():
+                yield response
+        finally:
+            await scheduler.close_session(session)
+
+    @errors.unary
+    async def CompleteTask(self, request: task_pb2.CompleteTaskRequest,
+                           context: Ctx) -> task_pb2.CompleteTaskResponse:
+        """See the proto."""
+        task_id = convert.resource_id(request.task, "tasks", "task")
+        kind = request.WhichOneof("outcome")
+        if kind is None:
+            raise InvalidArgumentError.field("outcome", "set output or failure")
+        output = (convert.payload(request.output, "output", self._limits)
+                  if kind == "output" else None)
+        failure = convert.failure(request.failure, "failure") if kind == "failure" else None
+        task = await self._scheduler.complete_unary(task_id, request.fencing_token, output,
+                                                    failure)
+        return task_pb2.CompleteTaskResponse(task=convert.task_to_proto(task))
+
+    @errors.unary
+    async def GetStats(self, request: task_pb2.GetStatsRequest,
+                       context: Ctx) -> task_pb2.GetStatsResponse:
+        """See the proto."""
+        ns = convert.namespace(request.namespace)
+        stats = await self._scheduler.stats(ns)
+        by_state: Mapping[TaskState, int] = stats.tasks_by_state
+        live = await self._registry.list(AgentFilter(ns, states=frozenset({AgentState.ACTIVE})),
+                                         after_id="", limit=100_000)
+        return task_pb2.GetStatsResponse(
+            tasks_by_state={s.name: n for s, n in by_state.items()},
+            tasks_ended=stats.tasks_ended,
+            tasks_succeeded_autonomously=stats.tasks_succeeded_autonomously,
+            autonomy=stats.autonomy, agents_live=len(live))
+
+
+def _outbound(item: Outbound) -> task_pb2.ProcessTasksResponse | None:
+    if item is None:
+        return None
+    if isinstance(item, Assignment):
+        lease = item.lease
+        return task_pb2.ProcessTasksResponse(assignment=task_pb2.TaskAssignment(
+            task=convert.task_to_proto(lease.task), fencing_token=lease.fencing_token,
+            lease_expire_time=convert.to_timestamp(lease.deadline)))
+    if isinstance(item, Cancellation):
+        return task_pb2.ProcessTasksResponse(cancellation=task_pb2.TaskCancellation(
+            task=f"tasks/{item.task_id}", fencing_token=item.fencing_token, reason=item.reason))
+    return task_pb2.ProcessTasksResponse(ack=task_pb2.TaskReportAck(
+        task=f"tasks/{item.task_id}", fencing_token=item.fencing_token,
+        outcome=item.outcome))  # type: ignore[arg-type]

@@ -1,0 +1,208 @@
+"""Composition root: settings -> backends -> services -> servicers -> grpc.aio server.
+
+``running_server`` is an async context manager used by ``agentmesh serve``
+and by the tests (port 0 picks a free port). Shutdown order (STYLE.md): health
+NOT_SERVING, agents told to drain, wait for in-flight results up to the grace
+period, stop the gRPC server, stop the scheduler, drain the bus, close the
+backends in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import grpc
+from agentmesh.v1 import bus_pb2, discovery_pb2, state_pb2, task_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.api.bus import BusServicer
+from server.api.convert import Limits
+from server.api.discovery import DiscoveryServicer
+from server.api.handlers import generic_handler
+from server.api.state import StateServicer
+from server.api.tasks import TaskServicer
+from server.backends.memory import InMemoryAgentRegistry, InMemoryStateStore, InMemoryTaskStore
+from server.bus import open_bus
+from server.observability.metrics import MeshMetrics
+from server.observability.observer import MetricsObserver
+from server.ports import AgentRegistry, StateStore, TaskStore
+from server.services.clock import Clock, SystemClock
+from server.services.messaging import Messaging
+from server.services.registry import Registry, RegistryConfig
+from server.services.scheduler import Scheduler, SchedulerConfig
+from server.services.state import StateService
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    discovery_pb2.DESCRIPTOR.services_by_name["DiscoveryService"].full_name,
+    task_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
+    state_pb2.DESCRIPTOR.services_by_name["StateService"].full_name,
+    bus_pb2.DESCRIPTOR.services_by_name["BusService"].full_name,
+)
+
+
+@dataclass
+class Mesh:
+    """A running control plane (what tests and the CLI hold on to)."""
+
+    settings: Settings
+    address: str
+    port: int
+    scheduler: Scheduler
+    registry: Registry
+    state: StateService
+    metrics: MeshMetrics
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    stopping: asyncio.Event
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Graceful drain: NOT_SERVING, agents told to drain, wait for in-flight results."""
+        grace = self.settings.drain_grace if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.scheduler.drain_sessions()
+        told = self.registry.drain_all("server shutting down", grace)
+        log.info("draining: told %d agent(s); %d task(s) in flight", told,
+                 self.scheduler.in_flight_local())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        # Bounded poll of a counter that many paths decrement.
+        while self.scheduler.in_flight_local() and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+
+async def open_stores(settings: Settings, stack: AsyncExitStack,
+                      ) -> tuple[TaskStore, AgentRegistry, StateStore]:
+    """The stores named by ``settings.store``."""
+    if settings.store in ("memory://", "memory", ""):
+        return InMemoryTaskStore(), InMemoryAgentRegistry(), InMemoryStateStore()
+    if settings.store.startswith(("redis://", "rediss://", "unix://")):
+        from server.backends.redis import open_redis_stores  # noqa: PLC0415 - optional backend
+        tasks, agents, state = await open_redis_stores(settings.store, prefix=settings.key_prefix)
+        stack.push_async_callback(tasks.aclose)
+        return tasks, agents, state
+    raise ValueError(f"unknown store {settings.store!r}: use memory:// or redis://host:port/db")
+
+
+@asynccontextmanager
+async def running_server(settings: Settings, *, clock: Clock | None = None,
+                         metrics: MeshMetrics | None = None) -> AsyncIterator[Mesh]:
+    """Start the whole control plane; drain and stop it on exit."""
+    clock = clock or SystemClock()
+    metrics = metrics or MeshMetrics()
+    async with AsyncExitStack() as stack:
+        tasks, agents, state_store = await open_stores(settings, stack)
+        bus = await open_bus(settings.bus, prefix=settings.key_prefix)
+        stack.push_async_callback(bus.aclose)
+        stack.push_async_callback(bus.drain)
+
+        scheduler = Scheduler(
+            tasks, agents, bus, clock,
+            config=SchedulerConfig(default_execution_timeout=settings.default_execution_timeout,
+                            max_queued_per_namespace=settings.max_queued_per_namespace,
+                            max_workflow_steps=settings.max_workflow_steps,
+                            tick=settings.tick),
+            observer=MetricsObserver(metrics))
+        registry = Registry(agents, bus, clock, RegistryConfig(
+            heartbeat_interval=settings.heartbeat_interval,
+            heartbeat_misses=settings.heartbeat_misses))
+
+        async def on_gone(agent: object) -> None:
+            await scheduler.release_agent(getattr(agent, "id", ""))
+
+        registry.on_gone = on_gone
+        state = StateService(state_store, bus, clock)
+        messaging = Messaging(bus, max_pending=settings.max_watch_pending)
+        limits = Limits(max_payload_bytes=settings.max_payload_bytes)
+
+        await scheduler.start()
+        stack.push_async_callback(scheduler.stop)
+        expirer = asyncio.create_task(_expire_loop(registry, settings.heartbeat_interval / 2))
+
+        async def stop_expirer() -> None:
+            expirer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expirer
+
+        stack.push_async_callback(stop_expirer)
+
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ])
+        server.add_generic_rpc_handlers((
+            generic_handler(discovery_pb2.DESCRIPTOR.services_by_name["DiscoveryService"],
+                            DiscoveryServicer(registry, limits)),
+            generic_handler(task_pb2.DESCRIPTOR.services_by_name["TaskService"],
+                            TaskServicer(scheduler, registry, limits)),
+            generic_handler(state_pb2.DESCRIPTOR.services_by_name["StateService"],
+                            StateServicer(state, limits)),
+            generic_handler(bus_pb2.DESCRIPTOR.services_by_name["BusService"],
+                            BusServicer(messaging, limits)),
+        ))
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if port == 0:
+            raise OSError(f"cannot bind {settings.host}:{settings.port}")
+        await server.start()
+        for name in (*SERVICE_NAMES, ""):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+        metrics_server = None
+        if settings.metrics_port:
+            metrics_server = metrics.start_http_server(settings.metrics_port,
+                                                       settings.metrics_host)
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
+        mesh = Mesh(settings, f"{host}:{port}", port, scheduler, registry, state, metrics,
+                    server, health_servicer, asyncio.Event())
+        log.info("agentmesh serving on %s:%d (store=%s bus=%s)", settings.host, port,
+                 settings.store, settings.bus)
+        try:
+            yield mesh
+        finally:
+            with contextlib.suppress(Exception):
+                if not mesh.stopping.is_set():
+                    await mesh.drain(0.0)
+            await server.stop(grace=1.0)
+            if metrics_server is not None:
+                metrics_server.close()
+            log.info("agentmesh stopped")
+
+
+async def _expire_loop(registry: Registry, period: float) -> None:
+    while True:
+        await asyncio.sleep(period)
+        try:
+            await registry.expire()
+        except Exception:
+            log.exception("agent expiry pass failed")
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then drain gracefully."""
+    import signal  # noqa: PLC0415
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with running_server(settings) as mesh:
+        await stop.wait()
+        log.info("signal received: draining (grace %.1fs)", settings.drain_grace)
+        mesh.stopping.set()
+        await mesh.drain()

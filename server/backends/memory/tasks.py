@@ -1,0 +1,463 @@
+"""In-memory TaskStore: dicts and heaps in one event loop.
+
+Every method runs without awaiting anything, so on one event loop each is
+atomic. Heaps use lazy deletion: an entry is checked against the task's
+current state when it is popped.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+
+from server.domain.errors import (
+    FailedPreconditionError,
+    NotFoundError,
+    ResourceExhaustedError,
+    StaleLeaseError,
+)
+from server.domain.models import (
+    TERMINAL_TASK_STATES,
+    Lease,
+    Payload,
+    Stats,
+    Task,
+    TaskAttempt,
+    TaskChange,
+    TaskFailure,
+    TaskState,
+    Workflow,
+    WorkflowState,
+)
+from server.ports import FailVerdict, TaskFilter, Transition
+
+_BACKLOG_STATES = frozenset({TaskState.PENDING, TaskState.QUEUED, TaskState.RETRYING})
+
+
+class InMemoryTaskStore:
+    """TaskStore for the embedded mode (one process, nothing persisted)."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, Task] = {}
+        self._workflows: dict[str, Workflow] = {}
+        self._dependents: dict[str, dict[str, list[str]]] = {}
+        self._queues: dict[tuple[str, str], list[tuple[int, int, str]]] = defaultdict(list)
+        self._retry_heap: list[tuple[float, str]] = []
+        self._lease_heap: list[tuple[float, str, int]] = []
+        self._by_agent: dict[str, set[str]] = defaultdict(set)
+        self._idempotency: dict[tuple[str, str], str] = {}
+        self._seq = 0
+        self._counts: dict[str, dict[TaskState, int]] = defaultdict(lambda: defaultdict(int))
+        self._ended: dict[str, int] = defaultdict(int)
+        self._autonomous: dict[str, int] = defaultdict(int)
+
+    # -- bookkeeping -------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _store(self, new: Task, changes: list[TaskChange]) -> Task:
+        """Save a task version, keep counters and indexes, record the change."""
+        old = self._tasks.get(new.id)
+        prev = old.state if old is not None else None
+        counts = self._counts[new.namespace]
+        if prev is not None:
+            counts[prev] -= 1
+            if prev in TERMINAL_TASK_STATES:
+                self._ended[new.namespace] -= 1
+                if prev is TaskState.SUCCEEDED and not old.human_intervened:  # type: ignore[union-attr]
+                    self._autonomous[new.namespace] -= 1
+            if prev is TaskState.RUNNING and new.state is not TaskState.RUNNING:
+                self._by_agent[old.agent_id].discard(new.id)  # type: ignore[union-attr]
+        counts[new.state] += 1
+        if new.state in TERMINAL_TASK_STATES:
+            self._ended[new.namespace] += 1
+            if new.state is TaskState.SUCCEEDED and not new.human_intervened:
+                self._autonomous[new.namespace] += 1
+        if new.state is TaskState.QUEUED and prev is not TaskState.QUEUED:
+            heapq.heappush(self._queues[(new.namespace, new.capability)],
+                           (-new.priority, new.seq, new.id))
+        elif new.state is TaskState.RETRYING:
+            heapq.heappush(self._retry_heap, (new.retry_time, new.id))
+        elif new.state is TaskState.RUNNING:
+            self._by_agent[new.agent_id].add(new.id)
+            heapq.heappush(self._lease_heap, (new.lease_deadline, new.id, new.fencing_token))
+        self._tasks[new.id] = new
+        changes.append(TaskChange(new, prev))
+        return new
+
+    def _backlog(self, namespace: str) -> int:
+        counts = self._counts[namespace]
+        return sum(counts[s] for s in _BACKLOG_STATES)
+
+    def _task(self, task_id: str) -> Task:
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise NotFoundError("task", f"tasks/{task_id}")
+        return task
+
+    def _running(self, task_id: str, fencing_token: int) -> Task:
+        task = self._task(task_id)
+        if task.state is not TaskState.RUNNING or task.fencing_token != fencing_token:
+            raise StaleLeaseError(
+                f"tasks/{task_id}: fencing token {fencing_token} is stale "
+                f"(task is {task.state.name}, current token {task.fencing_token})",
+                metadata={"task": f"tasks/{task_id}", "current_token": str(task.fencing_token)})
+        return task
+
+    # -- create / read -----------------------------------------------------------
+
+    async def create_task(
+        self, task: Task, *, request_id: str = "", max_queued: int = 0
+    ) -> tuple[Task, bool, Transition]:
+        """See TaskStore.create_task."""
+        if request_id:
+            existing = self._idempotency.get((task.namespace, request_id))
+            if existing is not None:
+                return self._tasks[existing], False, Transition()
+        if max_queued and self._backlog(task.namespace) >= max_queued:
+            raise ResourceExhaustedError(
+                f"namespace {task.namespace!r} has {max_queued} tasks waiting (the limit)",
+                retry_after=1.0, reason="QUEUE_FULL")
+        changes: list[TaskChange] = []
+        stored = self._store(replace(task, seq=self._next_seq(), state=TaskState.QUEUED), changes)
+        if request_id:
+            self._idempotency[(task.namespace, request_id)] = task.id
+        return stored, True, Transition(tuple(changes))
+
+    async def create_workflow(
+        self, workflow: Workflow, tasks: Sequence[Task], *, request_id: str = "",
+        max_queued: int = 0,
+    ) -> tuple[Workflow, bool, Transition]:
+        """See TaskStore.create_workflow."""
+        if request_id:
+            existing = self._idempotency.get((workflow.namespace, "wf:" + request_id))
+            if existing is not None:
+                return self._workflows[existing], False, Transition()
+        if max_queued and self._backlog(workflow.namespace) + len(tasks) > max_queued:
+            raise ResourceExhaustedError(
+                f"namespace {workflow.namespace!r} would exceed {max_queued} waiting tasks",
+                retry_after=1.0, reason="QUEUE_FULL")
+        wf = replace(workflow, seq=self._next_seq())
+        self._workflows[wf.id] = wf
+        dependents: dict[str, list[str]] = {s.id: [] for s in wf.steps}
+        for step in wf.steps:
+            for dep in step.depends_on:
+                dependents[dep].append(step.id)
+        self._dependents[wf.id] = dependents
+        changes: list[TaskChange] = []
+        for t in tasks:
+            state = TaskState.PENDING if t.depends_on else TaskState.QUEUED
+            self._store(replace(t, seq=self._next_seq(), state=state), changes)
+        if request_id:
+            self._idempotency[(workflow.namespace, "wf:" + request_id)] = wf.id
+        return wf, True, Transition(tuple(changes), wf)
+
+    async def get_task(self, task_id: str) -> Task | None:
+        """See TaskStore.get_task."""
+        return self._tasks.get(task_id)
+
+    async def list_tasks(self, flt: TaskFilter, *, before_seq: int, limit: int) -> list[Task]:
+        """See TaskStore.list_tasks (a scan; fine for the embedded mode)."""
+        out: list[Task] = []
+        for task in sorted(self._tasks.values(), key=lambda t: -t.seq):
+            if before_seq and task.seq >= before_seq:
+                continue
+            if task.namespace != flt.namespace:
+                continue
+            if flt.state is not None and task.state is not flt.state:
+                continue
+            if flt.capability and task.capability != flt.capability:
+                continue
+            if flt.workflow_id and task.workflow_id != flt.workflow_id:
+                continue
+            out.append(task)
+            if len(out) >= limit:
+                break
+        return out
+
+    async def get_workflow(self, workflow_id: str) -> Workflow | None:
+        """See TaskStore.get_workflow."""
+        return self._workflows.get(workflow_id)
+
+    async def list_workflows(
+        self, namespace: str, state: WorkflowState | None, *, before_seq: int, limit: int
+    ) -> list[Workflow]:
+        """See TaskStore.list_workflows."""
+        out: list[Workflow] = []
+        for wf in sorted(self._workflows.values(), key=lambda w: -w.seq):
+            if before_seq and wf.seq >= before_seq:
+                continue
+            if wf.namespace != namespace or (state is not None and wf.state is not state):
+                continue
+            out.append(wf)
+            if len(out) >= limit:
+                break
+        return out
+
+    # -- leases ------------------------------------------------------------------
+
+    def _peek(self, key: tuple[str, str]) -> tuple[int, int, str] | None:
+        heap = self._queues.get(key)
+        while heap:
+            top = heap[0]
+            task = self._tasks.get(top[2])
+            if task is not None and task.state is TaskState.QUEUED and task.seq == top[1]:
+                return top
+            heapq.heappop(heap)
+        return None
+
+    async def lease_next(
+        self, namespace: str, capabilities: Sequence[str], agent_id: str, *,
+        now: float, default_timeout: float,
+    ) -> Lease | None:
+        """See TaskStore.lease_next."""
+        best: tuple[int, int, str] | None = None
+        best_key: tuple[str, str] | None = None
+        for cap in capabilities:
+            key = (namespace, cap)
+            top = self._peek(key)
+            if top is not None and (best is None or top < best):
+                best, best_key = top, key
+        if best is None or best_key is None:
+            return None
+        heapq.heappop(self._queues[best_key])
+        task = self._tasks[best[2]]
+        timeout = task.execution_timeout or default_timeout
+        attempt = task.attempt + 1
+        leased = replace(
+            task, state=TaskState.RUNNING, attempt=attempt, fencing_token=task.fencing_token + 1,
+            agent_id=agent_id, start_time=now, update_time=now, lease_deadline=now + timeout,
+            attempts=(*task.attempts, TaskAttempt(attempt, agent_id, now)))
+        self._store(leased, [])
+        return Lease(leased, leased.fencing_token, leased.lease_deadline)
+
+    async def renew_lease(self, task_id: str, fencing_token: int, deadline: float) -> Task:
+        """See TaskStore.renew_lease."""
+        task = self._running(task_id, fencing_token)
+        renewed = replace(task, lease_deadline=deadline)
+        self._tasks[task_id] = renewed
+        heapq.heappush(self._lease_heap, (deadline, task_id, fencing_token))
+        return renewed
+
+    async def expired_leases(self, now: float, limit: int) -> list[Task]:
+        """See TaskStore.expired_leases."""
+        out: list[Task] = []
+        heap = self._lease_heap
+        while heap and heap[0][0] < now and len(out) < limit:
+            deadline, task_id, token = heapq.heappop(heap)
+            task = self._tasks.get(task_id)
+            if (task is not None and task.state is TaskState.RUNNING
+                    and task.fencing_token == token and task.lease_deadline == deadline):
+                out.append(task)
+        return out
+
+    async def leases_of(self, agent_id: str) -> list[Task]:
+        """See TaskStore.leases_of."""
+        return [self._tasks[t] for t in self._by_agent.get(agent_id, ())]
+
+    # -- results -----------------------------------------------------------------
+
+    async def complete(self, task_id: str, fencing_token: int, output: Payload, *,
+                       now: float) -> Transition:
+        """See TaskStore.complete."""
+        task = self._running(task_id, fencing_token)
+        changes: list[TaskChange] = []
+        done = self._store(replace(
+            task, state=TaskState.SUCCEEDED, output=output, update_time=now, end_time=now,
+            attempts=_close_attempt(task.attempts, now, None)), changes)
+        wf = None
+        if done.workflow_id:
+            wf = self._advance_workflow(done, now, changes)
+        return Transition(tuple(changes), wf)
+
+    def _advance_workflow(self, done: Task, now: float,
+                          changes: list[TaskChange]) -> Workflow | None:
+        wf = self._workflows[done.workflow_id]
+        for dep_step in self._dependents[wf.id].get(done.step_id, ()):
+            child = self._tasks[wf.step_tasks[dep_step]]
+            if child.state is not TaskState.PENDING:
+                continue
+            parents = [self._tasks[wf.step_tasks[d]] for d in child.depends_on]
+            if all(p.state is TaskState.SUCCEEDED for p in parents):
+                outputs = {p.step_id: p.output or Payload() for p in parents}
+                self._store(replace(child, state=TaskState.QUEUED, update_time=now,
+                                    dependency_outputs=outputs), changes)
+        if wf.state is WorkflowState.RUNNING and all(
+                self._tasks[t].state is TaskState.SUCCEEDED for t in wf.step_tasks.values()):
+            wf = replace(wf, state=WorkflowState.SUCCEEDED, end_time=now)
+            self._workflows[wf.id] = wf
+            return wf
+        return None
+
+    async def fail(self, task_id: str, fencing_token: int, failure: TaskFailure, *,
+                   verdict: FailVerdict, retry_at: float, now: float) -> Transition:
+        """See TaskStore.fail."""
+        task = self._running(task_id, fencing_token)
+        attempts = _close_attempt(task.attempts, now, failure)
+        changes: list[TaskChange] = []
+        if verdict is FailVerdict.RETRY:
+            if retry_at <= now:
+                self._store(replace(task, state=TaskState.QUEUED, failure=failure,
+                                    attempts=attempts, update_time=now, agent_id=task.agent_id),
+                            changes)
+            else:
+                self._store(replace(task, state=TaskState.RETRYING, failure=failure,
+                                    attempts=attempts, update_time=now, retry_time=retry_at),
+                            changes)
+            return Transition(tuple(changes))
+        state = TaskState.FAILED if verdict is FailVerdict.FAIL else TaskState.DEAD_LETTERED
+        ended = self._store(replace(task, state=state, failure=failure, attempts=attempts,
+                                    update_time=now, end_time=now), changes)
+        wf = None
+        if ended.workflow_id:
+            reason = (f"step {ended.step_id!r} {state.name.lower().replace('_', '-')}: "
+                      f"{failure.error_type}: {failure.message}")
+            wf = self._fail_workflow(ended, reason, now, changes)
+        return Transition(tuple(changes), wf)
+
+    def _fail_workflow(self, ended: Task, reason: str, now: float,
+                       changes: list[TaskChange]) -> Workflow | None:
+        wf = self._workflows[ended.workflow_id]
+        for step_id in self._descendants(wf.id, [ended.step_id]):
+            child = self._tasks[wf.step_tasks[step_id]]
+            if child.state in TERMINAL_TASK_STATES:
+                continue
+            self._store(replace(
+                child, state=TaskState.CANCELLED, update_time=now, end_time=now,
+                failure=TaskFailure("UPSTREAM_FAILED", f"upstream step {ended.step_id!r} ended "
+                                    f"{ended.state.name}", non_retryable=True),
+                attempts=_close_attempt(child.attempts, now, None)
+                if child.state is TaskState.RUNNING else child.attempts), changes)
+        if wf.state is WorkflowState.RUNNING:
+            wf = replace(wf, state=WorkflowState.FAILED, failure_reason=reason, end_time=now)
+            self._workflows[wf.id] = wf
+            return wf
+        return None
+
+    def _descendants(self, workflow_id: str, roots: Iterable[str]) -> list[str]:
+        dependents = self._dependents[workflow_id]
+        seen: dict[str, None] = {}
+        stack = list(roots)
+        while stack:
+            for child in dependents.get(stack.pop(), ()):
+                if child not in seen:
+                    seen[child] = None
+                    stack.append(child)
+        return list(seen)
+
+    # -- timers ------------------------------------------------------------------
+
+    async def promote_due(self, now: float, limit: int) -> Transition:
+        """See TaskStore.promote_due."""
+        changes: list[TaskChange] = []
+        heap = self._retry_heap
+        while heap and heap[0][0] <= now and len(changes) < limit:
+            retry_time, task_id = heapq.heappop(heap)
+            task = self._tasks.get(task_id)
+            if task is not None and task.state is TaskState.RETRYING and (
+                    task.retry_time == retry_time):
+                self._store(replace(task, state=TaskState.QUEUED, update_time=now), changes)
+        return Transition(tuple(changes))
+
+    # -- human and client actions --------------------------------------------------
+
+    async def cancel_task(self, task_id: str, reason: str, *, now: float) -> Transition:
+        """See TaskStore.cancel_task."""
+        task = self._task(task_id)
+        if task.state in TERMINAL_TASK_STATES:
+            raise FailedPreconditionError(
+                f"tasks/{task_id} already ended ({task.state.name})", reason="TASK_ENDED")
+        changes: list[TaskChange] = []
+        attempts = (_close_attempt(task.attempts, now, None)
+                    if task.state is TaskState.RUNNING else task.attempts)
+        cancelled = self._store(replace(
+            task, state=TaskState.CANCELLED, update_time=now, end_time=now, attempts=attempts,
+            failure=TaskFailure("CANCELLED", reason or "cancelled by a client",
+                                non_retryable=True)), changes)
+        wf = None
+        if cancelled.workflow_id:
+            wf = self._fail_workflow(
+                cancelled, f"step {cancelled.step_id!r} cancelled: {reason}", now, changes)
+        return Transition(tuple(changes), wf)
+
+    async def cancel_workflow(self, workflow_id: str, reason: str, *, now: float) -> Transition:
+        """See TaskStore.cancel_workflow."""
+        wf = self._workflows.get(workflow_id)
+        if wf is None:
+            raise NotFoundError("workflow", f"workflows/{workflow_id}")
+        if wf.state is not WorkflowState.RUNNING:
+            raise FailedPreconditionError(
+                f"workflows/{workflow_id} already ended ({wf.state.name})",
+                reason="WORKFLOW_ENDED")
+        changes: list[TaskChange] = []
+        for task_id in wf.step_tasks.values():
+            task = self._tasks[task_id]
+            if task.state in TERMINAL_TASK_STATES:
+                continue
+            attempts = (_close_attempt(task.attempts, now, None)
+                        if task.state is TaskState.RUNNING else task.attempts)
+            self._store(replace(task, state=TaskState.CANCELLED, update_time=now, end_time=now,
+                                attempts=attempts, failure=TaskFailure(
+                                    "CANCELLED", reason or "workflow cancelled",
+                                    non_retryable=True)), changes)
+        wf = replace(wf, state=WorkflowState.CANCELLED, end_time=now,
+                     failure_reason=reason or "cancelled by a client")
+        self._workflows[wf.id] = wf
+        return Transition(tuple(changes), wf)
+
+    async def redrive(self, task_id: str, new_input: Payload | None, *, now: float) -> Transition:
+        """See TaskStore.redrive."""
+        task = self._task(task_id)
+        if task.state not in (TaskState.DEAD_LETTERED, TaskState.FAILED, TaskState.CANCELLED):
+            raise FailedPreconditionError(
+                f"tasks/{task_id} is {task.state.name}; only dead-lettered, failed or "
+                "cancelled tasks can be re-driven", reason="TASK_NOT_REDRIVABLE")
+        changes: list[TaskChange] = []
+        wf = self._workflows.get(task.workflow_id) if task.workflow_id else None
+        state = TaskState.QUEUED
+        outputs = task.dependency_outputs
+        if wf is not None and task.depends_on:
+            parents = [self._tasks[wf.step_tasks[d]] for d in task.depends_on]
+            if all(p.state is TaskState.SUCCEEDED for p in parents):
+                outputs = {p.step_id: p.output or Payload() for p in parents}
+            else:
+                state = TaskState.PENDING
+        self._store(replace(
+            task, state=state, input=new_input if new_input is not None else task.input,
+            human_intervened=True, budget_start=task.attempt, failure=None, end_time=0.0,
+            update_time=now, seq=self._next_seq(), dependency_outputs=outputs), changes)
+        new_wf = None
+        if wf is not None:
+            for step_id in self._descendants(wf.id, [task.step_id]):
+                child = self._tasks[wf.step_tasks[step_id]]
+                if child.state is TaskState.CANCELLED and child.failure is not None and (
+                        child.failure.error_type == "UPSTREAM_FAILED"):
+                    self._store(replace(child, state=TaskState.PENDING, failure=None,
+                                        end_time=0.0, update_time=now), changes)
+            still_failed = any(
+                self._tasks[t].state in (TaskState.FAILED, TaskState.DEAD_LETTERED,
+                                         TaskState.CANCELLED)
+                for t in wf.step_tasks.values())
+            if wf.state is not WorkflowState.RUNNING and not still_failed:
+                new_wf = replace(wf, state=WorkflowState.RUNNING, failure_reason="", end_time=0.0)
+                self._workflows[wf.id] = new_wf
+        return Transition(tuple(changes), new_wf)
+
+    async def stats(self, namespace: str) -> Stats:
+        """See TaskStore.stats."""
+        counts = {s: n for s, n in self._counts[namespace].items() if n}
+        return Stats(counts, self._ended[namespace], self._autonomous[namespace])
+
+    async def aclose(self) -> None:
+        """Nothing to release."""
+
+
+def _close_attempt(attempts: tuple[TaskAttempt, ...], now: float,
+                   failure: TaskFailure | None) -> tuple[TaskAttempt, ...]:
+    if not attempts or attempts[-1].end_time is not None:
+        return attempts
+    return (*attempts[:-1], replace(attempts[-1], end_time=now, failure=failure))

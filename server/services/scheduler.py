@@ -1,0 +1,640 @@
+"""Task and workflow use cases: submit, dispatch, leases, results, timers.
+
+The store is the source of truth; this service owns the local agent work
+sessions of this replica and dispatches QUEUED work to them, least-loaded
+first. Other replicas learn about new work, cancellations and state changes
+through the bus (``server/services/events.py``), so an agent connected to one
+replica receives tasks submitted on another.
+
+Periodic jobs (lease reaper, retry timers) run on every replica: each store
+operation is atomic and fenced, so two replicas doing the same job at once
+cannot double-apply it; the loser's stale-token error is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from server.domain.dag import validate_dag
+from server.domain.errors import (
+    AlreadyExistsError,
+    NotFoundError,
+    ResourceExhaustedError,
+    StaleLeaseError,
+)
+from server.domain.models import (
+    Lease,
+    Payload,
+    Stats,
+    Task,
+    TaskFailure,
+    TaskState,
+    Workflow,
+    WorkflowState,
+)
+from server.domain.retry import RetryVerdict, decide
+from server.ports import (
+    AgentRegistry,
+    Bus,
+    FailVerdict,
+    Subscription,
+    TaskFilter,
+    TaskStore,
+    Transition,
+)
+from server.services import events
+from server.services.clock import Clock
+
+log = logging.getLogger(__name__)
+
+LEASE_EXPIRED = "LEASE_EXPIRED"
+AGENT_GONE = "AGENT_GONE"
+
+
+class SchedulerObserver(Protocol):
+    """Hooks for metrics and tracing; every method must be cheap and never raise."""
+
+    def transition(self, transition: Transition, now: float) -> None:
+        """A store transition happened on this replica."""
+        ...
+
+    def dispatched(self, lease: Lease, now: float) -> None:
+        """A task was assigned to a local agent."""
+        ...
+
+    def stale_result(self, task_id: str) -> None:
+        """A result with a stale fencing token was refused."""
+        ...
+
+
+class NullObserver:
+    """Observer that does nothing."""
+
+    def transition(self, transition: Transition, now: float) -> None:
+        """Ignore."""
+
+    def dispatched(self, lease: Lease, now: float) -> None:
+        """Ignore."""
+
+    def stale_result(self, task_id: str) -> None:
+        """Ignore."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Tunables of the scheduler (built from server settings)."""
+
+    default_execution_timeout: float = 300.0
+    max_queued_per_namespace: int = 100_000
+    max_workflow_steps: int = 1000
+    tick: float = 0.05
+    reap_batch: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """Outbound: run this task."""
+
+    lease: Lease
+
+
+@dataclass(frozen=True, slots=True)
+class Cancellation:
+    """Outbound: stop this task."""
+
+    task_id: str
+    fencing_token: int
+    reason: str
+
+
+class ReportOutcome:
+    """Outcome names of a reported result (match the proto enum)."""
+
+    ACCEPTED = 1
+    STALE_LEASE = 2
+    NOT_RUNNING = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ReportAck:
+    """Outbound: what became of a reported result or failure."""
+
+    task_id: str
+    fencing_token: int
+    outcome: int
+
+
+Outbound = Assignment | Cancellation | ReportAck | None
+
+
+@dataclass(eq=False)
+class WorkerSession:
+    """One agent's work stream on this replica."""
+
+    agent_id: str
+    namespace: str
+    capabilities: tuple[str, ...]
+    max_concurrency: int
+    send: Callable[[Outbound], None]
+    credits: int = 0
+    in_flight: dict[str, int] = field(default_factory=dict)
+    draining: bool = False
+    closed: bool = False
+
+    @property
+    def load(self) -> float:
+        """In-flight share of the concurrency limit."""
+        return len(self.in_flight) / max(1, self.max_concurrency)
+
+
+class Scheduler:
+    """The task queue's use cases for one replica."""
+
+    def __init__(self, tasks: TaskStore, agents: AgentRegistry, bus: Bus, clock: Clock, *,
+                 config: SchedulerConfig | None = None,
+                 observer: SchedulerObserver | None = None) -> None:
+        self._tasks = tasks
+        self._agents = agents
+        self._bus = bus
+        self._clock = clock
+        self.config = config or SchedulerConfig()
+        self._observer: SchedulerObserver = observer or NullObserver()
+        self._sessions: dict[str, WorkerSession] = {}
+        self._wake = asyncio.Event()
+        self._replica = uuid.uuid4().hex[:12]
+        self._origin = {events.ORIGIN_HEADER: self._replica}
+        self._group: asyncio.TaskGroup | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._started = asyncio.Event()
+        self.draining = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the dispatcher, the maintenance loop and the bus listeners."""
+        ready = await self._bus.subscribe(events.READY_ALL)
+        cancels = await self._bus.subscribe(events.CANCEL_SUBJECT)
+        self._runner = asyncio.create_task(self._run(ready, cancels), name="scheduler")
+        await self._started.wait()
+
+    async def _run(self, ready: Subscription, cancels: Subscription) -> None:
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                group.create_task(self._dispatch_loop(), name="dispatch")
+                group.create_task(self._maintenance_loop(), name="maintenance")
+                group.create_task(self._ready_listener(ready), name="ready-listener")
+                group.create_task(self._cancel_listener(cancels), name="cancel-listener")
+                self._started.set()
+        finally:
+            await ready.unsubscribe()
+            await cancels.unsubscribe()
+
+    async def stop(self) -> None:
+        """Stop every loop. Safe to repeat."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+
+    def kick(self) -> None:
+        """Wake the dispatcher."""
+        self._wake.set()
+
+    # -- client side ---------------------------------------------------------------
+
+    async def submit(self, task: Task, *, request_id: str = "") -> Task:
+        """Queue a task (idempotent on request_id)."""
+        now = self._clock.now()
+        task = replace(task, id=task.id or uuid.uuid4().hex, state=TaskState.QUEUED,
+                       create_time=now, update_time=now)
+        if task.id and await self._tasks.get_task(task.id) is not None and not request_id:
+            raise AlreadyExistsError(f"tasks/{task.id} already exists")
+        stored, created, transition = await self._tasks.create_task(
+            task, request_id=request_id, max_queued=self.config.max_queued_per_namespace)
+        if created:
+            await self._after(transition, now)
+        return stored
+
+    async def submit_workflow(self, workflow: Workflow, *, request_id: str = "") -> Workflow:
+        """Validate a DAG (cycles are refused) and start it."""
+        validate_dag(workflow.steps, self.config.max_workflow_steps)
+        now = self._clock.now()
+        wf_id = workflow.id or uuid.uuid4().hex
+        if await self._tasks.get_workflow(wf_id) is not None and not request_id:
+            raise AlreadyExistsError(f"workflows/{wf_id} already exists")
+        step_tasks = {s.id: f"{wf_id}-{s.id}" for s in workflow.steps}
+        tasks = [
+            Task(id=step_tasks[s.id], capability=s.capability, namespace=workflow.namespace,
+                 input=s.input, priority=s.priority, labels=dict(workflow.labels),
+                 retry_policy=s.retry_policy, execution_timeout=s.timeout,
+                 fallback_capability=s.fallback_capability, workflow_id=wf_id, step_id=s.id,
+                 depends_on=s.depends_on, create_time=now, update_time=now,
+                 state=TaskState.PENDING if s.depends_on else TaskState.QUEUED,
+                 trace_context=dict(workflow.trace_context))
+            for s in workflow.steps
+        ]
+        wf = replace(workflow, id=wf_id, step_tasks=step_tasks, state=WorkflowState.RUNNING,
+                     create_time=now)
+        stored, created, transition = await self._tasks.create_workflow(
+            wf, tasks, request_id=request_id, max_queued=self.config.max_queued_per_namespace)
+        if created:
+            await self._after(transition, now)
+        return stored
+
+    async def get_task(self, task_id: str) -> Task:
+        """One task (NotFoundError)."""
+        task = await self._tasks.get_task(task_id)
+        if task is None:
+            raise NotFoundError("task", f"tasks/{task_id}")
+        return task
+
+    async def list_tasks(self, flt: TaskFilter, *, before_seq: int, limit: int) -> list[Task]:
+        """A page of tasks, newest first."""
+        return await self._tasks.list_tasks(flt, before_seq=before_seq, limit=limit)
+
+    async def get_workflow(self, workflow_id: str) -> tuple[Workflow, dict[str, Task]]:
+        """A workflow and its step tasks by step id (NotFoundError)."""
+        wf = await self._tasks.get_workflow(workflow_id)
+        if wf is None:
+            raise NotFoundError("workflow", f"workflows/{workflow_id}")
+        steps: dict[str, Task] = {}
+        for step_id, task_id in wf.step_tasks.items():
+            task = await self._tasks.get_task(task_id)
+            if task is not None:
+                steps[step_id] = task
+        return wf, steps
+
+    async def list_workflows(self, namespace: str, state: WorkflowState | None, *,
+                             before_seq: int, limit: int) -> list[Workflow]:
+        """A page of workflows, newest first."""
+        return await self._tasks.list_workflows(namespace, state, before_seq=before_seq,
+                                                limit=limit)
+
+    async def cancel(self, task_id: str, reason: str) -> Task:
+        """Cancel a task; a running attempt is told to stop."""
+        now = self._clock.now()
+        before = await self.get_task(task_id)
+        transition = await self._tasks.cancel_task(task_id, reason, now=now)
+        await self._after(transition, now)
+        await self._stop_running([before], reason or "cancelled")
+        return await self.get_task(task_id)
+
+    async def cancel_workflow(self, workflow_id: str, reason: str) -> Workflow:
+        """Cancel every step that has not ended."""
+        now = self._clock.now()
+        _, steps = await self.get_workflow(workflow_id)
+        transition = await self._tasks.cancel_workflow(workflow_id, reason, now=now)
+        await self._after(transition, now)
+        await self._stop_running(list(steps.values()), reason or "workflow cancelled")
+        wf, _ = await self.get_workflow(workflow_id)
+        return wf
+
+    async def retry(self, task_id: str, new_input: Payload | None) -> Task:
+        """A human re-drives a task that ended without success."""
+        now = self._clock.now()
+        transition = await self._tasks.redrive(task_id, new_input, now=now)
+        await self._after(transition, now)
+        return await self.get_task(task_id)
+
+    async def stats(self, namespace: str) -> Stats:
+        """Counts by state and the autonomy figures."""
+        return await self._tasks.stats(namespace)
+
+    async def live_capabilities(self, namespace: str) -> frozenset[str]:
+        """Capabilities some ACTIVE agent offers now."""
+        return await self._agents.live_capabilities(namespace)
+
+    async def watch_tasks(self, namespace: str, *, names: frozenset[str] = frozenset(),
+                          capability: str = "", workflow_id: str = "",
+                          max_pending: int = 1000) -> AsyncIterator[Task]:
+        """Tasks after each change that matches the filter (current version)."""
+        sub = await self._bus.subscribe(events.task_subject(namespace), max_pending=max_pending)
+        try:
+            async for message in sub:
+                if sub.dropped:
+                    raise ResourceExhaustedError(
+                        "watcher fell behind and was cut off; reconnect and re-read",
+                        reason="SLOW_CONSUMER")
+                body = events.decode(message.data)
+                task_id = str(body.get("id", ""))
+                if names and task_id not in names:
+                    continue
+                if capability and body.get("cap") != capability:
+                    continue
+                if workflow_id and body.get("wf") != workflow_id:
+                    continue
+                task = await self._tasks.get_task(task_id)
+                if task is not None:
+                    yield task
+        finally:
+            await sub.unsubscribe()
+
+    async def watch_workflow(self, workflow_id: str, *, max_pending: int = 1000,
+                             ) -> AsyncIterator[tuple[Workflow, dict[str, Task]]]:
+        """The workflow now, then after every step change, until it ends."""
+        wf, steps = await self.get_workflow(workflow_id)
+        sub = await self._bus.subscribe(events.task_subject(wf.namespace),
+                                        max_pending=max_pending)
+        wf_sub = await self._bus.subscribe(events.workflow_subject(wf.namespace),
+                                           max_pending=max_pending)
+        try:
+            # Re-read after subscribing so no change between the two is missed.
+            wf, steps = await self.get_workflow(workflow_id)
+            yield wf, steps
+            if wf.state is not WorkflowState.RUNNING:
+                return
+            merged: asyncio.Queue[bool] = asyncio.Queue(maxsize=2)
+
+            async def pump(s: Subscription, key: str) -> None:
+                async for message in s:
+                    if events.decode(message.data).get(key) == workflow_id and merged.empty():
+                        merged.put_nowait(True)
+
+            async with asyncio.TaskGroup() as group:
+                t1 = group.create_task(pump(sub, "wf"))
+                t2 = group.create_task(pump(wf_sub, "id"))
+                try:
+                    while True:
+                        await merged.get()
+                        if sub.dropped or wf_sub.dropped:
+                            raise ResourceExhaustedError(
+                                "watcher fell behind and was cut off", reason="SLOW_CONSUMER")
+                        wf, steps = await self.get_workflow(workflow_id)
+                        yield wf, steps
+                        if wf.state is not WorkflowState.RUNNING:
+                            return
+                finally:
+                    t1.cancel()
+                    t2.cancel()
+        finally:
+            await sub.unsubscribe()
+            await wf_sub.unsubscribe()
+
+    # -- agent side ----------------------------------------------------------------
+
+    def open_session(self, session: WorkerSession) -> None:
+        """Attach an agent's work stream to this replica (replacing an older one)."""
+        old = self._sessions.get(session.agent_id)
+        if old is not None:
+            old.closed = True
+            old.send(None)
+        self._sessions[session.agent_id] = session
+
+    async def close_session(self, session: WorkerSession, reason: str = AGENT_GONE) -> None:
+        """The work stream ended: its leases go back to the queue."""
+        session.closed = True
+        if self._sessions.get(session.agent_id) is session:
+            del self._sessions[session.agent_id]
+        await self.release_agent(session.agent_id, reason)
+
+    def grant(self, session: WorkerSession, count: int) -> None:
+        """The agent can take ``count`` more tasks."""
+        session.credits = min(session.credits + count, session.max_concurrency)
+        self._wake.set()
+
+    def drain_sessions(self) -> None:
+        """Stop dispatching to local agents (server shutdown)."""
+        self.draining = True
+        for session in self._sessions.values():
+            session.draining = True
+
+    def in_flight_local(self) -> int:
+        """Tasks running on agents attached to this replica."""
+        return sum(len(s.in_flight) for s in self._sessions.values())
+
+    async def report_result(self, session: WorkerSession | None, task_id: str, token: int,
+                            output: Payload) -> int:
+        """Accept a result unless its lease is stale; returns a ReportOutcome."""
+        if session is not None and session.in_flight.get(task_id) != token:
+            self._observer.stale_result(task_id)
+            return ReportOutcome.STALE_LEASE
+        now = self._clock.now()
+        try:
+            transition = await self._tasks.complete(task_id, token, output, now=now)
+        except StaleLeaseError:
+            self._observer.stale_result(task_id)
+            return ReportOutcome.STALE_LEASE
+        finally:
+            if session is not None:
+                self._release_slot(session, task_id, token)
+        await self._after(transition, now)
+        return ReportOutcome.ACCEPTED
+
+    async def report_failure(self, session: WorkerSession | None, task_id: str, token: int,
+                             failure: TaskFailure) -> int:
+        """Record a failed attempt and schedule what the retry policy says."""
+        if session is not None and session.in_flight.get(task_id) != token:
+            self._observer.stale_result(task_id)
+            return ReportOutcome.STALE_LEASE
+        try:
+            task = await self.get_task(task_id)
+            await self._fail(task, token, failure)
+        except StaleLeaseError:
+            self._observer.stale_result(task_id)
+            return ReportOutcome.STALE_LEASE
+        finally:
+            if session is not None:
+                self._release_slot(session, task_id, token)
+        return ReportOutcome.ACCEPTED
+
+    async def complete_unary(self, task_id: str, token: int, output: Payload | None,
+                             failure: TaskFailure | None) -> Task:
+        """CompleteTask outside the stream; StaleLeaseError when stale."""
+        session = None
+        task = await self.get_task(task_id)
+        local = self._sessions.get(task.agent_id)
+        if local is not None and local.in_flight.get(task_id) == token:
+            session = local
+        if failure is not None:
+            outcome = await self.report_failure(session, task_id, token, failure)
+        else:
+            outcome = await self.report_result(session, task_id, token, output or Payload())
+        if outcome != ReportOutcome.ACCEPTED:
+            raise StaleLeaseError(
+                f"tasks/{task_id}: fencing token {token} is stale",
+                metadata={"task": f"tasks/{task_id}"})
+        return await self.get_task(task_id)
+
+    async def report_progress(self, session: WorkerSession | None, task_id: str,
+                              token: int) -> None:
+        """Extend a running attempt's lease by its execution timeout."""
+        task = await self.get_task(task_id)
+        timeout = task.execution_timeout or self.config.default_execution_timeout
+        await self._tasks.renew_lease(task_id, token, self._clock.now() + timeout)
+
+    def _release_slot(self, session: WorkerSession, task_id: str, token: int) -> None:
+        if session.in_flight.get(task_id) == token:
+            del session.in_flight[task_id]
+
+    async def release_agent(self, agent_id: str, reason: str = AGENT_GONE) -> int:
+        """Requeue every task leased to an agent that went away."""
+        leased = await self._tasks.leases_of(agent_id)
+        for task in leased:
+            with contextlib.suppress(StaleLeaseError):
+                await self._fail(task, task.fencing_token,
+                                 TaskFailure(reason, f"agent agents/{agent_id} went away"),
+                                 immediate=True)
+        if leased:
+            log.info("requeued %d task(s) of agent %s (%s)", len(leased), agent_id, reason)
+        return len(leased)
+
+    async def _fail(self, task: Task, token: int, failure: TaskFailure, *,
+                    immediate: bool = False) -> Transition:
+        now = self._clock.now()
+        decision = decide(task.retry_policy, task.attempt, failure, task.budget_start)
+        verdict = {RetryVerdict.RETRY: FailVerdict.RETRY, RetryVerdict.FAIL: FailVerdict.FAIL,
+                   RetryVerdict.DEAD_LETTER: FailVerdict.DEAD_LETTER}[decision.verdict]
+        retry_at = now if immediate else now + decision.delay
+        transition = await self._tasks.fail(task.id, token, failure, verdict=verdict,
+                                            retry_at=retry_at, now=now)
+        await self._after(transition, now)
+        return transition
+
+    async def _stop_running(self, before: Sequence[Task], reason: str) -> None:
+        for task in before:
+            if task.state is TaskState.RUNNING:
+                await self._bus.publish(events.CANCEL_SUBJECT, events.encode(
+                    {"agent": task.agent_id, "id": task.id, "token": task.fencing_token,
+                     "reason": reason}))
+
+    # -- events ------------------------------------------------------------------
+
+    async def _after(self, transition: Transition, now: float) -> None:
+        """Publish what changed and wake dispatchers for new work."""
+        self._observer.transition(transition, now)
+        ready: dict[str, set[str]] = {}
+        for change in transition.tasks:
+            t = change.task
+            await self._bus.publish(events.task_subject(t.namespace), events.encode(
+                {"id": t.id, "state": int(t.state), "wf": t.workflow_id, "cap": t.capability}))
+            if t.state is TaskState.QUEUED:
+                ready.setdefault(t.namespace, set()).add(t.capability)
+        if transition.workflow is not None:
+            wf = transition.workflow
+            await self._bus.publish(events.workflow_subject(wf.namespace), events.encode(
+                {"id": wf.id, "state": int(wf.state)}))
+        if ready:
+            self._wake.set()
+            for namespace, caps in ready.items():
+                await self._bus.publish(events.ready_subject(namespace),
+                                        events.encode({"caps": sorted(caps)}), self._origin)
+
+    async def _ready_listener(self, sub: Subscription) -> None:
+        async for message in sub:
+            if message.headers.get(events.ORIGIN_HEADER) != self._replica:
+                self._wake.set()
+
+    async def _cancel_listener(self, sub: Subscription) -> None:
+        async for message in sub:
+            body = events.decode(message.data)
+            session = self._sessions.get(str(body.get("agent", "")))
+            if session is None:
+                continue
+            task_id = str(body.get("id", ""))
+            token = int(body.get("token", 0))
+            if session.in_flight.get(task_id) == token:
+                del session.in_flight[task_id]
+                session.send(Cancellation(task_id, token, str(body.get("reason", ""))))
+
+    # -- dispatch ------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._dispatch_round()
+            except Exception:
+                log.exception("dispatch round failed; retrying on the next wake-up")
+                await asyncio.sleep(self.config.tick)
+                self._wake.set()
+
+    async def _dispatch_round(self) -> None:
+        """Lease work to local sessions with credits, least loaded first."""
+        if self.draining:
+            return
+        while True:
+            candidates = sorted(
+                (s for s in self._sessions.values()
+                 if s.credits > 0 and not s.draining and not s.closed),
+                key=lambda s: s.load)
+            if not candidates:
+                return
+            empty: set[tuple[str, tuple[str, ...]]] = set()
+            progressed = False
+            for session in candidates:
+                key = (session.namespace, session.capabilities)
+                if key in empty or session.closed or session.credits <= 0:
+                    continue
+                now = self._clock.now()
+                lease = await self._tasks.lease_next(
+                    session.namespace, session.capabilities, session.agent_id, now=now,
+                    default_timeout=self.config.default_execution_timeout)
+                if lease is None:
+                    empty.add(key)
+                    continue
+                progressed = True
+                if _closed(session):  # re-read: the stream may have ended during the await
+                    # The stream ended while we leased: give the task straight back.
+                    with contextlib.suppress(StaleLeaseError):
+                        await self._fail(lease.task, lease.fencing_token,
+                                         TaskFailure(AGENT_GONE, "work stream closed"),
+                                         immediate=True)
+                    continue
+                session.credits -= 1
+                session.in_flight[lease.task.id] = lease.fencing_token
+                self._observer.dispatched(lease, now)
+                await self._bus.publish(events.task_subject(lease.task.namespace), events.encode(
+                    {"id": lease.task.id, "state": int(TaskState.RUNNING),
+                     "wf": lease.task.workflow_id, "cap": lease.task.capability}))
+                session.send(Assignment(lease))
+            if not progressed:
+                return
+
+    # -- maintenance -----------------------------------------------------------------
+
+    async def _maintenance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.tick)
+            try:
+                await self.run_maintenance()
+            except Exception:
+                log.exception("maintenance pass failed")
+
+    async def run_maintenance(self) -> None:
+        """One pass: end expired leases, promote due retries."""
+        now = self._clock.now()
+        for task in await self._tasks.expired_leases(now, self.config.reap_batch):
+            with contextlib.suppress(StaleLeaseError):
+                await self._fail(task, task.fencing_token, TaskFailure(
+                    LEASE_EXPIRED, f"attempt {task.attempt} ran past its lease "
+                    f"(execution timeout) on agents/{task.agent_id}"))
+                await self._stop_running([task], "lease expired")
+        promoted = await self._tasks.promote_due(now, self.config.reap_batch)
+        if promoted.tasks:
+            await self._after(promoted, now)
+
+
+def _closed(session: WorkerSession) -> bool:
+    return session.closed
+
+
+__all__ = [
+    "Assignment",
+    "Cancellation",
+    "NullObserver",
+    "ReportAck",
+    "ReportOutcome",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerObserver",
+    "WorkerSession",
+]

@@ -1,0 +1,51 @@
+"""Server settings: flags of ``agentmesh serve`` and ``AGENTMESH_*`` env vars.
+
+Built once in ``server/cli.py`` (or by tests, explicitly) and passed down.
+The defaults are the embedded mode: memory store, in-process bus, local
+snapshot directory, no external service.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every tunable of one ``agentmesh serve`` process."""
+
+    model_config = SettingsConfigDict(env_prefix="AGENTMESH_", env_nested_delimiter="__",
+                                      extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    store: str = Field("memory://", description="memory:// or redis://host:port/db")
+    bus: str = Field("memory://", description="memory://, nats://host:port or amqp://...")
+    blob: str = Field(".agentmesh/snapshots",
+                      description="Snapshot location: a directory or s3://bucket/prefix")
+    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL.")
+    key_prefix: str = Field("agentmesh", description="Prefix of Redis keys and bus subjects.")
+    metrics_port: int = Field(9464, ge=0, le=65535,
+                              description="Prometheus /metrics port; 0 disables it.")
+    metrics_host: str = Field("127.0.0.1", description="Address of the metrics endpoint.")
+    log_format: Literal["json", "console"] = "json"
+    log_level: str = "INFO"
+
+    heartbeat_interval: float = Field(1.0, gt=0, description="Seconds between agent beats.")
+    heartbeat_misses: int = Field(3, ge=1, description="Missed beats before an agent is gone.")
+    default_execution_timeout: float = Field(
+        300.0, gt=0, description="Lease of one attempt when the task sets no timeout.")
+    default_max_attempts: int = Field(3, ge=1)
+    tick: float = Field(0.05, gt=0, description="Period of the reaper and retry timers.")
+
+    max_message_bytes: int = Field(4 << 20, ge=1024, description="gRPC message size limit.")
+    max_payload_bytes: int = Field(1 << 20, ge=0, description="Limit of one payload.")
+    max_queued_per_namespace: int = Field(100_000, ge=1,
+                                          description="Waiting tasks before RESOURCE_EXHAUSTED.")
+    max_workflow_steps: int = Field(1000, ge=1)
+    max_watch_pending: int = Field(1000, ge=1,
+                                   description="Events buffered per watcher before cut-off.")
+    drain_grace: float = Field(10.0, ge=0,
+                               description="Seconds to wait for in-flight results on shutdown.")

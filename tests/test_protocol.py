@@ -1,0 +1,188 @@
+"""The wire protocol end to end with raw stubs (what a Go or TS agent does)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from agentmesh.v1 import (
+    common_pb2,
+    discovery_pb2,
+    discovery_pb2_grpc,
+    task_pb2,
+    task_pb2_grpc,
+)
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+
+def js(value: object) -> common_pb2.Payload:
+    return common_pb2.Payload(data=json.dumps(value).encode(),
+                              metadata={"encoding": b"json/plain"})
+
+
+class RawAgent:
+    """A minimal agent speaking the protocol by hand."""
+
+    def __init__(self, channel: grpc.aio.Channel, name: str, caps: list[str],
+                 concurrency: int = 2) -> None:
+        self.channel = channel
+        self.name = name
+        self.caps = caps
+        self.concurrency = concurrency
+        self.out: asyncio.Queue[task_pb2.ProcessTasksRequest | None] = asyncio.Queue()
+        self.hb_out: asyncio.Queue[discovery_pb2.HeartbeatRequest | None] = asyncio.Queue()
+        self.agent = ""
+        self.token = ""
+
+    async def register(self) -> None:
+        disc = discovery_pb2_grpc.DiscoveryServiceStub(self.channel)
+        resp = await disc.RegisterAgent(discovery_pb2.RegisterAgentRequest(
+            agent=discovery_pb2.Agent(
+                display_name=self.name, max_concurrency=self.concurrency,
+                capabilities=[discovery_pb2.Capability(name=c) for c in self.caps])))
+        self.agent, self.token = resp.agent.name, resp.session_token
+        await self.hb_out.put(discovery_pb2.HeartbeatRequest(
+            open=discovery_pb2.HeartbeatOpen(agent=self.agent, session_token=self.token)))
+        self.hb = disc.Heartbeat(self._drain(self.hb_out))
+
+    async def _drain(self, q: asyncio.Queue) -> AsyncIterator:  # type: ignore[type-arg]
+        while True:
+            item = await q.get()
+            if item is None:
+                return
+            yield item
+
+    def open_work(self) -> grpc.aio.StreamStreamCall:  # type: ignore[type-arg]
+        self.out.put_nowait(task_pb2.ProcessTasksRequest(
+            open=task_pb2.ProcessTasksOpen(agent=self.agent, session_token=self.token)))
+        self.out.put_nowait(task_pb2.ProcessTasksRequest(
+            credit=task_pb2.TaskCredit(count=self.concurrency)))
+        return task_pb2_grpc.TaskServiceStub(self.channel).ProcessTasks(self._drain(self.out))
+
+
+async def next_kind(call: grpc.aio.StreamStreamCall, kind: str) -> task_pb2.ProcessTasksResponse:  # type: ignore[type-arg]
+    while True:
+        msg = await asyncio.wait_for(call.read(), 5)
+        assert msg is not grpc.aio.EOF
+        if msg.WhichOneof("kind") == kind:
+            return msg
+
+
+async def test_task_round_trip_and_stale_token(channel: grpc.aio.Channel) -> None:
+    agent = RawAgent(channel, "raw-1", ["echo"])
+    await agent.register()
+    work = agent.open_work()
+    assert (await next_kind(work, "opened")).opened.agent == agent.agent
+    tasks = task_pb2_grpc.TaskServiceStub(channel)
+    sub = await tasks.SubmitTask(task_pb2.SubmitTaskRequest(
+        task=task_pb2.Task(capability="echo", input=js({"x": 1}))))
+    assert sub.task.state == task_pb2.TASK_STATE_QUEUED
+    assignment = (await next_kind(work, "assignment")).assignment
+    assert assignment.task.name == sub.task.name
+    assert json.loads(assignment.task.input.data) == {"x": 1}
+    token = assignment.fencing_token
+    # A result with a wrong token is refused and changes nothing.
+    agent.out.put_nowait(task_pb2.ProcessTasksRequest(result=task_pb2.TaskResult(
+        task=sub.task.name, fencing_token=token + 7, output=js("forged"))))
+    ack = (await next_kind(work, "ack")).ack
+    assert ack.outcome == task_pb2.TASK_REPORT_OUTCOME_STALE_LEASE
+    agent.out.put_nowait(task_pb2.ProcessTasksRequest(result=task_pb2.TaskResult(
+        task=sub.task.name, fencing_token=token, output=js({"y": 2}))))
+    ack = (await next_kind(work, "ack")).ack
+    assert ack.outcome == task_pb2.TASK_REPORT_OUTCOME_ACCEPTED
+    got = await tasks.GetTask(task_pb2.GetTaskRequest(name=sub.task.name))
+    assert got.task.state == task_pb2.TASK_STATE_SUCCEEDED
+    assert json.loads(got.task.output.data) == {"y": 2}
+    # The same token again (a duplicate delivery) is refused by the unary path too.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await tasks.CompleteTask(task_pb2.CompleteTaskRequest(
+            task=sub.task.name, fencing_token=token, output=js("late")))
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    status = rpc_status.from_call(err.value)
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info) and info.reason == "LEASE_EXPIRED"
+    got = await tasks.GetTask(task_pb2.GetTaskRequest(name=sub.task.name))
+    assert json.loads(got.task.output.data) == {"y": 2}
+    agent.out.put_nowait(None)
+    agent.hb_out.put_nowait(None)
+
+
+async def test_broken_stream_requeues_to_another_agent(channel: grpc.aio.Channel) -> None:
+    a1 = RawAgent(channel, "doomed", ["slow"], concurrency=1)
+    await a1.register()
+    w1 = a1.open_work()
+    tasks = task_pb2_grpc.TaskServiceStub(channel)
+    sub = await tasks.SubmitTask(task_pb2.SubmitTaskRequest(task=task_pb2.Task(capability="slow")))
+    first = (await next_kind(w1, "assignment")).assignment
+    a2 = RawAgent(channel, "survivor", ["slow"], concurrency=1)
+    await a2.register()
+    w2 = a2.open_work()
+    await next_kind(w2, "opened")
+    w1.cancel()  # the agent's work stream breaks mid-task
+    a1.hb.cancel()
+    second = (await next_kind(w2, "assignment")).assignment
+    assert second.task.name == sub.task.name
+    assert second.fencing_token > first.fencing_token
+    assert second.task.attempt == 2
+    # The zombie's late result is refused; the survivor's is accepted.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await tasks.CompleteTask(task_pb2.CompleteTaskRequest(
+            task=sub.task.name, fencing_token=first.fencing_token, output=js("zombie")))
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    a2.out.put_nowait(task_pb2.ProcessTasksRequest(result=task_pb2.TaskResult(
+        task=sub.task.name, fencing_token=second.fencing_token, output=js("ok"))))
+    assert (await next_kind(w2, "ack")).ack.outcome == task_pb2.TASK_REPORT_OUTCOME_ACCEPTED
+    got = await tasks.GetTask(task_pb2.GetTaskRequest(name=sub.task.name))
+    assert got.task.state == task_pb2.TASK_STATE_SUCCEEDED
+    assert json.loads(got.task.output.data) == "ok"
+    assert [a.agent for a in got.task.attempts] == [a1.agent, a2.agent]
+    a2.out.put_nowait(None)
+    a2.hb_out.put_nowait(None)
+
+
+async def test_workflow_outputs_flow_downstream(channel: grpc.aio.Channel) -> None:
+    agent = RawAgent(channel, "wf", ["a", "b"], concurrency=4)
+    await agent.register()
+    work = agent.open_work()
+    tasks = task_pb2_grpc.TaskServiceStub(channel)
+    wf = (await tasks.SubmitWorkflow(task_pb2.SubmitWorkflowRequest(workflow=task_pb2.Workflow(
+        steps=[task_pb2.WorkflowStep(id="first", capability="a", input=js(1)),
+               task_pb2.WorkflowStep(id="second", capability="a", input=js(2)),
+               task_pb2.WorkflowStep(id="join", capability="b",
+                                     depends_on=["first", "second"])])))).workflow
+    seen = {}
+    for _ in range(3):
+        a = (await next_kind(work, "assignment")).assignment
+        seen[a.task.step_id] = a
+        if a.task.step_id == "join":
+            ups = {k: json.loads(v.data) for k, v in a.task.dependency_outputs.items()}
+            assert ups == {"first": 10, "second": 20}
+        agent.out.put_nowait(task_pb2.ProcessTasksRequest(result=task_pb2.TaskResult(
+            task=a.task.name, fencing_token=a.fencing_token,
+            output=js(json.loads(a.task.input.data or b"0") * 10))))
+        agent.out.put_nowait(task_pb2.ProcessTasksRequest(credit=task_pb2.TaskCredit(count=1)))
+    assert set(seen) == {"first", "second", "join"}
+    for _ in range(50):
+        got = (await tasks.GetWorkflow(task_pb2.GetWorkflowRequest(name=wf.name))).workflow
+        if got.state != task_pb2.WORKFLOW_STATE_RUNNING:
+            break
+        await asyncio.sleep(0.02)
+    assert got.state == task_pb2.WORKFLOW_STATE_SUCCEEDED
+    agent.out.put_nowait(None)
+    agent.hb_out.put_nowait(None)
+
+
+async def test_cycle_is_refused_with_its_path(channel: grpc.aio.Channel) -> None:
+    tasks = task_pb2_grpc.TaskServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await tasks.SubmitWorkflow(task_pb2.SubmitWorkflowRequest(workflow=task_pb2.Workflow(
+            steps=[task_pb2.WorkflowStep(id="a", capability="x", depends_on=["c"]),
+                   task_pb2.WorkflowStep(id="b", capability="x", depends_on=["a"]),
+                   task_pb2.WorkflowStep(id="c", capability="x", depends_on=["b"])])))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "a -> c -> b -> a" in (err.value.details() or "")
