@@ -28,6 +28,7 @@ from server.api.handlers import generic_handler
 from server.api.state import StateServicer
 from server.api.tasks import TaskServicer
 from server.backends.memory import InMemoryAgentRegistry, InMemoryStateStore, InMemoryTaskStore
+from server.backends.redis import RedisStores
 from server.bus import open_bus
 from server.observability.metrics import MeshMetrics
 from server.observability.observer import MetricsObserver
@@ -85,10 +86,9 @@ async def open_stores(settings: Settings, stack: AsyncExitStack,
     if settings.store in ("memory://", "memory", ""):
         return InMemoryTaskStore(), InMemoryAgentRegistry(), InMemoryStateStore()
     if settings.store.startswith(("redis://", "rediss://", "unix://")):
-        from server.backends.redis import open_redis_stores  # noqa: PLC0415 - optional backend
-        tasks, agents, state = await open_redis_stores(settings.store, prefix=settings.key_prefix)
-        stack.push_async_callback(tasks.aclose)
-        return tasks, agents, state
+        stores = await RedisStores.connect(settings.store, prefix=settings.key_prefix)
+        stack.push_async_callback(stores.aclose)
+        return stores.tasks, stores.agents, stores.state
     raise ValueError(f"unknown store {settings.store!r}: use memory:// or redis://host:port/db")
 
 

@@ -1,0 +1,142 @@
+"""Redis backends: the source of truth shared by several server replicas.
+
+Every multi-key transition is ONE Lua script (``tasks.lua``, ``agents.lua``,
+``state.lua``, run with EVALSHA through ``register_script``), so two replicas
+can never both lease a task or both accept a result. Each script is one round
+trip; no hot path uses KEYS or SCAN.
+
+Key layout (``P`` is the deployment prefix, default ``agentmesh``). Every key
+carries the one hash tag ``{P}``, so the scripts also run on Redis Cluster;
+one tag per deployment means one slot (one shard). Sharding by namespace,
+with a tag per namespace, is future work. The scripts receive ``{P}`` as
+KEYS[1] and derive every other key from it.
+
+Tasks (``tasks.lua``)::
+
+    {P}:task:<id>                 string  the Task as JSON (codec.py; cjson in Lua)
+    {P}:wf:<id>                   string  the Workflow as JSON
+    {P}:seq                       string  INCR counter: Task.seq / Workflow.seq
+    {P}:q:<len(ns)>:<ns>:<cap>    zset    ready queue, score -priority*2**40 + seq
+    {P}:retry                     zset    RETRYING task ids by retry_time
+    {P}:leases                    zset    RUNNING task ids by lease_deadline
+    {P}:agent_tasks:<agent>       set     RUNNING task ids leased to an agent
+    {P}:tasks:<ns>                zset    task ids by seq (list_tasks, newest first)
+    {P}:wfs:<ns>                  zset    workflow ids by seq (list_workflows)
+    {P}:stats:<ns>                hash    count per TaskState value, ended, autonomous
+    {P}:idem:<ns>                 hash    request_id -> task id ("wf:"+request_id -> workflow id)
+
+Agents (``agents.lua``)::
+
+    {P}:agent:<id>                string  the Agent as JSON
+    {P}:agents:<ns>               zset    agent ids (score 0, ordered by id)
+    {P}:agents_live               zset    ACTIVE/DRAINING agent ids by expire_time
+    {P}:agents_gone               zset    GONE agent ids by heartbeat_time (purge)
+    {P}:caps:<ns>                 hash    capability -> number of ACTIVE agents
+
+State (``state.lua``), with ``S = {P}:st:<len(ns)>:<ns>``::
+
+    S:e                           hash    key -> StateEntry JSON
+    S:k                           zset    keys (score 0, lexicographic for list/prefix)
+    S:rev                         string  namespace revision (INCR in the writing script)
+    S:log                         list    change log (StateEvent JSON), trimmed to log_size
+
+Times are stored as exact float strings (see ``codec``). Entries with a TTL
+keep their ``expire_time`` and are removed lazily by the script that meets
+them, which logs the DELETE (Redis EXPIRE would lose that event).
+"""
+
+from __future__ import annotations
+
+import logging
+from types import TracebackType
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from server.backends.redis.agents import RedisAgentRegistry
+from server.backends.redis.state import DEFAULT_LOG_SIZE, RedisStateStore
+from server.backends.redis.tasks import RedisTaskStore
+
+__all__ = ["RedisAgentRegistry", "RedisStateStore", "RedisStores", "RedisTaskStore"]
+
+logger = logging.getLogger(__name__)
+
+
+class RedisStores:
+    """The three Redis stores sharing one ``redis.asyncio.Redis`` client.
+
+    Use :meth:`connect`; close with :meth:`aclose` or ``async with``.
+    """
+
+    def __init__(self, client: aioredis.Redis, prefix: str = "agentmesh", *,
+                 state_log_size: int = DEFAULT_LOG_SIZE) -> None:
+        self.client = client
+        """The shared client (``decode_responses=True``)."""
+        self.prefix = prefix
+        self.tasks = RedisTaskStore(client, prefix)
+        self.agents = RedisAgentRegistry(client, prefix)
+        self.state = RedisStateStore(client, prefix, log_size=state_log_size)
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, url: str, *, prefix: str = "agentmesh",
+                      state_log_size: int = DEFAULT_LOG_SIZE, retries: int = 8,
+                      socket_timeout: float = 5.0) -> RedisStores:
+        """Connect to ``url`` (``redis://``, ``rediss://``, ``unix://``) and check it answers.
+
+        Commands are retried ``retries`` times with jittered exponential backoff
+        on connection errors and timeouts, so the stores ride out a Redis
+        restart. A retried script may run twice when the first reply was lost;
+        the fencing checks make that harmless for results and leases.
+        """
+        if not prefix or any(c in prefix for c in "{}"):
+            raise ValueError("prefix must be non-empty and free of '{' and '}'")
+        client = aioredis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout, health_check_interval=30,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError])
+        try:
+            await client.ping()
+        except BaseException:
+            await client.aclose()
+            raise
+        logger.info("connected to Redis, key prefix %s", prefix)
+        return cls(client, prefix, state_log_size=state_log_size)
+
+    async def delete_all_keys(self) -> int:
+        """Delete every key of this prefix (tests and tear-down only: it SCANs)."""
+        pattern = "{" + _glob_escape(self.prefix) + "}:*"
+        n = 0
+        batch: list[str] = []
+        async for key in self.client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                n += await self.client.delete(*batch)
+                batch = []
+        if batch:
+            n += await self.client.delete(*batch)
+        return n
+
+    async def aclose(self) -> None:
+        """Close the shared client. Safe to repeat."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.client.aclose()
+
+    async def __aenter__(self) -> RedisStores:
+        """Return self."""
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        """Close the client."""
+        await self.aclose()
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -1,0 +1,228 @@
+"""End-to-end benchmark: no-op tasks through real agent processes.
+
+W1: N tasks submitted back to back (pipelined, --inflight at once) with 2 agent
+    processes; tasks/s from the first submit to the last result seen at the
+    submitter (through WatchTasks).
+W2: open loop at --rate tasks/s for --duration s; p50/p95/p99 of
+    submit -> result seen at the submitter.
+
+    .venv/bin/python loadtests/bench.py                       # embedded
+    .venv/bin/python loadtests/bench.py --store redis://127.0.0.1:6379/0 \
+        --bus nats://127.0.0.1:4222 --replicas 2               # production backends
+
+The server(s) and the agents are separate processes; the submitter runs here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from agent_sdk import MeshClient
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def free_port() -> int:
+    """A free loopback port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_port(port: int, timeout: float = 20.0) -> None:
+    """Until something listens on the port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def start_servers(args: argparse.Namespace) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+    """Start --replicas server processes."""
+    procs, targets = [], []
+    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    for _ in range(args.replicas):
+        port = free_port()
+        env = {**os.environ, "AGENTMESH_KEY_PREFIX": prefix, "AGENTMESH_LOG_LEVEL": "WARNING"}
+        cmd = [PY, "-m", "server.cli", "serve", "--port", str(port), "--metrics-port", "0",
+               "--store", args.store, "--bus", args.bus]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env))  # noqa: S603
+        targets.append(f"127.0.0.1:{port}")
+    return procs, targets
+
+
+def start_agents(targets: list[str], n: int, concurrency: int) -> list[subprocess.Popen[bytes]]:
+    """Start n agent processes, spread over the replicas."""
+    return [subprocess.Popen(  # noqa: S603
+        [PY, str(ROOT / "loadtests" / "noop_agent.py"), "--target", targets[i % len(targets)],
+         "--name", f"noop-{i}", "--concurrency", str(concurrency)], cwd=ROOT)
+        for i in range(n)]
+
+
+async def wait_agents(client: MeshClient, n: int, timeout: float = 20.0) -> None:
+    """Until n agents offer the capability."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(await client.list_agents(capability="noop")) >= n:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError("agents did not register")
+
+
+async def w1(client: MeshClient, n: int, inflight: int) -> dict[str, float]:
+    """Back-to-back submission of n tasks; throughput to the last result."""
+    done: set[str] = set()
+    submitted: set[str] = set()
+    all_done = asyncio.Event()
+    watching = asyncio.Event()
+
+    async def watch() -> None:
+        stream = client.watch_tasks(capability="noop")
+        watching.set()
+        async for task in stream:
+            if task.state == "SUCCEEDED" and task.id not in done:
+                done.add(task.id)
+                if len(done) >= n:
+                    all_done.set()
+                    return
+
+    watcher = asyncio.create_task(watch())
+    await watching.wait()
+    await asyncio.sleep(0.2)  # let the watch subscription reach the server
+    sem = asyncio.Semaphore(inflight)
+
+    async def submit(i: int) -> None:
+        async with sem:
+            t = await client.submit_task("noop", {"i": i})
+            submitted.add(t.id)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(submit(i) for i in range(n)))
+    submit_s = time.perf_counter() - start
+    await asyncio.wait_for(all_done.wait(), timeout=120)
+    total = time.perf_counter() - start
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    assert done == submitted, "every submitted task must succeed exactly once"
+    return {"tasks": n, "seconds": round(total, 3), "tasks_per_s": round(n / total, 1),
+            "submit_per_s": round(n / submit_s, 1)}
+
+
+async def w2(client: MeshClient, rate: float, duration: float) -> dict[str, float]:
+    """Open loop at a fixed rate; latency percentiles from submit to result."""
+    started: dict[str, float] = {}
+    pending_start: dict[int, float] = {}
+    latencies: list[float] = []
+    n = int(rate * duration)
+    finished = asyncio.Event()
+    early: dict[str, float] = {}
+
+    async def watch() -> None:
+        async for task in client.watch_tasks(capability="noop"):
+            if task.state != "SUCCEEDED":
+                continue
+            now = time.perf_counter()
+            if task.id in started:
+                latencies.append(now - started.pop(task.id))
+            else:
+                early[task.id] = now
+            if len(latencies) >= n:
+                finished.set()
+                return
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.3)
+
+    async def one(i: int) -> None:
+        t0 = time.perf_counter()
+        pending_start[i] = t0
+        task = await client.submit_task("noop", {"i": i})
+        if task.id in early:
+            latencies.append(early.pop(task.id) - t0)
+            if len(latencies) >= n:
+                finished.set()
+        else:
+            started[task.id] = t0
+
+    begin = time.perf_counter()
+    launched = []
+    for i in range(n):
+        target = begin + i / rate
+        delay = target - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        launched.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*launched)
+    await asyncio.wait_for(finished.wait(), timeout=60)
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
+    qs = statistics.quantiles(latencies, n=100)
+    return {"tasks": n, "p50_ms": round(qs[49] * 1e3, 2), "p95_ms": round(qs[94] * 1e3, 2),
+            "p99_ms": round(qs[98] * 1e3, 2), "max_ms": round(max(latencies) * 1e3, 2)}
+
+
+async def main() -> None:
+    """Run W1 and W2 and print one JSON line per workload."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", default="memory://")
+    parser.add_argument("--bus", default="memory://")
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--agents", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--tasks", type=int, default=5000)
+    parser.add_argument("--inflight", type=int, default=64)
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--only", choices=["w1", "w2"], default=None)
+    args = parser.parse_args()
+    if args.replicas > 1 and args.store.startswith("memory"):
+        parser.error("--replicas > 1 needs a shared store (--store redis://...) and bus")
+    servers, targets = start_servers(args)
+    agents: list[subprocess.Popen[bytes]] = []
+    try:
+        for t in targets:
+            await wait_port(int(t.rsplit(":", 1)[1]))
+        agents = start_agents(targets, args.agents, args.concurrency)
+        async with MeshClient(targets[0]) as client:
+            await wait_agents(client, args.agents)
+            setup = {"store": args.store, "bus": args.bus, "replicas": args.replicas,
+                     "agents": args.agents}
+            if args.only in (None, "w1"):
+                print(json.dumps({"workload": "W1", **setup,
+                                  **await w1(client, args.tasks, args.inflight)}), flush=True)
+            if args.only in (None, "w2"):
+                print(json.dumps({"workload": "W2", **setup,
+                                  **await w2(client, args.rate, args.duration)}), flush=True)
+    finally:
+        for p in agents + servers:
+            p.send_signal(signal.SIGTERM)
+        for p in agents + servers:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

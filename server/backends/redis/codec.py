@@ -1,0 +1,293 @@
+"""JSON codec of the domain values stored in Redis.
+
+The Lua scripts decode and re-encode these documents with ``cjson``, so the
+format keeps to what survives that round trip:
+
+- Times and other floats are JSON *strings* (``repr(float)``): cjson prints
+  numbers with 14 significant digits, which would round Unix times. The
+  scripts format the floats they compute with ``%.17g``, which round-trips.
+- Integers (states, attempts, tokens, ``seq``) are JSON numbers (exact below 1e14).
+- Bytes are base64 strings.
+- cjson encodes an empty Lua table as ``{}``, so every list field also accepts
+  an empty object when decoding.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from server.domain.models import (
+    Agent,
+    AgentState,
+    Capability,
+    Jitter,
+    Payload,
+    RetryPolicy,
+    StateEntry,
+    StateEvent,
+    StateEventType,
+    Task,
+    TaskAttempt,
+    TaskFailure,
+    TaskState,
+    Workflow,
+    WorkflowState,
+    WorkflowStep,
+)
+
+Doc = dict[str, Any]
+
+
+def fstr(value: float) -> str:
+    """A float as the exact string the documents and scripts use."""
+    return repr(float(value))
+
+
+def _f(value: object) -> float:
+    if value is None or value == "":
+        return 0.0
+    return float(value)  # type: ignore[arg-type]
+
+
+def _list(value: object) -> list[Any]:
+    if isinstance(value, list):
+        return value
+    return []  # cjson writes an empty list as {}
+
+
+def _map(value: object) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    return {}
+
+
+def text(raw: bytes | str) -> str:
+    """A Redis reply as text (the clients use ``decode_responses=True``)."""
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def dumps(doc: Doc) -> str:
+    """Compact JSON."""
+    return json.dumps(doc, separators=(",", ":"))
+
+
+# -- payloads and small values ------------------------------------------------------
+
+
+def payload_to_doc(p: Payload) -> Doc:
+    """Payload -> JSON object (bytes as base64)."""
+    return {"data": base64.b64encode(p.data).decode("ascii"),
+            "metadata": {k: base64.b64encode(v).decode("ascii") for k, v in p.metadata.items()}}
+
+
+def payload_from_doc(doc: object) -> Payload:
+    """JSON object -> Payload."""
+    d = _map(doc)
+    return Payload(base64.b64decode(d.get("data", "")),
+                   {k: base64.b64decode(v) for k, v in _map(d.get("metadata")).items()})
+
+
+def _failure_to_doc(f: TaskFailure | None) -> Doc | None:
+    if f is None:
+        return None
+    return {"error_type": f.error_type, "message": f.message, "non_retryable": f.non_retryable}
+
+
+def _failure_from_doc(doc: object) -> TaskFailure | None:
+    if not isinstance(doc, dict):
+        return None
+    return TaskFailure(str(doc.get("error_type", "")), str(doc.get("message", "")),
+                       bool(doc.get("non_retryable", False)))
+
+
+def _retry_to_doc(r: RetryPolicy) -> Doc:
+    return {"max_attempts": r.max_attempts, "initial_backoff": fstr(r.initial_backoff),
+            "max_backoff": fstr(r.max_backoff), "multiplier": fstr(r.multiplier),
+            "jitter": int(r.jitter), "non_retryable_error_types": list(r.non_retryable_error_types)}
+
+
+def _retry_from_doc(doc: object) -> RetryPolicy:
+    d = _map(doc)
+    return RetryPolicy(
+        max_attempts=int(d.get("max_attempts", 3)), initial_backoff=_f(d.get("initial_backoff")),
+        max_backoff=_f(d.get("max_backoff")), multiplier=_f(d.get("multiplier")),
+        jitter=Jitter(int(d.get("jitter", Jitter.FULL))),
+        non_retryable_error_types=tuple(str(x) for x in _list(d.get("non_retryable_error_types"))))
+
+
+def _str_map(doc: object) -> dict[str, str]:
+    return {str(k): str(v) for k, v in _map(doc).items()}
+
+
+# -- tasks --------------------------------------------------------------------------
+
+
+def task_to_doc(t: Task) -> Doc:
+    """Task -> JSON object (every field)."""
+    return {
+        "id": t.id, "capability": t.capability, "namespace": t.namespace,
+        "input": payload_to_doc(t.input), "state": int(t.state), "priority": t.priority,
+        "labels": dict(t.labels), "retry_policy": _retry_to_doc(t.retry_policy),
+        "execution_timeout": fstr(t.execution_timeout),
+        "fallback_capability": t.fallback_capability,
+        "output": payload_to_doc(t.output) if t.output is not None else None,
+        "failure": _failure_to_doc(t.failure), "attempt": t.attempt, "agent_id": t.agent_id,
+        "fencing_token": t.fencing_token, "lease_deadline": fstr(t.lease_deadline),
+        "workflow_id": t.workflow_id, "step_id": t.step_id, "depends_on": list(t.depends_on),
+        "create_time": fstr(t.create_time), "update_time": fstr(t.update_time),
+        "start_time": fstr(t.start_time), "end_time": fstr(t.end_time),
+        "retry_time": fstr(t.retry_time), "served_by_fallback": t.served_by_fallback,
+        "attempts": [{"attempt": a.attempt, "agent_id": a.agent_id,
+                      "start_time": fstr(a.start_time),
+                      "end_time": fstr(a.end_time) if a.end_time is not None else None,
+                      "failure": _failure_to_doc(a.failure)} for a in t.attempts],
+        "human_intervened": t.human_intervened, "budget_start": t.budget_start,
+        "trace_context": dict(t.trace_context),
+        "dependency_outputs": {k: payload_to_doc(v) for k, v in t.dependency_outputs.items()},
+        "seq": t.seq,
+    }
+
+
+def task_from_doc(d: Mapping[str, Any]) -> Task:
+    """JSON object -> Task."""
+    output = d.get("output")
+    return Task(
+        id=str(d["id"]), capability=str(d["capability"]), namespace=str(d["namespace"]),
+        input=payload_from_doc(d.get("input")), state=TaskState(int(d["state"])),
+        priority=int(d.get("priority", 0)), labels=_str_map(d.get("labels")),
+        retry_policy=_retry_from_doc(d.get("retry_policy")),
+        execution_timeout=_f(d.get("execution_timeout")),
+        fallback_capability=str(d.get("fallback_capability", "")),
+        output=payload_from_doc(output) if isinstance(output, dict) else None,
+        failure=_failure_from_doc(d.get("failure")), attempt=int(d.get("attempt", 0)),
+        agent_id=str(d.get("agent_id", "")), fencing_token=int(d.get("fencing_token", 0)),
+        lease_deadline=_f(d.get("lease_deadline")), workflow_id=str(d.get("workflow_id", "")),
+        step_id=str(d.get("step_id", "")),
+        depends_on=tuple(str(x) for x in _list(d.get("depends_on"))),
+        create_time=_f(d.get("create_time")), update_time=_f(d.get("update_time")),
+        start_time=_f(d.get("start_time")), end_time=_f(d.get("end_time")),
+        retry_time=_f(d.get("retry_time")),
+        served_by_fallback=bool(d.get("served_by_fallback", False)),
+        attempts=tuple(
+            TaskAttempt(int(a["attempt"]), str(a.get("agent_id", "")), _f(a.get("start_time")),
+                        _f(a["end_time"]) if a.get("end_time") is not None else None,
+                        _failure_from_doc(a.get("failure")))
+            for a in _list(d.get("attempts"))),
+        human_intervened=bool(d.get("human_intervened", False)),
+        budget_start=int(d.get("budget_start", 0)),
+        trace_context=_str_map(d.get("trace_context")),
+        dependency_outputs={str(k): payload_from_doc(v)
+                            for k, v in _map(d.get("dependency_outputs")).items()},
+        seq=int(d.get("seq", 0)),
+    )
+
+
+def encode_task(t: Task) -> str:
+    """Task -> JSON text."""
+    return dumps(task_to_doc(t))
+
+
+def decode_task(text: str) -> Task:
+    """JSON text -> Task."""
+    return task_from_doc(json.loads(text))
+
+
+# -- workflows ----------------------------------------------------------------------
+
+
+def workflow_to_doc(w: Workflow) -> Doc:
+    """Workflow -> JSON object."""
+    return {
+        "id": w.id, "namespace": w.namespace, "display_name": w.display_name,
+        "steps": [{"id": s.id, "capability": s.capability, "input": payload_to_doc(s.input),
+                   "depends_on": list(s.depends_on), "retry_policy": _retry_to_doc(s.retry_policy),
+                   "timeout": fstr(s.timeout), "fallback_capability": s.fallback_capability,
+                   "priority": s.priority} for s in w.steps],
+        "step_tasks": dict(w.step_tasks), "state": int(w.state),
+        "failure_reason": w.failure_reason, "labels": dict(w.labels),
+        "create_time": fstr(w.create_time), "end_time": fstr(w.end_time), "seq": w.seq,
+    }
+
+
+def workflow_from_doc(d: Mapping[str, Any]) -> Workflow:
+    """JSON object -> Workflow."""
+    return Workflow(
+        id=str(d["id"]), namespace=str(d["namespace"]),
+        display_name=str(d.get("display_name", "")),
+        steps=tuple(WorkflowStep(
+            id=str(s["id"]), capability=str(s["capability"]),
+            input=payload_from_doc(s.get("input")),
+            depends_on=tuple(str(x) for x in _list(s.get("depends_on"))),
+            retry_policy=_retry_from_doc(s.get("retry_policy")), timeout=_f(s.get("timeout")),
+            fallback_capability=str(s.get("fallback_capability", "")),
+            priority=int(s.get("priority", 0))) for s in _list(d.get("steps"))),
+        step_tasks=_str_map(d.get("step_tasks")), state=WorkflowState(int(d["state"])),
+        failure_reason=str(d.get("failure_reason", "")), labels=_str_map(d.get("labels")),
+        create_time=_f(d.get("create_time")), end_time=_f(d.get("end_time")),
+        seq=int(d.get("seq", 0)),
+    )
+
+
+def encode_workflow(w: Workflow) -> str:
+    """Workflow -> JSON text."""
+    return dumps(workflow_to_doc(w))
+
+
+def decode_workflow(text: str) -> Workflow:
+    """JSON text -> Workflow."""
+    return workflow_from_doc(json.loads(text))
+
+
+# -- agents -------------------------------------------------------------------------
+
+
+def encode_agent(a: Agent) -> str:
+    """Agent -> JSON text."""
+    return dumps({
+        "id": a.id, "display_name": a.display_name, "namespace": a.namespace,
+        "capabilities": [{"name": c.name, "version": c.version} for c in a.capabilities],
+        "max_concurrency": a.max_concurrency, "labels": dict(a.labels), "version": a.version,
+        "state": int(a.state), "in_flight": a.in_flight, "load": fstr(a.load),
+        "register_time": fstr(a.register_time), "heartbeat_time": fstr(a.heartbeat_time),
+        "expire_time": fstr(a.expire_time), "session_token": a.session_token,
+    })
+
+
+def decode_agent(text: str) -> Agent:
+    """JSON text -> Agent."""
+    d = json.loads(text)
+    return Agent(
+        id=str(d["id"]), display_name=str(d.get("display_name", "")),
+        namespace=str(d["namespace"]),
+        capabilities=tuple(Capability(str(c["name"]), str(c.get("version", "")))
+                           for c in _list(d.get("capabilities"))),
+        max_concurrency=int(d.get("max_concurrency", 1)), labels=_str_map(d.get("labels")),
+        version=str(d.get("version", "")), state=AgentState(int(d["state"])),
+        in_flight=int(d.get("in_flight", 0)), load=_f(d.get("load")),
+        register_time=_f(d.get("register_time")), heartbeat_time=_f(d.get("heartbeat_time")),
+        expire_time=_f(d.get("expire_time")), session_token=str(d.get("session_token", "")),
+    )
+
+
+# -- state entries ------------------------------------------------------------------
+
+
+def entry_from_doc(d: Mapping[str, Any]) -> StateEntry:
+    """JSON object -> StateEntry."""
+    return StateEntry(key=str(d["key"]), value=payload_from_doc(d.get("value")),
+                      version=int(d["version"]), revision=int(d["revision"]),
+                      update_time=_f(d.get("update_time")), expire_time=_f(d.get("expire_time")))
+
+
+def decode_entry(text: str) -> StateEntry:
+    """JSON text -> StateEntry."""
+    return entry_from_doc(json.loads(text))
+
+
+def decode_event(text: str) -> StateEvent:
+    """JSON text ``{"type": n, "entry": {...}}`` -> StateEvent."""
+    d = json.loads(text)
+    return StateEvent(StateEventType(int(d["type"])), entry_from_doc(d["entry"]))

@@ -1,0 +1,558 @@
+-- agentmesh RedisTaskStore: every TaskStore transition as one atomic script.
+-- KEYS[1] is the deployment's hash-tagged base ("{prefix}"); every key used
+-- below is derived from it, so all of them live in one Redis Cluster slot.
+-- ARGV[1] names the operation; the rest are its arguments (see tasks.py).
+-- Times are strings (exact Python float reprs); computed times use %.17g.
+local B = KEYS[1]
+local PENDING, QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, RETRYING, DEAD = 1, 2, 3, 4, 5, 6, 7, 8
+local WF_RUNNING, WF_SUCCEEDED, WF_FAILED, WF_CANCELLED = 1, 2, 3, 4
+local TERMINAL = {[SUCCEEDED] = true, [FAILED] = true, [CANCELLED] = true, [DEAD] = true}
+local STATE_NAME = {'PENDING', 'QUEUED', 'RUNNING', 'SUCCEEDED', 'FAILED', 'CANCELLED',
+                    'RETRYING', 'DEAD_LETTERED'}
+local NULL = cjson.null
+local PRIORITY_SHIFT = 1099511627776 -- 2^40: score = -priority * 2^40 + seq
+
+local function fmt(x) return string.format('%.17g', x) end
+local function seg(s) return #s .. ':' .. s end
+local function tkey(id) return B .. ':task:' .. id end
+local function wkey(id) return B .. ':wf:' .. id end
+local function qkey(ns, cap) return B .. ':q:' .. seg(ns) .. ':' .. cap end
+local function akey(agent) return B .. ':agent_tasks:' .. agent end
+local function skey(ns) return B .. ':stats:' .. ns end
+local RETRY_KEY = B .. ':retry'
+local LEASE_KEY = B .. ':leases'
+local SEQ_KEY = B .. ':seq'
+
+local function pyrepr(s) return "'" .. s .. "'" end
+
+local function copy(t)
+  local c = {}
+  for k, v in pairs(t) do c[k] = v end
+  return c
+end
+
+local cache = {}
+local function load(id)
+  local t = cache[id]
+  if t then return t end
+  local raw = redis.call('GET', tkey(id))
+  if not raw then return nil end
+  t = cjson.decode(raw)
+  cache[id] = t
+  return t
+end
+
+local function load_wf(id)
+  local raw = redis.call('GET', wkey(id))
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+local function save_wf(wf)
+  local raw = cjson.encode(wf)
+  redis.call('SET', wkey(wf.id), raw)
+  return raw
+end
+
+-- Save a task version; keep counters and indexes; append (prev state, json) to R.
+local function put_task(t, prev, R)
+  local id = t.id
+  if prev then
+    local psk = skey(prev.namespace)
+    redis.call('HINCRBY', psk, prev.state, -1)
+    if TERMINAL[prev.state] then
+      redis.call('HINCRBY', psk, 'ended', -1)
+      if prev.state == SUCCEEDED and not prev.human_intervened then
+        redis.call('HINCRBY', psk, 'autonomous', -1)
+      end
+    end
+    if prev.state == QUEUED then
+      redis.call('ZREM', qkey(prev.namespace, prev.capability), id)
+    elseif prev.state == RETRYING then
+      redis.call('ZREM', RETRY_KEY, id)
+    elseif prev.state == RUNNING then
+      redis.call('ZREM', LEASE_KEY, id)
+      redis.call('SREM', akey(prev.agent_id), id)
+    end
+  end
+  local sk = skey(t.namespace)
+  redis.call('HINCRBY', sk, t.state, 1)
+  if TERMINAL[t.state] then
+    redis.call('HINCRBY', sk, 'ended', 1)
+    if t.state == SUCCEEDED and not t.human_intervened then
+      redis.call('HINCRBY', sk, 'autonomous', 1)
+    end
+  end
+  if t.state == QUEUED then
+    redis.call('ZADD', qkey(t.namespace, t.capability), fmt(-t.priority * PRIORITY_SHIFT + t.seq), id)
+  elseif t.state == RETRYING then
+    redis.call('ZADD', RETRY_KEY, t.retry_time, id)
+  elseif t.state == RUNNING then
+    redis.call('ZADD', LEASE_KEY, t.lease_deadline, id)
+    redis.call('SADD', akey(t.agent_id), id)
+  end
+  local raw = cjson.encode(t)
+  redis.call('SET', tkey(id), raw)
+  redis.call('ZADD', B .. ':tasks:' .. t.namespace, t.seq, id)
+  cache[id] = t
+  if R then
+    R[#R + 1] = prev and prev.state or 0
+    R[#R + 1] = raw
+  end
+  return raw
+end
+
+local function backlog(ns)
+  local c = redis.call('HMGET', skey(ns), PENDING, QUEUED, RETRYING)
+  return (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0) + (tonumber(c[3]) or 0)
+end
+
+local function close_attempt(attempts, now, failure)
+  local n = #attempts
+  if n == 0 or attempts[n].end_time ~= NULL then return attempts end
+  local out = {}
+  for i = 1, n - 1 do out[i] = attempts[i] end
+  local last = copy(attempts[n])
+  last.end_time = now
+  last.failure = failure or NULL
+  out[n] = last
+  return out
+end
+
+local function dependents_map(wf)
+  local deps = {}
+  for _, s in ipairs(wf.steps) do deps[s.id] = {} end
+  for _, s in ipairs(wf.steps) do
+    for _, d in ipairs(s.depends_on) do
+      if deps[d] then table.insert(deps[d], s.id) end
+    end
+  end
+  return deps
+end
+
+local function descendants(wf, root)
+  local deps = dependents_map(wf)
+  local seen, order, stack = {}, {}, {root}
+  while #stack > 0 do
+    local cur = table.remove(stack)
+    for _, c in ipairs(deps[cur] or {}) do
+      if not seen[c] then
+        seen[c] = true
+        order[#order + 1] = c
+        stack[#stack + 1] = c
+      end
+    end
+  end
+  return order
+end
+
+local function output_or_empty(p)
+  local o = p.output
+  if o == nil or o == NULL then return {data = '', metadata = {}} end
+  return o
+end
+
+-- Parents' outputs when all of them succeeded, else nil.
+local function ready_outputs(wf, t)
+  local outs = {}
+  for _, d in ipairs(t.depends_on) do
+    local p = load(wf.step_tasks[d])
+    if not p or p.state ~= SUCCEEDED then return nil end
+    outs[p.step_id] = output_or_empty(p)
+  end
+  return outs
+end
+
+local function advance_workflow(done, now, R)
+  local wf = load_wf(done.workflow_id)
+  if not wf then return '' end
+  local deps = dependents_map(wf)
+  for _, sid in ipairs(deps[done.step_id] or {}) do
+    local child = load(wf.step_tasks[sid])
+    if child and child.state == PENDING then
+      local outs = ready_outputs(wf, child)
+      if outs then
+        local n = copy(child)
+        n.state = QUEUED
+        n.update_time = now
+        n.dependency_outputs = outs
+        put_task(n, child, R)
+      end
+    end
+  end
+  if wf.state == WF_RUNNING then
+    for _, s in ipairs(wf.steps) do
+      local t = load(wf.step_tasks[s.id])
+      if not t or t.state ~= SUCCEEDED then return '' end
+    end
+    wf.state = WF_SUCCEEDED
+    wf.end_time = now
+    return save_wf(wf)
+  end
+  return ''
+end
+
+local function fail_workflow(ended, reason, now, R)
+  local wf = load_wf(ended.workflow_id)
+  if not wf then return '' end
+  for _, sid in ipairs(descendants(wf, ended.step_id)) do
+    local child = load(wf.step_tasks[sid])
+    if child and not TERMINAL[child.state] then
+      local n = copy(child)
+      n.state = CANCELLED
+      n.update_time = now
+      n.end_time = now
+      n.failure = {error_type = 'UPSTREAM_FAILED', non_retryable = true,
+                   message = 'upstream step ' .. pyrepr(ended.step_id) .. ' ended ' ..
+                             STATE_NAME[ended.state]}
+      if child.state == RUNNING then n.attempts = close_attempt(child.attempts, now, nil) end
+      put_task(n, child, R)
+    end
+  end
+  if wf.state == WF_RUNNING then
+    wf.state = WF_FAILED
+    wf.failure_reason = reason
+    wf.end_time = now
+    return save_wf(wf)
+  end
+  return ''
+end
+
+-- Fenced load: the task, or an error reply table.
+local function running(id, token)
+  local t = load(id)
+  if not t then return nil, {'notfound'} end
+  if t.state ~= RUNNING or t.fencing_token ~= tonumber(token) then
+    return nil, {'stale', t.state, t.fencing_token}
+  end
+  return t, nil
+end
+
+local OPS = {}
+
+function OPS.create_task()
+  local t = cjson.decode(ARGV[2])
+  local rid, maxq = ARGV[3], tonumber(ARGV[4])
+  local ikey = B .. ':idem:' .. t.namespace
+  if rid ~= '' then
+    local existing = redis.call('HGET', ikey, rid)
+    if existing then return {'dup', redis.call('GET', tkey(existing))} end
+  end
+  if maxq > 0 and backlog(t.namespace) >= maxq then return {'full'} end
+  t.seq = redis.call('INCR', SEQ_KEY)
+  t.state = QUEUED
+  local R = {'ok', ''}
+  put_task(t, load(t.id), R)
+  if rid ~= '' then redis.call('HSET', ikey, rid, t.id) end
+  return R
+end
+
+function OPS.create_workflow()
+  local wf = cjson.decode(ARGV[2])
+  local tasks = cjson.decode(ARGV[3])
+  local rid, maxq = ARGV[4], tonumber(ARGV[5])
+  local ikey = B .. ':idem:' .. wf.namespace
+  if rid ~= '' then
+    local existing = redis.call('HGET', ikey, 'wf:' .. rid)
+    if existing then return {'dup', redis.call('GET', wkey(existing))} end
+  end
+  if maxq > 0 and backlog(wf.namespace) + #tasks > maxq then return {'full'} end
+  wf.seq = redis.call('INCR', SEQ_KEY)
+  local R = {'ok', save_wf(wf)}
+  redis.call('ZADD', B .. ':wfs:' .. wf.namespace, wf.seq, wf.id)
+  for _, t in ipairs(tasks) do
+    t.seq = redis.call('INCR', SEQ_KEY)
+    if #t.depends_on > 0 then t.state = PENDING else t.state = QUEUED end
+    put_task(t, load(t.id), R)
+  end
+  if rid ~= '' then redis.call('HSET', ikey, 'wf:' .. rid, wf.id) end
+  return R
+end
+
+function OPS.lease_next()
+  local ns, agent, now, dflt = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+  while true do
+    local best, best_score, best_q
+    for i = 6, #ARGV do
+      local q = qkey(ns, ARGV[i])
+      local top = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')
+      if top[1] then
+        local s = tonumber(top[2])
+        if not best or s < best_score then best, best_score, best_q = top[1], s, q end
+      end
+    end
+    if not best then return {'none'} end
+    local t = load(best)
+    if t and t.state == QUEUED then
+      local n = copy(t)
+      local timeout = tonumber(t.execution_timeout) or 0
+      if timeout == 0 then timeout = dflt end
+      n.state = RUNNING
+      n.attempt = t.attempt + 1
+      n.fencing_token = t.fencing_token + 1
+      n.agent_id = agent
+      n.start_time = now
+      n.update_time = now
+      n.lease_deadline = fmt(tonumber(now) + timeout)
+      local atts = {}
+      for i, a in ipairs(t.attempts) do atts[i] = a end
+      atts[#atts + 1] = {attempt = n.attempt, agent_id = agent, start_time = now,
+                         end_time = NULL, failure = NULL}
+      n.attempts = atts
+      return {'ok', put_task(n, t, nil)}
+    end
+    redis.call('ZREM', best_q, best) -- a stale entry: drop it and look again
+  end
+end
+
+function OPS.complete()
+  local t, err = running(ARGV[2], ARGV[3])
+  if not t then return err end
+  local now = ARGV[5]
+  local n = copy(t)
+  n.state = SUCCEEDED
+  n.output = cjson.decode(ARGV[4])
+  n.update_time = now
+  n.end_time = now
+  n.attempts = close_attempt(t.attempts, now, nil)
+  local R = {'ok', ''}
+  put_task(n, t, R)
+  if n.workflow_id ~= '' then R[2] = advance_workflow(n, now, R) end
+  return R
+end
+
+function OPS.fail()
+  local t, err = running(ARGV[2], ARGV[3])
+  if not t then return err end
+  local failure = cjson.decode(ARGV[4])
+  local verdict, retry_at, now = ARGV[5], ARGV[6], ARGV[7]
+  local n = copy(t)
+  n.failure = failure
+  n.attempts = close_attempt(t.attempts, now, failure)
+  n.update_time = now
+  local R = {'ok', ''}
+  if verdict == 'retry' then
+    if tonumber(retry_at) <= tonumber(now) then
+      n.state = QUEUED
+    else
+      n.state = RETRYING
+      n.retry_time = retry_at
+    end
+    put_task(n, t, R)
+    return R
+  end
+  if verdict == 'fail' then n.state = FAILED else n.state = DEAD end
+  n.end_time = now
+  put_task(n, t, R)
+  if n.workflow_id ~= '' then
+    local word = 'failed'
+    if n.state == DEAD then word = 'dead-lettered' end
+    local reason = 'step ' .. pyrepr(n.step_id) .. ' ' .. word .. ': ' .. failure.error_type ..
+                   ': ' .. failure.message
+    R[2] = fail_workflow(n, reason, now, R)
+  end
+  return R
+end
+
+function OPS.renew_lease()
+  local t, err = running(ARGV[2], ARGV[3])
+  if not t then return err end
+  local n = copy(t)
+  n.lease_deadline = ARGV[4]
+  return {'ok', put_task(n, t, nil)}
+end
+
+function OPS.promote_due()
+  local now, limit = ARGV[2], tonumber(ARGV[3])
+  local R = {'ok', ''}
+  local ids = redis.call('ZRANGEBYSCORE', RETRY_KEY, '-inf', now, 'LIMIT', 0, limit)
+  for _, id in ipairs(ids) do
+    local t = load(id)
+    if t and t.state == RETRYING then
+      local n = copy(t)
+      n.state = QUEUED
+      n.update_time = now
+      put_task(n, t, R)
+    else
+      redis.call('ZREM', RETRY_KEY, id)
+    end
+  end
+  return R
+end
+
+function OPS.cancel_task()
+  local id, reason, now = ARGV[2], ARGV[3], ARGV[4]
+  local t = load(id)
+  if not t then return {'notfound'} end
+  if TERMINAL[t.state] then return {'ended', t.state} end
+  local n = copy(t)
+  n.state = CANCELLED
+  n.update_time = now
+  n.end_time = now
+  if t.state == RUNNING then n.attempts = close_attempt(t.attempts, now, nil) end
+  local msg = reason
+  if msg == '' then msg = 'cancelled by a client' end
+  n.failure = {error_type = 'CANCELLED', message = msg, non_retryable = true}
+  local R = {'ok', ''}
+  put_task(n, t, R)
+  if n.workflow_id ~= '' then
+    R[2] = fail_workflow(n, 'step ' .. pyrepr(n.step_id) .. ' cancelled: ' .. reason, now, R)
+  end
+  return R
+end
+
+function OPS.cancel_workflow()
+  local id, reason, now = ARGV[2], ARGV[3], ARGV[4]
+  local wf = load_wf(id)
+  if not wf then return {'notfound'} end
+  if wf.state ~= WF_RUNNING then return {'ended', wf.state} end
+  local msg = reason
+  if msg == '' then msg = 'workflow cancelled' end
+  local R = {'ok', ''}
+  for _, s in ipairs(wf.steps) do
+    local t = load(wf.step_tasks[s.id])
+    if t and not TERMINAL[t.state] then
+      local n = copy(t)
+      n.state = CANCELLED
+      n.update_time = now
+      n.end_time = now
+      if t.state == RUNNING then n.attempts = close_attempt(t.attempts, now, nil) end
+      n.failure = {error_type = 'CANCELLED', message = msg, non_retryable = true}
+      put_task(n, t, R)
+    end
+  end
+  wf.state = WF_CANCELLED
+  wf.end_time = now
+  if reason == '' then wf.failure_reason = 'cancelled by a client' else wf.failure_reason = reason end
+  R[2] = save_wf(wf)
+  return R
+end
+
+function OPS.redrive()
+  local id, new_input, now = ARGV[2], ARGV[3], ARGV[4]
+  local t = load(id)
+  if not t then return {'notfound'} end
+  if t.state ~= DEAD and t.state ~= FAILED and t.state ~= CANCELLED then
+    return {'notredrivable', t.state}
+  end
+  local wf = nil
+  if t.workflow_id ~= '' then wf = load_wf(t.workflow_id) end
+  local state, outputs = QUEUED, t.dependency_outputs
+  if wf and #t.depends_on > 0 then
+    local outs = ready_outputs(wf, t)
+    if outs then outputs = outs else state = PENDING end
+  end
+  local n = copy(t)
+  n.state = state
+  if new_input ~= '' then n.input = cjson.decode(new_input) end
+  n.human_intervened = true
+  n.budget_start = t.attempt
+  n.failure = NULL
+  n.end_time = '0.0'
+  n.update_time = now
+  n.seq = redis.call('INCR', SEQ_KEY)
+  n.dependency_outputs = outputs
+  local R = {'ok', ''}
+  put_task(n, t, R)
+  if wf then
+    for _, sid in ipairs(descendants(wf, t.step_id)) do
+      local child = load(wf.step_tasks[sid])
+      if child and child.state == CANCELLED and type(child.failure) == 'table'
+          and child.failure.error_type == 'UPSTREAM_FAILED' then
+        local c = copy(child)
+        c.state = PENDING
+        c.failure = NULL
+        c.end_time = '0.0'
+        c.update_time = now
+        put_task(c, child, R)
+      end
+    end
+    local still_failed = false
+    for _, s in ipairs(wf.steps) do
+      local st = load(wf.step_tasks[s.id])
+      if st and (st.state == FAILED or st.state == DEAD or st.state == CANCELLED) then
+        still_failed = true
+      end
+    end
+    if wf.state ~= WF_RUNNING and not still_failed then
+      wf.state = WF_RUNNING
+      wf.failure_reason = ''
+      wf.end_time = '0.0'
+      R[2] = save_wf(wf)
+    end
+  end
+  return R
+end
+
+-- Reads (one round trip each) ------------------------------------------------
+
+function OPS.expired_leases()
+  local ids = redis.call('ZRANGEBYSCORE', LEASE_KEY, '-inf', '(' .. ARGV[2], 'LIMIT', 0,
+                         tonumber(ARGV[3]))
+  local out = {}
+  for _, id in ipairs(ids) do
+    local raw = redis.call('GET', tkey(id))
+    if raw then out[#out + 1] = raw end
+  end
+  return out
+end
+
+function OPS.leases_of()
+  local out = {}
+  for _, id in ipairs(redis.call('SMEMBERS', akey(ARGV[2]))) do
+    local raw = redis.call('GET', tkey(id))
+    if raw then out[#out + 1] = raw end
+  end
+  return out
+end
+
+function OPS.list_tasks()
+  local ns, st, cap, wfid = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+  local before, limit = tonumber(ARGV[6]), tonumber(ARGV[7])
+  local max = '+inf'
+  if before > 0 then max = '(' .. before end
+  local out, offset, batch = {}, 0, 256
+  while #out < limit do
+    local ids = redis.call('ZREVRANGEBYSCORE', B .. ':tasks:' .. ns, max, '-inf', 'LIMIT',
+                           offset, batch)
+    if #ids == 0 then break end
+    for _, id in ipairs(ids) do
+      local raw = redis.call('GET', tkey(id))
+      if raw then
+        local t = cjson.decode(raw)
+        if (st == 0 or t.state == st) and (cap == '' or t.capability == cap)
+            and (wfid == '' or t.workflow_id == wfid) then
+          out[#out + 1] = raw
+          if #out >= limit then break end
+        end
+      end
+    end
+    offset = offset + batch
+  end
+  return out
+end
+
+function OPS.list_workflows()
+  local ns, st, before, limit = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  local max = '+inf'
+  if before > 0 then max = '(' .. before end
+  local out, offset, batch = {}, 0, 256
+  while #out < limit do
+    local ids = redis.call('ZREVRANGEBYSCORE', B .. ':wfs:' .. ns, max, '-inf', 'LIMIT',
+                           offset, batch)
+    if #ids == 0 then break end
+    for _, id in ipairs(ids) do
+      local raw = redis.call('GET', wkey(id))
+      if raw and (st == 0 or cjson.decode(raw).state == st) then
+        out[#out + 1] = raw
+        if #out >= limit then break end
+      end
+    end
+    offset = offset + batch
+  end
+  return out
+end
+
+local op = OPS[ARGV[1]]
+if not op then return redis.error_reply('agentmesh: unknown task op ' .. tostring(ARGV[1])) end
+return op()

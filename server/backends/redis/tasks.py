@@ -1,0 +1,256 @@
+"""Redis TaskStore: every transition is one Lua script (``tasks.lua``).
+
+See the package docstring for the key layout. Each method is one round trip.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from server.backends.redis import codec
+from server.backends.redis._scripts import load_script
+from server.domain.errors import (
+    FailedPreconditionError,
+    NotFoundError,
+    ResourceExhaustedError,
+    StaleLeaseError,
+)
+from server.domain.models import (
+    Lease,
+    Payload,
+    Stats,
+    Task,
+    TaskChange,
+    TaskFailure,
+    TaskState,
+    Workflow,
+    WorkflowState,
+)
+from server.ports import FailVerdict, TaskFilter, Transition
+
+logger = logging.getLogger(__name__)
+
+_VERDICTS = {FailVerdict.RETRY: "retry", FailVerdict.FAIL: "fail",
+             FailVerdict.DEAD_LETTER: "dead_letter"}
+
+
+def _transition(reply: list[Any]) -> Transition:
+    """Decode ``[status, workflow_json, prev, task_json, prev, task_json, ...]``."""
+    wf_raw = reply[1]
+    changes = tuple(
+        TaskChange(codec.decode_task(reply[i + 1]), TaskState(int(reply[i])) if reply[i] else None)
+        for i in range(2, len(reply), 2))
+    return Transition(changes, codec.decode_workflow(wf_raw) if wf_raw else None)
+
+
+class RedisTaskStore:
+    """TaskStore on Redis; safe to share between server replicas.
+
+    Build it with :meth:`server.backends.redis.RedisStores.connect`, or pass a
+    ``redis.asyncio.Redis`` created with ``decode_responses=True`` and the
+    deployment's key prefix.
+    """
+
+    def __init__(self, client: aioredis.Redis, prefix: str = "agentmesh") -> None:
+        self._r = client
+        self._base = "{" + prefix + "}"
+        self._script = client.register_script(load_script("tasks.lua"))
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self._base}:{kind}:{name}"
+
+    async def _call(self, *args: str | int | float) -> Any:
+        return await self._script(keys=[self._base], args=list(args))
+
+    def _raise(self, task_id: str, fencing_token: int, reply: list[Any]) -> None:
+        status = reply[0]
+        if status == "notfound":
+            raise NotFoundError("task", f"tasks/{task_id}")
+        if status == "stale":
+            state, current = TaskState(int(reply[1])), int(reply[2])
+            raise StaleLeaseError(
+                f"tasks/{task_id}: fencing token {fencing_token} is stale "
+                f"(task is {state.name}, current token {current})",
+                metadata={"task": f"tasks/{task_id}", "current_token": str(current)})
+        if status != "ok":  # pragma: no cover - a script/contract mismatch
+            raise RuntimeError(f"unexpected reply from tasks.lua: {reply!r}")
+
+    # -- create / read ---------------------------------------------------------------
+
+    async def create_task(
+        self, task: Task, *, request_id: str = "", max_queued: int = 0
+    ) -> tuple[Task, bool, Transition]:
+        """See TaskStore.create_task."""
+        reply = await self._call("create_task", codec.encode_task(task), request_id, max_queued)
+        if reply[0] == "dup":
+            return codec.decode_task(reply[1]), False, Transition()
+        if reply[0] == "full":
+            raise ResourceExhaustedError(
+                f"namespace {task.namespace!r} has {max_queued} tasks waiting (the limit)",
+                retry_after=1.0, reason="QUEUE_FULL")
+        tr = _transition(reply)
+        return tr.tasks[0].task, True, tr
+
+    async def create_workflow(
+        self, workflow: Workflow, tasks: Sequence[Task], *, request_id: str = "",
+        max_queued: int = 0,
+    ) -> tuple[Workflow, bool, Transition]:
+        """See TaskStore.create_workflow."""
+        docs = json.dumps([codec.task_to_doc(t) for t in tasks], separators=(",", ":"))
+        reply = await self._call("create_workflow", codec.encode_workflow(workflow), docs,
+                                 request_id, max_queued)
+        if reply[0] == "dup":
+            return codec.decode_workflow(reply[1]), False, Transition()
+        if reply[0] == "full":
+            raise ResourceExhaustedError(
+                f"namespace {workflow.namespace!r} would exceed {max_queued} waiting tasks",
+                retry_after=1.0, reason="QUEUE_FULL")
+        tr = _transition(reply)
+        assert tr.workflow is not None
+        return tr.workflow, True, tr
+
+    async def get_task(self, task_id: str) -> Task | None:
+        """See TaskStore.get_task."""
+        raw = await self._r.get(self._key("task", task_id))
+        return codec.decode_task(codec.text(raw)) if raw else None
+
+    async def list_tasks(self, flt: TaskFilter, *, before_seq: int, limit: int) -> list[Task]:
+        """See TaskStore.list_tasks (a server-side scan of the namespace, newest first)."""
+        if limit <= 0:
+            return []
+        state = int(flt.state) if flt.state is not None else 0
+        raws = await self._call("list_tasks", flt.namespace, state, flt.capability,
+                                flt.workflow_id, before_seq, limit)
+        return [codec.decode_task(r) for r in raws]
+
+    async def get_workflow(self, workflow_id: str) -> Workflow | None:
+        """See TaskStore.get_workflow."""
+        raw = await self._r.get(self._key("wf", workflow_id))
+        return codec.decode_workflow(codec.text(raw)) if raw else None
+
+    async def list_workflows(
+        self, namespace: str, state: WorkflowState | None, *, before_seq: int, limit: int
+    ) -> list[Workflow]:
+        """See TaskStore.list_workflows."""
+        if limit <= 0:
+            return []
+        raws = await self._call("list_workflows", namespace,
+                                int(state) if state is not None else 0, before_seq, limit)
+        return [codec.decode_workflow(r) for r in raws]
+
+    # -- leases ----------------------------------------------------------------------
+
+    async def lease_next(
+        self, namespace: str, capabilities: Sequence[str], agent_id: str, *,
+        now: float, default_timeout: float,
+    ) -> Lease | None:
+        """See TaskStore.lease_next."""
+        if not capabilities:
+            return None
+        reply = await self._call("lease_next", namespace, agent_id, codec.fstr(now),
+                                 codec.fstr(default_timeout), *capabilities)
+        if reply[0] != "ok":
+            return None
+        task = codec.decode_task(reply[1])
+        return Lease(task, task.fencing_token, task.lease_deadline)
+
+    async def renew_lease(self, task_id: str, fencing_token: int, deadline: float) -> Task:
+        """See TaskStore.renew_lease."""
+        reply = await self._call("renew_lease", task_id, fencing_token, codec.fstr(deadline))
+        self._raise(task_id, fencing_token, reply)
+        return codec.decode_task(reply[1])
+
+    async def expired_leases(self, now: float, limit: int) -> list[Task]:
+        """See TaskStore.expired_leases.
+
+        Unlike the in-memory store this does not consume the expiry: a task is
+        reported again until someone moves it on (``fail`` is fenced, so two
+        reapers racing on one task is harmless).
+        """
+        if limit <= 0:
+            return []
+        raws = await self._call("expired_leases", codec.fstr(now), limit)
+        return [codec.decode_task(r) for r in raws]
+
+    async def leases_of(self, agent_id: str) -> list[Task]:
+        """See TaskStore.leases_of."""
+        raws = await self._call("leases_of", agent_id)
+        return [codec.decode_task(r) for r in raws]
+
+    # -- results ---------------------------------------------------------------------
+
+    async def complete(self, task_id: str, fencing_token: int, output: Payload, *,
+                       now: float) -> Transition:
+        """See TaskStore.complete."""
+        reply = await self._call("complete", task_id, fencing_token,
+                                 json.dumps(codec.payload_to_doc(output)), codec.fstr(now))
+        self._raise(task_id, fencing_token, reply)
+        return _transition(reply)
+
+    async def fail(self, task_id: str, fencing_token: int, failure: TaskFailure, *,
+                   verdict: FailVerdict, retry_at: float, now: float) -> Transition:
+        """See TaskStore.fail."""
+        doc = {"error_type": failure.error_type, "message": failure.message,
+               "non_retryable": failure.non_retryable}
+        reply = await self._call("fail", task_id, fencing_token, json.dumps(doc),
+                                 _VERDICTS[verdict], codec.fstr(retry_at), codec.fstr(now))
+        self._raise(task_id, fencing_token, reply)
+        return _transition(reply)
+
+    async def promote_due(self, now: float, limit: int) -> Transition:
+        """See TaskStore.promote_due."""
+        if limit <= 0:
+            return Transition()
+        return _transition(await self._call("promote_due", codec.fstr(now), limit))
+
+    # -- human and client actions ------------------------------------------------------
+
+    async def cancel_task(self, task_id: str, reason: str, *, now: float) -> Transition:
+        """See TaskStore.cancel_task."""
+        reply = await self._call("cancel_task", task_id, reason, codec.fstr(now))
+        if reply[0] == "ended":
+            raise FailedPreconditionError(
+                f"tasks/{task_id} already ended ({TaskState(int(reply[1])).name})",
+                reason="TASK_ENDED")
+        self._raise(task_id, 0, reply)
+        return _transition(reply)
+
+    async def cancel_workflow(self, workflow_id: str, reason: str, *, now: float) -> Transition:
+        """See TaskStore.cancel_workflow."""
+        reply = await self._call("cancel_workflow", workflow_id, reason, codec.fstr(now))
+        if reply[0] == "notfound":
+            raise NotFoundError("workflow", f"workflows/{workflow_id}")
+        if reply[0] == "ended":
+            raise FailedPreconditionError(
+                f"workflows/{workflow_id} already ended ({WorkflowState(int(reply[1])).name})",
+                reason="WORKFLOW_ENDED")
+        return _transition(reply)
+
+    async def redrive(self, task_id: str, new_input: Payload | None, *, now: float) -> Transition:
+        """See TaskStore.redrive."""
+        raw_input = json.dumps(codec.payload_to_doc(new_input)) if new_input is not None else ""
+        reply = await self._call("redrive", task_id, raw_input, codec.fstr(now))
+        if reply[0] == "notredrivable":
+            raise FailedPreconditionError(
+                f"tasks/{task_id} is {TaskState(int(reply[1])).name}; only dead-lettered, "
+                "failed or cancelled tasks can be re-driven", reason="TASK_NOT_REDRIVABLE")
+        self._raise(task_id, 0, reply)
+        return _transition(reply)
+
+    async def stats(self, namespace: str) -> Stats:
+        """See TaskStore.stats (counters kept by the scripts, one HGETALL)."""
+        reply = await self._r.hgetall(self._key("stats", namespace))
+        raw = {codec.text(k): codec.text(v) for k, v in reply.items()}
+        by_state: dict[TaskState, int] = {}
+        for field, value in raw.items():
+            if field.isdigit() and int(value) > 0:
+                by_state[TaskState(int(field))] = int(value)
+        return Stats(by_state, int(raw.get("ended", 0)), int(raw.get("autonomous", 0)))
+
+    async def aclose(self) -> None:
+        """Nothing of its own: the connection belongs to :class:`RedisStores`."""

@@ -1,0 +1,638 @@
+"""Conformance suite of the TaskStore port: every backend must pass it.
+
+The clock is injected (``now``), so nothing here sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+
+import pytest
+
+from server.backends.memory import InMemoryTaskStore
+from server.backends.redis import RedisStores
+from server.domain.errors import (
+    FailedPreconditionError,
+    NotFoundError,
+    ResourceExhaustedError,
+    StaleLeaseError,
+)
+from server.domain.models import (
+    Payload,
+    RetryPolicy,
+    Task,
+    TaskFailure,
+    TaskState,
+    Workflow,
+    WorkflowState,
+    WorkflowStep,
+)
+from server.ports import FailVerdict, TaskFilter, TaskStore
+from tests._services import require_redis, unique_prefix
+
+NS = "ns1"
+T0 = 1_000.0
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[TaskStore]:
+    """One TaskStore per backend; the Redis one under a unique key prefix."""
+    if request.param == "memory":
+        mem = InMemoryTaskStore()
+        yield mem
+        await mem.aclose()
+        return
+    url = require_redis()
+    prefix = unique_prefix("tasks")
+    stores = await RedisStores.connect(url, prefix=prefix)
+    try:
+        yield stores.tasks
+    finally:
+        await stores.delete_all_keys()
+        await stores.aclose()
+
+
+def mk(task_id: str, cap: str = "cap", *, priority: int = 0, ns: str = NS,
+       **kw: object) -> Task:
+    """A fresh task as the service would build it."""
+    return Task(id=task_id, capability=cap, namespace=ns, priority=priority,
+                input=Payload(b"in-" + task_id.encode(), {"encoding": b"raw"}),
+                create_time=T0, update_time=T0, **kw)  # type: ignore[arg-type]
+
+
+def workflow(wf_id: str, steps: Sequence[WorkflowStep],
+             ns: str = NS) -> tuple[Workflow, list[Task]]:
+    """A workflow and its step tasks (task id = f"{wf_id}-{step}")."""
+    step_tasks = {s.id: f"{wf_id}-{s.id}" for s in steps}
+    wf = Workflow(id=wf_id, namespace=ns, display_name="wf", steps=tuple(steps),
+                  step_tasks=step_tasks, create_time=T0, labels={"team": "x"})
+    tasks = [Task(id=step_tasks[s.id], capability=s.capability, namespace=ns, input=s.input,
+                  priority=s.priority, retry_policy=s.retry_policy, execution_timeout=s.timeout,
+                  workflow_id=wf_id, step_id=s.id, depends_on=s.depends_on,
+                  create_time=T0, update_time=T0)
+             for s in steps]
+    return wf, tasks
+
+
+def diamond(wf_id: str = "wf1") -> tuple[Workflow, list[Task]]:
+    """a -> (b, c) -> d."""
+    return workflow(wf_id, [
+        WorkflowStep("a", "cap"),
+        WorkflowStep("b", "cap", depends_on=("a",)),
+        WorkflowStep("c", "cap", depends_on=("a",)),
+        WorkflowStep("d", "cap", depends_on=("b", "c")),
+    ])
+
+
+async def state_of(store: TaskStore, task_id: str) -> TaskState:
+    task = await store.get_task(task_id)
+    assert task is not None
+    return task.state
+
+
+async def run_ok(store: TaskStore, task_id: str, out: bytes, now: float = T0) -> None:
+    """Lease the given task (it must be the best one) and complete it."""
+    lease = await store.lease_next(NS, ["cap"], "agent", now=now, default_timeout=30)
+    assert lease is not None and lease.task.id == task_id
+    await store.complete(task_id, lease.fencing_token, Payload(out), now=now)
+
+
+# -- create / read ----------------------------------------------------------------
+
+
+async def test_create_and_get_roundtrip(store: TaskStore) -> None:
+    task = mk("t1", labels={"k": "v"}, trace_context={"traceparent": "00-ab"},
+              retry_policy=RetryPolicy(max_attempts=5, initial_backoff=0.5,
+                                       non_retryable_error_types=("Bad",)),
+              execution_timeout=12.5, fallback_capability="fb")
+    created, fresh, tr = await store.create_task(task)
+    assert fresh
+    assert created.state is TaskState.QUEUED and created.seq > 0
+    assert [c.task.id for c in tr.tasks] == ["t1"] and tr.tasks[0].previous_state is None
+    assert [t.id for t in tr.queued] == ["t1"]
+    got = await store.get_task("t1")
+    assert got == created
+    assert got is not None and got.input == Payload(b"in-t1", {"encoding": b"raw"})
+    assert await store.get_task("missing") is None
+    assert await store.get_workflow("missing") is None
+
+
+async def test_create_idempotent_with_request_id(store: TaskStore) -> None:
+    first, fresh, _ = await store.create_task(mk("t1"), request_id="r1")
+    assert fresh
+    again, fresh2, tr = await store.create_task(mk("t2"), request_id="r1")
+    assert not fresh2 and again == first and tr.tasks == ()
+    assert await store.get_task("t2") is None
+    # the same request id in another namespace is another request
+    _, fresh3, _ = await store.create_task(mk("t3", ns="other"), request_id="r1")
+    assert fresh3
+
+
+async def test_queue_limit(store: TaskStore) -> None:
+    await store.create_task(mk("t1"), max_queued=2)
+    await store.create_task(mk("t2"), max_queued=2)
+    with pytest.raises(ResourceExhaustedError):
+        await store.create_task(mk("t3"), max_queued=2)
+    assert await store.get_task("t3") is None
+    # another namespace has its own budget
+    await store.create_task(mk("t4", ns="other"), max_queued=2)
+    # a running task no longer counts
+    lease = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
+    assert lease is not None
+    await store.create_task(mk("t3"), max_queued=2)
+    wf, tasks = diamond()
+    with pytest.raises(ResourceExhaustedError):
+        await store.create_workflow(wf, tasks, max_queued=4)
+    assert await store.get_workflow("wf1") is None
+
+
+async def test_list_tasks_filters_and_pagination(store: TaskStore) -> None:
+    for i in range(5):
+        await store.create_task(mk(f"t{i}", "cap" if i % 2 == 0 else "other"))
+    await store.create_task(mk("x", ns="other"))
+    page = await store.list_tasks(TaskFilter(NS), before_seq=0, limit=3)
+    assert [t.id for t in page] == ["t4", "t3", "t2"]
+    page2 = await store.list_tasks(TaskFilter(NS), before_seq=page[-1].seq, limit=3)
+    assert [t.id for t in page2] == ["t1", "t0"]
+    caps = await store.list_tasks(TaskFilter(NS, capability="other"), before_seq=0, limit=10)
+    assert [t.id for t in caps] == ["t3", "t1"]
+    await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
+    running = await store.list_tasks(TaskFilter(NS, state=TaskState.RUNNING), before_seq=0,
+                                     limit=10)
+    assert [t.id for t in running] == ["t0"]
+    wf, tasks = diamond()
+    await store.create_workflow(wf, tasks)
+    steps = await store.list_tasks(TaskFilter(NS, workflow_id="wf1"), before_seq=0, limit=10)
+    assert [t.id for t in steps] == ["wf1-d", "wf1-c", "wf1-b", "wf1-a"]
+
+
+# -- leases -----------------------------------------------------------------------
+
+
+async def test_lease_order_priority_then_fifo(store: TaskStore) -> None:
+    await store.create_task(mk("low1", priority=0))
+    await store.create_task(mk("high1", priority=5))
+    await store.create_task(mk("low2", priority=0))
+    await store.create_task(mk("high2", priority=5))
+    await store.create_task(mk("neg", priority=-3))
+    await store.create_task(mk("other", "cap2", priority=1))
+    order = []
+    while (lease := await store.lease_next(NS, ["cap", "cap2"], "a", now=T0,
+                                           default_timeout=10)) is not None:
+        order.append(lease.task.id)
+    assert order == ["high1", "high2", "other", "low1", "low2", "neg"]
+
+
+async def test_lease_fields_and_namespace_isolation(store: TaskStore) -> None:
+    await store.create_task(mk("t1", execution_timeout=7.5))
+    await store.create_task(mk("t2"))
+    assert await store.lease_next("other", ["cap"], "a", now=T0, default_timeout=10) is None
+    assert await store.lease_next(NS, ["nope"], "a", now=T0, default_timeout=10) is None
+    lease = await store.lease_next(NS, ["cap"], "agent-1", now=T0 + 1, default_timeout=10)
+    assert lease is not None
+    t = lease.task
+    assert t.state is TaskState.RUNNING and t.attempt == 1 and t.fencing_token == 1
+    assert lease.fencing_token == 1 and lease.deadline == T0 + 1 + 7.5
+    assert t.lease_deadline == T0 + 8.5 and t.agent_id == "agent-1" and t.start_time == T0 + 1
+    assert len(t.attempts) == 1 and t.attempts[0].attempt == 1
+    assert t.attempts[0].agent_id == "agent-1" and t.attempts[0].end_time is None
+    assert await store.get_task("t1") == t
+    lease2 = await store.lease_next(NS, ["cap"], "agent-1", now=T0 + 1.25, default_timeout=10)
+    assert lease2 is not None and lease2.deadline == T0 + 11.25
+    assert await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10) is None
+    assert sorted(t.id for t in await store.leases_of("agent-1")) == ["t1", "t2"]
+    assert await store.leases_of("nobody") == []
+
+
+async def test_exactly_one_lease_under_concurrency(store: TaskStore) -> None:
+    n = 40
+    for i in range(n):
+        await store.create_task(mk(f"t{i}"))
+    leases = await asyncio.gather(*[
+        store.lease_next(NS, ["cap"], f"agent-{i}", now=T0, default_timeout=10)
+        for i in range(n + 20)])
+    got = [lease.task.id for lease in leases if lease is not None]
+    assert len(got) == n and len(set(got)) == n
+
+
+async def test_complete_and_fencing(store: TaskStore) -> None:
+    await store.create_task(mk("t1"))
+    lease = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
+    assert lease is not None
+    with pytest.raises(StaleLeaseError):
+        await store.complete("t1", lease.fencing_token + 1, Payload(b"x"), now=T0)
+    with pytest.raises(NotFoundError):
+        await store.complete("nope", 1, Payload(b"x"), now=T0)
+    with pytest.raises(NotFoundError):
+        await store.fail("nope", 1, TaskFailure("E"), verdict=FailVerdict.FAIL, retry_at=0,
+                         now=T0)
+    tr = await store.complete("t1", lease.fencing_token, Payload(b"out", {"e": b"1"}),
+                              now=T0 + 2)
+    assert len(tr.tasks) == 1 and tr.workflow is None
+    done = tr.tasks[0].task
+    assert tr.tasks[0].previous_state is TaskState.RUNNING
+    assert done.state is TaskState.SUCCEEDED and done.output == Payload(b"out", {"e": b"1"})
+    assert done.end_time == T0 + 2 and done.attempts[-1].end_time == T0 + 2
+    assert await store.get_task("t1") == done
+    # a second result with the same token is refused
+    with pytest.raises(StaleLeaseError):
+        await store.complete("t1", lease.fencing_token, Payload(b"x"), now=T0)
+    with pytest.raises(StaleLeaseError):
+        await store.renew_lease("t1", lease.fencing_token, T0 + 100)
+    assert await store.leases_of("a") == []
+
+
+async def test_requeue_refuses_old_token(store: TaskStore) -> None:
+    await store.create_task(mk("t1"))
+    first = await store.lease_next(NS, ["cap"], "zombie", now=T0, default_timeout=10)
+    assert first is not None
+    # the reaper requeues the expired lease
+    expired = await store.expired_leases(T0 + 11, 10)
+    assert [t.id for t in expired] == ["t1"]
+    tr = await store.fail("t1", first.fencing_token, TaskFailure("LEASE_EXPIRED"),
+                          verdict=FailVerdict.RETRY, retry_at=T0 + 11, now=T0 + 11)
+    assert [t.id for t in tr.queued] == ["t1"]
+    second = await store.lease_next(NS, ["cap"], "healthy", now=T0 + 12, default_timeout=10)
+    assert second is not None and second.fencing_token == first.fencing_token + 1
+    assert second.task.attempt == 2 and len(second.task.attempts) == 2
+    assert second.task.attempts[0].failure == TaskFailure("LEASE_EXPIRED")
+    with pytest.raises(StaleLeaseError):
+        await store.complete("t1", first.fencing_token, Payload(b"zombie"), now=T0 + 13)
+    with pytest.raises(StaleLeaseError):
+        await store.fail("t1", first.fencing_token, TaskFailure("E"),
+                         verdict=FailVerdict.FAIL, retry_at=0, now=T0 + 13)
+    await store.complete("t1", second.fencing_token, Payload(b"ok"), now=T0 + 13)
+    task = await store.get_task("t1")
+    assert task is not None and task.output == Payload(b"ok")
+
+
+async def test_renew_and_expired_leases(store: TaskStore) -> None:
+    await store.create_task(mk("t1"))
+    await store.create_task(mk("t2"))
+    l1 = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
+    l2 = await store.lease_next(NS, ["cap"], "b", now=T0, default_timeout=20)
+    assert l1 is not None and l2 is not None
+    assert await store.expired_leases(T0 + 10, 10) == []  # strictly before now
+    renewed = await store.renew_lease("t1", l1.fencing_token, T0 + 50)
+    assert renewed.lease_deadline == T0 + 50
+    with pytest.raises(StaleLeaseError):
+        await store.renew_lease("t1", l1.fencing_token + 1, T0 + 60)
+    with pytest.raises(NotFoundError):
+        await store.renew_lease("nope", 1, T0 + 60)
+    expired = await store.expired_leases(T0 + 21, 10)
+    assert [t.id for t in expired] == ["t2"]
+    expired = await store.expired_leases(T0 + 51, 1)
+    assert len(expired) == 1
+
+
+async def test_retry_and_promote_due(store: TaskStore) -> None:
+    await store.create_task(mk("t1"))
+    lease = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
+    assert lease is not None
+    tr = await store.fail("t1", lease.fencing_token, TaskFailure("Boom", "bad"),
+                          verdict=FailVerdict.RETRY, retry_at=T0 + 5, now=T0 + 1)
+    t = tr.tasks[0].task
+    assert t.state is TaskState.RETRYING and t.retry_time == T0 + 5
+    assert t.failure == TaskFailure("Boom", "bad") and tr.queued == []
+    assert t.attempts[0].failure == TaskFailure("Boom", "bad") and t.attempts[0].end_time == T0 + 1
+    assert await store.leases_of("a") == []
+    assert await store.lease_next(NS, ["cap"], "a", now=T0 + 2, default_timeout=10) is None
+    assert (await store.promote_due(T0 + 4.9, 10)).tasks == ()
+    promoted = await store.promote_due(T0 + 5, 10)
+    assert [t.id for t in promoted.queued] == ["t1"]
+    assert promoted.tasks[0].previous_state is TaskState.RETRYING
+    assert (await store.promote_due(T0 + 6, 10)).tasks == ()
+    again = await store.lease_next(NS, ["cap"], "b", now=T0 + 6, default_timeout=10)
+    assert again is not None and again.task.attempt == 2
+
+
+async def test_promote_due_limit(store: TaskStore) -> None:
+    for i in range(3):
+        await store.create_task(mk(f"t{i}"))
+        lease = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
+        assert lease is not None
+        await store.fail(lease.task.id, lease.fencing_token, TaskFailure("E"),
+                         verdict=FailVerdict.RETRY, retry_at=T0 + 1 + i, now=T0)
+    first = await store.promote_due(T0 + 10, 2)
+    assert [c.task.id for c in first.tasks] == ["t0", "t1"]
+    second = await store.promote_due(T0 + 10, 2)
+    assert [c.task.id for c in second.tasks] == ["t2"]
+
+
+async def test_fail_terminal_and_dead_letter(store: TaskStore) -> None:
+    await store.create_task(mk("t1"))
+    await store.create_task(mk("t2"))
+    l1 = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
+    l2 = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
+    assert l1 is not None and l2 is not None
+    tr = await store.fail("t1", l1.fencing_token, TaskFailure("Bad", non_retryable=True),
+                          verdict=FailVerdict.FAIL, retry_at=0, now=T0 + 1)
+    assert tr.tasks[0].task.state is TaskState.FAILED and tr.tasks[0].task.end_time == T0 + 1
+    tr = await store.fail("t2", l2.fencing_token, TaskFailure("Flaky"),
+                          verdict=FailVerdict.DEAD_LETTER, retry_at=0, now=T0 + 1)
+    assert tr.tasks[0].task.state is TaskState.DEAD_LETTERED
+
+
+# -- workflows --------------------------------------------------------------------
+
+
+async def test_workflow_diamond_progression(store: TaskStore) -> None:
+    wf, tasks = diamond()
+    created, fresh, tr = await store.create_workflow(wf, tasks, request_id="w")
+    assert fresh and created.seq > 0 and tr.workflow == created
+    assert created.state is WorkflowState.RUNNING
+    assert {c.task.id: c.task.state for c in tr.tasks} == {
+        "wf1-a": TaskState.QUEUED, "wf1-b": TaskState.PENDING,
+        "wf1-c": TaskState.PENDING, "wf1-d": TaskState.PENDING}
+    assert await store.get_workflow("wf1") == created
+    again, fresh2, _ = await store.create_workflow(wf, tasks, request_id="w")
+    assert not fresh2 and again == created
+
+    lease = await store.lease_next(NS, ["cap"], "x", now=T0, default_timeout=10)
+    assert lease is not None and lease.task.id == "wf1-a"
+    tr = await store.complete("wf1-a", lease.fencing_token, Payload(b"A"), now=T0 + 1)
+    assert sorted(t.id for t in tr.queued) == ["wf1-b", "wf1-c"]
+    assert tr.workflow is None
+    b = await store.get_task("wf1-b")
+    assert b is not None and dict(b.dependency_outputs) == {"a": Payload(b"A")}
+
+    await run_ok(store, "wf1-b", b"B")
+    assert await state_of(store, "wf1-d") is TaskState.PENDING
+    lease = await store.lease_next(NS, ["cap"], "x", now=T0, default_timeout=10)
+    assert lease is not None and lease.task.id == "wf1-c"
+    tr = await store.complete("wf1-c", lease.fencing_token, Payload(b"C"), now=T0 + 2)
+    assert [t.id for t in tr.queued] == ["wf1-d"]
+    d = tr.queued[0]
+    assert dict(d.dependency_outputs) == {"b": Payload(b"B"), "c": Payload(b"C")}
+    await run_ok(store, "wf1-d", b"D")
+    final = await store.get_workflow("wf1")
+    assert final is not None and final.state is WorkflowState.SUCCEEDED
+    wfs = await store.list_workflows(NS, WorkflowState.SUCCEEDED, before_seq=0, limit=10)
+    assert [w.id for w in wfs] == ["wf1"]
+
+
+async def test_list_workflows(store: TaskStore) -> None:
+    for i in range(3):
+        wf, tasks = workflow(f"w{i}", [WorkflowStep("s", "cap")])
+        await store.create_workflow(wf, tasks)
+    wf, tasks = workflow("o", [WorkflowStep("s", "cap")], ns="other")
+    await store.create_workflow(wf, tasks)
+    page = await store.list_workflows(NS, None, before_seq=0, limit=2)
+    assert [w.id for w in page] == ["w2", "w1"]
+    page = await store.list_workflows(NS, None, before_seq=page[-1].seq, limit=2)
+    assert [w.id for w in page] == ["w0"]
+    assert await store.list_workflows(NS, WorkflowState.FAILED, before_seq=0, limit=2) == []
+
+
+async def test_workflow_failure_cascades(store: TaskStore) -> None:
+    wf, tasks = diamond()
+    await store.create_workflow(wf, tasks)
+    await run_ok(store, "wf1-a", b"A")
+    lb = await store.lease_next(NS, ["cap"], "x", now=T0, default_timeout=10)
+    lc = await store.lease_next(NS, ["cap"], "y", now=T0, default_timeout=10)
+    assert lb is not None and lc is not None and lb.task.id == "wf1-b"
+    tr = await store.fail("wf1-b", lb.fencing_token, TaskFailure("Boom", "exploded"),
+                          verdict=FailVerdict.DEAD_LETTER, retry_at=0, now=T0 + 3)
+    states = {c.task.id: c.task.state for c in tr.tasks}
+    assert states == {"wf1-b": TaskState.DEAD_LETTERED, "wf1-d": TaskState.CANCELLED}
+    d = await store.get_task("wf1-d")
+    assert d is not None and d.failure is not None and d.failure.error_type == "UPSTREAM_FAILED"
+    assert tr.workflow is not None and tr.workflow.state is WorkflowState.FAILED
+    assert "'b'" in tr.workflow.failure_reason and "Boom" in tr.workflow.failure_reason
+    # c is not a dependent of b: it keeps running and may still succeed
+    assert await state_of(store, "wf1-c") is TaskState.RUNNING
+    tr = await store.complete("wf1-c", lc.fencing_token, Payload(b"C"), now=T0 + 4)
+    assert tr.queued == []
+    assert await state_of(store, "wf1-d") is TaskState.CANCELLED
+
+
+async def test_cancel_step_fails_workflow(store: TaskStore) -> None:
+    wf, tasks = workflow("w", [WorkflowStep("a", "cap"), WorkflowStep("b", "cap"),
+                               WorkflowStep("c", "cap", depends_on=("a",))])
+    await store.create_workflow(wf, tasks)
+    la = await store.lease_next(NS, ["cap"], "x", now=T0, default_timeout=10)
+    assert la is not None and la.task.id == "w-a"
+    await store.cancel_task("w-b", "no longer needed", now=T0)
+    wfv = await store.get_workflow("w")
+    assert wfv is not None and wfv.state is WorkflowState.FAILED
+    assert "'b'" in wfv.failure_reason
+    # a still runs; its completion does not revive the workflow
+    await store.complete("w-a", la.fencing_token, Payload(b"A"), now=T0 + 1)
+    assert await state_of(store, "w-c") is TaskState.QUEUED
+
+
+async def test_cancel_task(store: TaskStore) -> None:
+    await store.create_task(mk("t1"))
+    await store.create_task(mk("t2"))
+    tr = await store.cancel_task("t1", "changed my mind", now=T0 + 1)
+    t = tr.tasks[0].task
+    assert t.state is TaskState.CANCELLED and t.failure is not None
+    assert t.failure.error_type == "CANCELLED" and t.failure.message == "changed my mind"
+    lease = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
+    assert lease is not None and lease.task.id == "t2"
+    tr = await store.cancel_task("t2", "", now=T0 + 2)
+    assert tr.tasks[0].task.attempts[-1].end_time == T0 + 2
+    assert await store.leases_of("a") == []
+    assert await store.expired_leases(T0 + 100, 10) == []
+    with pytest.raises(StaleLeaseError):
+        await store.complete("t2", lease.fencing_token, Payload(b"x"), now=T0 + 3)
+    with pytest.raises(FailedPreconditionError):
+        await store.cancel_task("t1", "again", now=T0)
+    with pytest.raises(NotFoundError):
+        await store.cancel_task("nope", "x", now=T0)
+
+
+async def test_cancel_workflow(store: TaskStore) -> None:
+    wf, tasks = diamond()
+    await store.create_workflow(wf, tasks)
+    await run_ok(store, "wf1-a", b"A")
+    lease = await store.lease_next(NS, ["cap"], "x", now=T0, default_timeout=10)
+    assert lease is not None
+    tr = await store.cancel_workflow("wf1", "stop", now=T0 + 5)
+    assert tr.workflow is not None and tr.workflow.state is WorkflowState.CANCELLED
+    assert sorted(c.task.id for c in tr.tasks) == ["wf1-b", "wf1-c", "wf1-d"]
+    assert all(c.task.state is TaskState.CANCELLED for c in tr.tasks)
+    assert await state_of(store, "wf1-a") is TaskState.SUCCEEDED
+    assert await store.lease_next(NS, ["cap"], "x", now=T0, default_timeout=10) is None
+    with pytest.raises(FailedPreconditionError):
+        await store.cancel_workflow("wf1", "again", now=T0)
+    with pytest.raises(NotFoundError):
+        await store.cancel_workflow("nope", "x", now=T0)
+
+
+async def test_redrive_task(store: TaskStore) -> None:
+    await store.create_task(mk("t1"))
+    lease = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
+    assert lease is not None
+    with pytest.raises(FailedPreconditionError):
+        await store.redrive("t1", None, now=T0)
+    with pytest.raises(NotFoundError):
+        await store.redrive("nope", None, now=T0)
+    await store.fail("t1", lease.fencing_token, TaskFailure("E"),
+                     verdict=FailVerdict.DEAD_LETTER, retry_at=0, now=T0 + 1)
+    before = await store.get_task("t1")
+    assert before is not None
+    tr = await store.redrive("t1", Payload(b"fixed"), now=T0 + 10)
+    t = tr.tasks[0].task
+    assert tr.tasks[0].previous_state is TaskState.DEAD_LETTERED
+    assert t.state is TaskState.QUEUED and t.human_intervened and t.budget_start == 1
+    assert t.input == Payload(b"fixed") and t.failure is None and t.end_time == 0.0
+    assert t.seq > before.seq
+    again = await store.lease_next(NS, ["cap"], "b", now=T0 + 11, default_timeout=10)
+    assert again is not None and again.task.attempt == 2
+    assert again.fencing_token == lease.fencing_token + 1
+    await store.complete("t1", again.fencing_token, Payload(b"ok"), now=T0 + 12)
+    stats = await store.stats(NS)
+    assert stats.tasks_ended == 1 and stats.tasks_succeeded_autonomously == 0
+
+
+async def test_redrive_workflow_step(store: TaskStore) -> None:
+    wf, tasks = diamond()
+    await store.create_workflow(wf, tasks)
+    await run_ok(store, "wf1-a", b"A")
+    lb = await store.lease_next(NS, ["cap"], "x", now=T0, default_timeout=10)
+    assert lb is not None and lb.task.id == "wf1-b"
+    await run_ok(store, "wf1-c", b"C")
+    await store.fail("wf1-b", lb.fencing_token, TaskFailure("E"),
+                     verdict=FailVerdict.DEAD_LETTER, retry_at=0, now=T0)
+    assert await state_of(store, "wf1-d") is TaskState.CANCELLED
+    tr = await store.redrive("wf1-b", None, now=T0 + 10)
+    states = {c.task.id: (c.previous_state, c.task.state) for c in tr.tasks}
+    assert states == {"wf1-b": (TaskState.DEAD_LETTERED, TaskState.QUEUED),
+                      "wf1-d": (TaskState.CANCELLED, TaskState.PENDING)}
+    assert tr.workflow is not None and tr.workflow.state is WorkflowState.RUNNING
+    assert tr.workflow.failure_reason == ""
+    b = tr.tasks[0].task
+    assert dict(b.dependency_outputs) == {"a": Payload(b"A")}
+    await run_ok(store, "wf1-b", b"B2")
+    d = await store.get_task("wf1-d")
+    assert d is not None and d.state is TaskState.QUEUED
+    assert dict(d.dependency_outputs) == {"b": Payload(b"B2"), "c": Payload(b"C")}
+    await run_ok(store, "wf1-d", b"D")
+    final = await store.get_workflow("wf1")
+    assert final is not None and final.state is WorkflowState.SUCCEEDED
+
+
+async def test_stats_and_autonomy(store: TaskStore) -> None:
+    empty = await store.stats(NS)
+    assert empty.tasks_ended == 0 and empty.autonomy == 1.0
+    for i in range(4):
+        await store.create_task(mk(f"t{i}"))
+    await run_ok(store, "t0", b"")
+    await run_ok(store, "t1", b"")
+    lease = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
+    assert lease is not None
+    await store.fail("t2", lease.fencing_token, TaskFailure("E"),
+                     verdict=FailVerdict.FAIL, retry_at=0, now=T0)
+    stats = await store.stats(NS)
+    assert dict(stats.tasks_by_state) == {TaskState.SUCCEEDED: 2, TaskState.FAILED: 1,
+                                          TaskState.QUEUED: 1}
+    assert stats.tasks_ended == 3 and stats.tasks_succeeded_autonomously == 2
+    assert stats.autonomy == pytest.approx(2 / 3)
+    await store.redrive("t2", None, now=T0)
+    stats = await store.stats(NS)
+    assert dict(stats.tasks_by_state) == {TaskState.SUCCEEDED: 2, TaskState.QUEUED: 2}
+    assert stats.tasks_ended == 2
+    other = await store.stats("other")
+    assert dict(other.tasks_by_state) == {} and other.tasks_ended == 0
+
+
+async def test_fail_retry_at_now_queues_at_once(store: TaskStore) -> None:
+    await store.create_task(mk("t1"))
+    lease = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
+    assert lease is not None
+    tr = await store.fail("t1", lease.fencing_token, TaskFailure("E"),
+                          verdict=FailVerdict.RETRY, retry_at=T0, now=T0)
+    assert [t.id for t in tr.queued] == ["t1"]
+    queued = tr.queued[0]
+    assert replace(queued, update_time=0.0).state is TaskState.QUEUED
+    assert (await store.promote_due(T0 + 100, 10)).tasks == ()
+
+
+# -- the Redis store behaves exactly like the reference -----------------------------
+
+
+async def _scenario(store: TaskStore) -> tuple[list[Task | None], list[Workflow | None]]:
+    """A mixed run with realistic (sub-millisecond) times; returns every task/workflow."""
+    now = 1_732_000_000.123456
+    await store.create_task(mk("solo", execution_timeout=0.1, labels={"a": "b"}))
+    wf, tasks = diamond("wd")
+    await store.create_workflow(wf, tasks, request_id="rq")
+    wf2, tasks2 = workflow("wc", [WorkflowStep("x", "cap"),
+                                  WorkflowStep("y", "cap", depends_on=("x",))])
+    await store.create_workflow(wf2, tasks2)
+    ids = ["solo", "wd-a", "wd-b", "wd-c", "wd-d", "wc-x", "wc-y"]
+    for step in range(12):
+        now += 0.3337
+        lease = await store.lease_next(NS, ["cap"], f"ag{step % 3}", now=now,
+                                       default_timeout=2.5)
+        if lease is None:
+            break
+        tid = lease.task.id
+        if tid == "solo" and lease.task.attempt == 1:
+            await store.renew_lease(tid, lease.fencing_token, now + 9.75)
+            await store.fail(tid, lease.fencing_token, TaskFailure("Flaky", "once"),
+                             verdict=FailVerdict.RETRY, retry_at=now + 0.5, now=now)
+            await store.promote_due(now + 0.6, 10)
+        elif tid == "wd-c" and lease.task.attempt == 1:
+            await store.fail(tid, lease.fencing_token, TaskFailure("Bad", "no", True),
+                             verdict=FailVerdict.FAIL, retry_at=0, now=now)
+            await store.redrive(tid, Payload(b"new", {"encoding": b"json"}), now=now + 0.01)
+        elif tid == "wc-x":
+            await store.cancel_workflow("wc", "stop it", now=now)
+        else:
+            await store.complete(tid, lease.fencing_token,
+                                 Payload(tid.encode(), {"k": b"\x00\x01"}), now=now)
+    return ([await store.get_task(i) for i in ids],
+            [await store.get_workflow(w) for w in ("wd", "wc")])
+
+
+async def test_redis_matches_memory_exactly() -> None:
+    url = require_redis()
+    stores = await RedisStores.connect(url, prefix=unique_prefix("diff"))
+    try:
+        expected = await _scenario(InMemoryTaskStore())
+        got = await _scenario(stores.tasks)
+        assert got == expected
+        assert await stores.tasks.stats(NS) == await _stats_of(expected[0])
+    finally:
+        await stores.delete_all_keys()
+        await stores.aclose()
+
+
+async def _stats_of(tasks: list[Task | None]) -> object:
+    mem = InMemoryTaskStore()
+    for t in tasks:
+        assert t is not None
+        mem._store(t, [])
+    return await mem.stats(NS)
+
+
+async def test_two_redis_replicas_never_double_lease_or_double_accept() -> None:
+    url = require_redis()
+    prefix = unique_prefix("replicas")
+    a = await RedisStores.connect(url, prefix=prefix)
+    b = await RedisStores.connect(url, prefix=prefix)
+    try:
+        n = 30
+        for i in range(n):
+            await a.tasks.create_task(mk(f"t{i}"))
+        calls = [(a if i % 2 else b).tasks.lease_next(NS, ["cap"], f"ag{i}", now=T0,
+                                                      default_timeout=10)
+                 for i in range(n + 10)]
+        leases = [x for x in await asyncio.gather(*calls) if x is not None]
+        assert sorted(x.task.id for x in leases) == sorted(f"t{i}" for i in range(n))
+        one = leases[0]
+        results = await asyncio.gather(
+            a.tasks.complete(one.task.id, one.fencing_token, Payload(b"a"), now=T0),
+            b.tasks.complete(one.task.id, one.fencing_token, Payload(b"b"), now=T0),
+            return_exceptions=True)
+        assert sum(isinstance(r, StaleLeaseError) for r in results) == 1
+        stats = await b.tasks.stats(NS)
+        assert stats.tasks_by_state[TaskState.SUCCEEDED] == 1
+    finally:
+        await a.delete_all_keys()
+        await a.aclose()
+        await b.aclose()
