@@ -95,7 +95,7 @@ async def w1(client: MeshClient, n: int, inflight: int) -> dict[str, float]:
     watching = asyncio.Event()
 
     async def watch() -> None:
-        stream = client.watch_tasks(capability="noop")
+        stream = client.watch_tasks(capability="noop", states=["SUCCEEDED"])
         watching.set()
         async for task in stream:
             if task.state == "SUCCEEDED" and task.id not in done:
@@ -137,7 +137,7 @@ async def w2(client: MeshClient, rate: float, duration: float) -> dict[str, floa
     early: dict[str, float] = {}
 
     async def watch() -> None:
-        async for task in client.watch_tasks(capability="noop"):
+        async for task in client.watch_tasks(capability="noop", states=["SUCCEEDED"]):
             if task.state != "SUCCEEDED":
                 continue
             now = time.perf_counter()

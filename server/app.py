@@ -29,14 +29,20 @@ from server.api.state import StateServicer
 from server.api.tasks import TaskServicer
 from server.backends.memory import InMemoryAgentRegistry, InMemoryStateStore, InMemoryTaskStore
 from server.backends.redis import RedisStores
+from server.blob import open_blob_store
 from server.bus import open_bus
+from server.domain.errors import NotFoundError
+from server.domain.limits import DispatchLimits
+from server.domain.models import AgentState
 from server.observability.metrics import MeshMetrics
 from server.observability.observer import MetricsObserver
-from server.ports import AgentRegistry, StateStore, TaskStore
+from server.ports import AgentRegistry, SnapshotSource, StateStore, TaskStore
+from server.services.breakers import BreakerConfig
 from server.services.clock import Clock, SystemClock
 from server.services.messaging import Messaging
 from server.services.registry import Registry, RegistryConfig
 from server.services.scheduler import Scheduler, SchedulerConfig
+from server.services.snapshots import SnapshotService
 from server.services.state import StateService
 from server.settings import Settings
 
@@ -60,6 +66,7 @@ class Mesh:
     scheduler: Scheduler
     registry: Registry
     state: StateService
+    snapshots: SnapshotService
     metrics: MeshMetrics
     server: grpc.aio.Server
     health: health.aio.HealthServicer
@@ -109,17 +116,40 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
             config=SchedulerConfig(default_execution_timeout=settings.default_execution_timeout,
                             max_queued_per_namespace=settings.max_queued_per_namespace,
                             max_workflow_steps=settings.max_workflow_steps,
-                            tick=settings.tick),
+                            tick=settings.tick,
+                            limits=DispatchLimits(
+                                capability_limits=dict(settings.capability_limits),
+                                key_label=settings.key_label,
+                                key_limits=dict(settings.key_limits),
+                                default_key_limit=settings.default_key_limit,
+                                capability_rates=dict(settings.capability_rates)),
+                            breaker=BreakerConfig(
+                                fail_max=settings.breaker_fail_max,
+                                reset_timeout=settings.breaker_reset_timeout)),
             observer=MetricsObserver(metrics))
         registry = Registry(agents, bus, clock, RegistryConfig(
             heartbeat_interval=settings.heartbeat_interval,
             heartbeat_misses=settings.heartbeat_misses))
 
+        async def agent_alive(agent_id: str) -> bool:
+            try:
+                return (await registry.get(agent_id)).state is not AgentState.GONE
+            except NotFoundError:
+                return False
+
+        state = StateService(state_store, bus, clock, agent_alive=agent_alive)
+
         async def on_gone(agent: object) -> None:
-            await scheduler.release_agent(getattr(agent, "id", ""))
+            agent_id = getattr(agent, "id", "")
+            await scheduler.release_agent(agent_id)
+            await state.release_agent_locks(agent_id)
 
         registry.on_gone = on_gone
-        state = StateService(state_store, bus, clock)
+        if not isinstance(tasks, SnapshotSource):  # pragma: no cover - every store is one
+            raise TypeError(f"{type(tasks).__name__} cannot export snapshots")
+        blob = open_blob_store(settings.blob, s3_endpoint=settings.s3_endpoint)
+        stack.push_async_callback(blob.aclose)
+        snapshots = SnapshotService(state_store, tasks, blob, bus, clock)
         messaging = Messaging(bus, max_pending=settings.max_watch_pending)
         limits = Limits(max_payload_bytes=settings.max_payload_bytes)
 
@@ -133,6 +163,15 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
                 await expirer
 
         stack.push_async_callback(stop_expirer)
+        if settings.snapshot_interval > 0:
+            snapshotter = asyncio.create_task(snapshots.run_periodic(settings.snapshot_interval))
+
+            async def stop_snapshotter() -> None:
+                snapshotter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await snapshotter
+
+            stack.push_async_callback(stop_snapshotter)
 
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -148,7 +187,7 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
             generic_handler(task_pb2.DESCRIPTOR.services_by_name["TaskService"],
                             TaskServicer(scheduler, registry, limits)),
             generic_handler(state_pb2.DESCRIPTOR.services_by_name["StateService"],
-                            StateServicer(state, limits)),
+                            StateServicer(state, limits, snapshots)),
             generic_handler(bus_pb2.DESCRIPTOR.services_by_name["BusService"],
                             BusServicer(messaging, limits)),
         ))
@@ -168,7 +207,8 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
             metrics_server = metrics.start_http_server(settings.metrics_port,
                                                        settings.metrics_host)
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
-        mesh = Mesh(settings, f"{host}:{port}", port, scheduler, registry, state, metrics,
+        mesh = Mesh(settings, f"{host}:{port}", port, scheduler, registry, state, snapshots,
+                    metrics,
                     server, health_servicer, asyncio.Event())
         log.info("agentmesh serving on %s:%d (store=%s bus=%s)", settings.host, port,
                  settings.store, settings.bus)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from server.domain.limits import NO_FALLBACK, NO_LIMITS, DispatchLimits, LeaseScope
 from server.domain.models import (
     Agent,
     AgentState,
@@ -128,14 +129,34 @@ class TaskStore(Protocol):
 
     async def lease_next(
         self, namespace: str, capabilities: Sequence[str], agent_id: str, *,
-        now: float, default_timeout: float,
+        now: float, default_timeout: float, scope: LeaseScope = NO_FALLBACK,
+        limits: DispatchLimits = NO_LIMITS,
     ) -> Lease | None:
         """Atomically take the best QUEUED task among the capabilities' queues.
 
         The task becomes RUNNING with ``attempt + 1``, ``fencing_token + 1``,
         ``agent_id``, ``start_time = now``, a new TaskAttempt appended, and
-        ``lease_deadline = now + (execution_timeout or default_timeout)``.
-        Returns None when every queue is empty.
+        ``lease_deadline = now + min(execution_timeout or default_timeout,
+        heartbeat_timeout or inf)``. Returns None when nothing may be taken.
+
+        Also eligible, in the same priority order: tasks whose primary
+        capability is not in ``scope.available`` and whose fallback capability
+        is in ``scope.fallback_for``; such a task gets ``served_by_fallback``.
+        In the same atomic step the store enforces ``limits``: RUNNING counts
+        per (namespace, capability) and per (namespace, key label value), and a
+        token bucket per (namespace, capability) for rates. A task blocked by a
+        key limit is skipped for the next one in its queue (scan depth
+        ``server.domain.limits.KEY_SCAN``).
+        """
+        ...
+
+    async def expire_queued(self, now: float, limit: int) -> Transition:
+        """QUEUED tasks whose ``queue_deadline < now`` become FAILED (at most ``limit``).
+
+        The failure is ``SCHEDULE_TO_START_TIMEOUT`` (non-retryable); for a
+        workflow step the dependents are cancelled and the workflow FAILED, as
+        in ``fail``. Entering QUEUED sets ``queue_deadline = update_time +
+        schedule_to_start_timeout`` when that timeout is set. Atomic per task.
         """
         ...
 
@@ -251,12 +272,67 @@ class AgentRegistry(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class LockGrant:
+    """A lock's current grant. ``fencing_token`` grows with every grant of the lock."""
+
+    name: str
+    owner: str
+    agent_id: str
+    fencing_token: int
+    expire_time: float
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceDump:
+    """One namespace's state at one revision (snapshots)."""
+
+    revision: int
+    entries: tuple[StateEntry, ...]
+    lock_tokens: Mapping[str, int] = field(default_factory=dict)
+    """Last fencing token granted per lock name (holders are not kept)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecords:
+    """Task and workflow records of a TaskStore (snapshots)."""
+
+    tasks: tuple[Task, ...]
+    workflows: tuple[Workflow, ...]
+    seq: int
+    """The store's ``seq`` counter."""
+
+
+@runtime_checkable
+class SnapshotSource(Protocol):
+    """A TaskStore that can export and import its records (snapshots)."""
+
+    async def export_records(self, namespace: str | None) -> TaskRecords:
+        """Every task and workflow (of ``namespace``, or all), read atomically."""
+        ...
+
+    async def import_records(self, records: TaskRecords, *, dry_run: bool = False) -> None:
+        """Insert the records with their indexes, atomically.
+
+        FailedPreconditionError (nothing written) when a namespace of the
+        records already holds tasks or workflows. ``dry_run`` only checks.
+        """
+        ...
+
+
 @runtime_checkable
 class StateStore(Protocol):
-    """Versioned key-value entries per namespace, with a change log.
+    """Versioned key-value entries per namespace, with a change log, and locks.
 
     Every write bumps the namespace revision by one and appends a StateEvent to
-    a bounded log, atomically with the write.
+    a bounded log, atomically with the write. A write may name a lock and a
+    fencing token (``fence=(lock, token)``): it happens only while that token is
+    the lock's current, unexpired grant, checked atomically with the write
+    (AbortedError reason STALE_FENCING_TOKEN otherwise).
+
+    Locks live per namespace, apart from the entries (they bump no revision).
+    Each lock keeps the last token it granted forever, so tokens are never
+    reused, also across expiry and release.
     """
 
     async def get(self, namespace: str, key: str, *, now: float) -> StateEntry | None:
@@ -264,17 +340,65 @@ class StateStore(Protocol):
         ...
 
     async def put(self, namespace: str, key: str, value: Payload, *,
-                  expected_version: int | None, ttl: float, now: float) -> StateEntry:
+                  expected_version: int | None, ttl: float, now: float,
+                  fence: tuple[str, int] | None = None) -> StateEntry:
         """Write a key; compare-and-set when ``expected_version`` is given.
 
         ``expected_version == 0`` means the key must not exist. A mismatch raises
         AbortedError (reason VERSION_MISMATCH). ``ttl`` > 0 sets an expiry.
+        ``fence`` as in the class docstring (checked before the version).
         """
         ...
 
     async def delete(self, namespace: str, key: str, *, expected_version: int | None,
-                     now: float) -> int:
+                     now: float, fence: tuple[str, int] | None = None) -> int:
         """Delete a key and return the revision. NotFoundError / AbortedError."""
+        ...
+
+    async def acquire_lock(self, namespace: str, name: str, owner: str, *, agent_id: str,
+                           ttl: float, now: float) -> LockGrant:
+        """Grant the lock with token ``last + 1`` until ``now + ttl``, atomically.
+
+        Granted when the lock is free, its lease ended (``expire_time <= now``),
+        or it is held by the same non-empty ``owner`` (a re-grant that fences
+        off the older token). Otherwise AbortedError reason LOCK_HELD with
+        metadata ``owner``, ``agent``, ``expire_time`` (Unix seconds) of the holder.
+        """
+        ...
+
+    async def renew_lock(self, namespace: str, name: str, fencing_token: int, *, ttl: float,
+                         now: float) -> LockGrant:
+        """Move the current grant's expiry to ``now + ttl``.
+
+        AbortedError STALE_FENCING_TOKEN unless ``fencing_token`` is the current,
+        unexpired grant.
+        """
+        ...
+
+    async def release_lock(self, namespace: str, name: str, fencing_token: int, *,
+                           now: float) -> bool:
+        """Free the lock; True when this call freed a held lock.
+
+        Idempotent for the latest grant (already released or expired: False).
+        AbortedError STALE_FENCING_TOKEN for any other token.
+        """
+        ...
+
+    async def release_agent_locks(self, agent_id: str, *, now: float) -> list[tuple[str, str]]:
+        """Free every lock held by an agent session; returns (namespace, name) of each."""
+        ...
+
+    async def export_state(self, namespace: str | None, *, now: float) -> dict[str, NamespaceDump]:
+        """Every live entry and lock counter (of ``namespace`` or all), read atomically."""
+        ...
+
+    async def import_state(self, dump: Mapping[str, NamespaceDump], *,
+                           dry_run: bool = False) -> None:
+        """Load dumps atomically, keeping versions and revisions.
+
+        FailedPreconditionError (nothing written) when one of the namespaces
+        already has a revision or a lock. ``dry_run`` only checks.
+        """
         ...
 
     async def list_entries(self, namespace: str, prefix: str, *, after_key: str, limit: int,

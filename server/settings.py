@@ -45,7 +45,24 @@ class Settings(BaseSettings):
     max_queued_per_namespace: int = Field(100_000, ge=1,
                                           description="Waiting tasks before RESOURCE_EXHAUSTED.")
     max_workflow_steps: int = Field(1000, ge=1)
-    max_watch_pending: int = Field(1000, ge=1,
+    max_watch_pending: int = Field(10_000, ge=1,
                                    description="Events buffered per watcher before cut-off.")
     drain_grace: float = Field(10.0, ge=0,
                                description="Seconds to wait for in-flight results on shutdown.")
+
+    breaker_fail_max: int = Field(
+        5, ge=1, description="Consecutive failures of an agent for a capability that open "
+        "its circuit breaker.")
+    breaker_reset_timeout: float = Field(
+        10.0, gt=0, description="Seconds an open breaker waits before letting one probe through.")
+    capability_limits: dict[str, int] = Field(
+        default_factory=dict, description="Most RUNNING tasks per capability (per namespace).")
+    key_label: str = Field("tenant", description="Task label whose value is the fairness key.")
+    key_limits: dict[str, int] = Field(
+        default_factory=dict, description="Most RUNNING tasks per key value.")
+    default_key_limit: int = Field(
+        0, ge=0, description="Most RUNNING tasks of a key value not in key_limits; 0: none.")
+    capability_rates: dict[str, float] = Field(
+        default_factory=dict, description="Leases per second per capability (token bucket).")
+    snapshot_interval: float = Field(
+        0.0, ge=0, description="Seconds between periodic snapshots to the blob store; 0 = off.")

@@ -64,11 +64,34 @@ class RawAgent:
         return task_pb2_grpc.TaskServiceStub(self.channel).ProcessTasks(self._drain(self.out))
 
 
+async def until_state(tasks: task_pb2_grpc.TaskServiceStub, name: str, state: int,
+                      timeout: float = 5.0) -> task_pb2.Task:
+    """Poll GetTask until the task reaches ``state`` (accepted results are not acked)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            task = (await tasks.GetTask(task_pb2.GetTaskRequest(name=name))).task
+            if task.state == state:
+                return task
+            await asyncio.sleep(0.01)
+
+
+_PENDING: dict[int, list[task_pb2.ProcessTasksResponse]] = {}
+
+
 async def next_kind(call: grpc.aio.StreamStreamCall, kind: str) -> task_pb2.ProcessTasksResponse:  # type: ignore[type-arg]
+    """The next message of a kind; batched assignments are handed out one by one."""
+    pending = _PENDING.setdefault(id(call), [])
+    if kind == "assignment" and pending:
+        return pending.pop(0)
     while True:
         msg = await asyncio.wait_for(call.read(), 5)
         assert msg is not grpc.aio.EOF
-        if msg.WhichOneof("kind") == kind:
+        got = msg.WhichOneof("kind")
+        if kind == "assignment" and got == "assignments":
+            pending.extend(task_pb2.ProcessTasksResponse(assignment=a)
+                           for a in msg.assignments.assignments)
+            return pending.pop(0)
+        if got == kind:
             return msg
 
 
@@ -92,8 +115,7 @@ async def test_task_round_trip_and_stale_token(channel: grpc.aio.Channel) -> Non
     assert ack.outcome == task_pb2.TASK_REPORT_OUTCOME_STALE_LEASE
     agent.out.put_nowait(task_pb2.ProcessTasksRequest(result=task_pb2.TaskResult(
         task=sub.task.name, fencing_token=token, output=js({"y": 2}))))
-    ack = (await next_kind(work, "ack")).ack
-    assert ack.outcome == task_pb2.TASK_REPORT_OUTCOME_ACCEPTED
+    await until_state(tasks, sub.task.name, task_pb2.TASK_STATE_SUCCEEDED)
     got = await tasks.GetTask(task_pb2.GetTaskRequest(name=sub.task.name))
     assert got.task.state == task_pb2.TASK_STATE_SUCCEEDED
     assert json.loads(got.task.output.data) == {"y": 2}
@@ -136,7 +158,7 @@ async def test_broken_stream_requeues_to_another_agent(channel: grpc.aio.Channel
     assert err.value.code() == grpc.StatusCode.ABORTED
     a2.out.put_nowait(task_pb2.ProcessTasksRequest(result=task_pb2.TaskResult(
         task=sub.task.name, fencing_token=second.fencing_token, output=js("ok"))))
-    assert (await next_kind(w2, "ack")).ack.outcome == task_pb2.TASK_REPORT_OUTCOME_ACCEPTED
+    await until_state(tasks, sub.task.name, task_pb2.TASK_STATE_SUCCEEDED)
     got = await tasks.GetTask(task_pb2.GetTaskRequest(name=sub.task.name))
     assert got.task.state == task_pb2.TASK_STATE_SUCCEEDED
     assert json.loads(got.task.output.data) == "ok"

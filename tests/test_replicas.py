@@ -13,7 +13,7 @@ from agentmesh.v1 import discovery_pb2, discovery_pb2_grpc, task_pb2, task_pb2_g
 from server.app import Mesh, running_server
 from tests._services import require_nats, require_redis, unique_prefix
 from tests.conftest import embedded_settings
-from tests.test_protocol import RawAgent, js, next_kind
+from tests.test_protocol import RawAgent, js, next_kind, until_state
 
 
 @pytest.fixture
@@ -52,8 +52,7 @@ async def test_agent_on_a_receives_task_submitted_on_b(replicas: tuple[Mesh, Mes
         assert assignment.task.name == sub.task.name
         agent.out.put_nowait(task_pb2.ProcessTasksRequest(result=task_pb2.TaskResult(
             task=sub.task.name, fencing_token=assignment.fencing_token, output=js("done"))))
-        assert (await next_kind(work, "ack")).ack.outcome == \
-            task_pb2.TASK_REPORT_OUTCOME_ACCEPTED
+        await until_state(tb, sub.task.name, task_pb2.TASK_STATE_SUCCEEDED)
         # WatchTasks on B sees the change that happened on A.
         seen = []
         async with asyncio.timeout(5):
@@ -94,15 +93,22 @@ async def test_many_tasks_each_leased_once_across_replicas(
                     msg = await asyncio.wait_for(w.read(), 0.5)
                 except TimeoutError:
                     continue
-                if msg.WhichOneof("kind") != "assignment":
+                kind = msg.WhichOneof("kind")
+                if kind == "assignment":
+                    batch = [msg.assignment]
+                elif kind == "assignments":
+                    batch = list(msg.assignments.assignments)
+                else:
                     continue
-                t = msg.assignment
-                assert t.task.name not in got, "a task was leased twice"
-                got[t.task.name] = ag.name
-                ag.out.put_nowait(task_pb2.ProcessTasksRequest(result=task_pb2.TaskResult(
-                    task=t.task.name, fencing_token=t.fencing_token, output=js(ag.name))))
+                results = []
+                for t in batch:
+                    assert t.task.name not in got, "a task was leased twice"
+                    got[t.task.name] = ag.name
+                    results.append(task_pb2.TaskResult(
+                        task=t.task.name, fencing_token=t.fencing_token, output=js(ag.name)))
+                # Each reported result returns its slot: no credit message needed.
                 ag.out.put_nowait(task_pb2.ProcessTasksRequest(
-                    credit=task_pb2.TaskCredit(count=1)))
+                    reports=task_pb2.TaskReportBatch(results=results)))
 
         async with asyncio.timeout(20):
             await asyncio.gather(*(serve(ag, w) for ag, w in zip(agents, works, strict=True)))

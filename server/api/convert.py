@@ -8,6 +8,7 @@ mapping turns into INVALID_ARGUMENT with BadRequest field violations.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import math
@@ -177,18 +178,18 @@ def duration(value: duration_pb2.Duration, field: str) -> float:
 
 def to_duration(seconds: float) -> duration_pb2.Duration:
     """A Duration message."""
-    d = duration_pb2.Duration()
-    d.FromNanoseconds(round(seconds * 1e9))
-    return d
+    nanos = round(seconds * 1e9)
+    return duration_pb2.Duration(seconds=int(nanos // 1_000_000_000),
+                                 nanos=int(nanos % 1_000_000_000))
 
 
 def to_timestamp(seconds: float) -> timestamp_pb2.Timestamp | None:
     """A Timestamp message, None for 0."""
     if not seconds:
         return None
-    t = timestamp_pb2.Timestamp()
-    t.FromNanoseconds(round(seconds * 1e9))
-    return t
+    nanos = round(seconds * 1e9)
+    return timestamp_pb2.Timestamp(seconds=int(nanos // 1_000_000_000),
+                                   nanos=int(nanos % 1_000_000_000))
 
 
 # -- payloads ----------------------------------------------------------------------
@@ -240,8 +241,9 @@ def retry_policy(msg: common_pb2.RetryPolicy, field: str, limits: Limits,
     )
 
 
+@functools.lru_cache(maxsize=256)
 def retry_policy_to_proto(policy: RetryPolicy) -> common_pb2.RetryPolicy:
-    """A RetryPolicy message."""
+    """A RetryPolicy message (cached: policies are few and immutable; callers copy it)."""
     return common_pb2.RetryPolicy(
         max_attempts=policy.max_attempts, initial_backoff=to_duration(policy.initial_backoff),
         max_backoff=to_duration(policy.max_backoff), backoff_multiplier=policy.multiplier,
@@ -277,6 +279,9 @@ def task_from_submit(req: task_pb2.SubmitTaskRequest, limits: Limits,
         fallback_capability=capability(t.fallback_capability, "task.fallback_capability",
                                        required=False),
         trace_context=dict(t.trace_context) or dict(trace_context),
+        schedule_to_start_timeout=duration(t.schedule_to_start_timeout,
+                                           "task.schedule_to_start_timeout"),
+        heartbeat_timeout=duration(t.heartbeat_timeout, "task.heartbeat_timeout"),
     )
 
 
@@ -329,6 +334,8 @@ def task_to_proto(task: Task, *, live: frozenset[str] | None = None,
         attempts=[_attempt_to_proto(a) for a in task.attempts],
         human_intervened=task.human_intervened, trace_context=dict(task.trace_context),
         retry_time=to_timestamp(task.retry_time) if task.state is TaskState.RETRYING else None,
+        schedule_to_start_timeout=to_duration(task.schedule_to_start_timeout),
+        heartbeat_timeout=to_duration(task.heartbeat_timeout),
     )
     if with_payloads:
         msg.input.CopyFrom(payload_msg(task.input))
@@ -336,6 +343,24 @@ def task_to_proto(task: Task, *, live: frozenset[str] | None = None,
             msg.output.CopyFrom(payload_msg(task.output))
         for step_id, out in task.dependency_outputs.items():
             msg.dependency_outputs[step_id].CopyFrom(payload_msg(out))
+    return msg
+
+
+def task_for_agent(task: Task) -> task_pb2.Task:
+    """The task as an agent receives it: what the handler needs, no history."""
+    msg = task_pb2.Task(
+        name=f"tasks/{task.id}", capability=task.capability, state=task_pb2.TASK_STATE_RUNNING,
+        priority=task.priority, attempt=task.attempt, namespace=task.namespace,
+        workflow=f"workflows/{task.workflow_id}" if task.workflow_id else "",
+        step_id=task.step_id, input=payload_msg(task.input))
+    if task.labels:
+        msg.labels.update(task.labels)
+    if task.trace_context:
+        msg.trace_context.update(task.trace_context)
+    if task.execution_timeout:
+        msg.execution_timeout.CopyFrom(to_duration(task.execution_timeout))
+    for step_id, out in task.dependency_outputs.items():
+        msg.dependency_outputs[step_id].CopyFrom(payload_msg(out))
     return msg
 
 
@@ -377,7 +402,10 @@ def workflow_from_submit(req: task_pb2.SubmitWorkflowRequest, limits: Limits,
             timeout=duration(s.timeout, f"{f}.timeout"),
             fallback_capability=capability(s.fallback_capability, f"{f}.fallback_capability",
                                            required=False),
-            priority=priority(s.priority, f"{f}.priority")))
+            priority=priority(s.priority, f"{f}.priority"),
+            schedule_to_start_timeout=duration(s.schedule_to_start_timeout,
+                                               f"{f}.schedule_to_start_timeout"),
+            heartbeat_timeout=duration(s.heartbeat_timeout, f"{f}.heartbeat_timeout")))
     return Workflow(
         id=optional_id(req.workflow_id, "workflow_id"),
         namespace=namespace(w.namespace, "workflow.namespace"),
@@ -398,11 +426,14 @@ def workflow_to_proto(wf: Workflow, steps: Mapping[str, Task] | None = None, *,
             id=s.id, capability=s.capability, depends_on=list(s.depends_on),
             retry_policy=retry_policy_to_proto(s.retry_policy), timeout=to_duration(s.timeout),
             fallback_capability=s.fallback_capability, priority=s.priority,
-            task=f"tasks/{wf.step_tasks.get(s.id, '')}")
+            task=f"tasks/{wf.step_tasks.get(s.id, '')}",
+            schedule_to_start_timeout=to_duration(s.schedule_to_start_timeout),
+            heartbeat_timeout=to_duration(s.heartbeat_timeout))
         step.input.CopyFrom(payload_msg(s.input))
         task = (steps or {}).get(s.id)
         if task is not None:
             step.state = int(task.state)  # type: ignore[assignment]
+            step.served_by_fallback = task.served_by_fallback
             if task.output is not None:
                 step.output.CopyFrom(payload_msg(task.output))
             if task.failure is not None:

@@ -32,12 +32,15 @@ class Duplex(Generic[Req, Resp]):
     """Reads requests in a task of its own while the handler yields responses.
 
     The outbox is bounded; ``send`` of a response past the bound ends the
-    stream (the peer is not reading), never buffers without limit.
+    stream (the peer is not reading), never buffers without limit. ``pack``
+    may merge the responses that are ready at one moment into fewer messages.
     """
 
     def __init__(self, requests: AsyncIterator[Req], handle: Callable[[Req], Awaitable[None]],
-                 max_outbox: int) -> None:
+                 max_outbox: int,
+                 pack: Callable[[list[Resp]], list[Resp]] | None = None) -> None:
         self._requests = requests
+        self._pack = pack
         self._handle = handle
         self._outbox: asyncio.Queue[Resp | None] = asyncio.Queue(maxsize=max_outbox)
         self._error: BaseException | None = None
@@ -77,11 +80,25 @@ class Duplex(Generic[Req, Resp]):
         """Yield queued responses until the stream ends; re-raise the reader's error."""
         self._reader = asyncio.create_task(self._read())
         try:
-            while True:
+            ended = False
+            while not ended:
                 item = await self._outbox.get()
                 if item is None:
                     break
-                yield item
+                if self._pack is None:
+                    yield item
+                    continue
+                # Everything ready now goes out together, so the peer can read
+                # several assignments from one message under load.
+                ready = [item]
+                while not self._outbox.empty():
+                    more = self._outbox.get_nowait()
+                    if more is None:
+                        ended = True
+                        break
+                    ready.append(more)
+                for packed in self._pack(ready):
+                    yield packed
             if self._error is not None:
                 raise self._error
         finally:

@@ -11,7 +11,12 @@ from agentmesh.v1 import task_pb2, task_pb2_grpc
 from server.api import convert, errors
 from server.api.convert import Limits
 from server.api.streams import Duplex, first_message
-from server.domain.errors import InvalidArgumentError, PermissionDeniedError
+from server.domain.errors import (
+    FieldViolation,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+)
 from server.domain.models import AgentState, TaskState
 from server.ports import AgentFilter, TaskFilter
 from server.services.registry import Registry
@@ -20,12 +25,14 @@ from server.services.scheduler import (
     Cancellation,
     Outbound,
     ReportAck,
+    ReportOutcome,
     Scheduler,
     WorkerSession,
 )
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 _TRACE_KEYS = ("traceparent", "tracestate")
+MAX_BATCH = 1000
 
 
 def trace_context(context: Ctx) -> dict[str, str]:
@@ -55,6 +62,35 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         stored = await self._scheduler.submit(
             task, request_id=convert.request_id(request.request_id, self._limits))
         return task_pb2.SubmitTaskResponse(task=convert.task_to_proto(stored))
+
+    @errors.unary
+    async def BatchSubmitTasks(self, request: task_pb2.BatchSubmitTasksRequest,
+                               context: Ctx) -> task_pb2.BatchSubmitTasksResponse:
+        """See the proto."""
+        if not request.requests:
+            raise InvalidArgumentError.field("requests", "at least one request")
+        if len(request.requests) > MAX_BATCH:
+            raise InvalidArgumentError.field("requests", f"at most {MAX_BATCH} requests")
+        trace = trace_context(context)
+        parsed = []
+        for i, item in enumerate(request.requests):
+            try:
+                parsed.append((convert.task_from_submit(item, self._limits, trace),
+                               convert.request_id(item.request_id, self._limits)))
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(
+                    f"requests[{i}].{exc.message}",
+                    [FieldViolation(f"requests[{i}].{v.field}", v.description)
+                     for v in exc.violations]) from exc
+        out: list[task_pb2.Task] = []
+        for task, rid in parsed:
+            try:
+                stored = await self._scheduler.submit(task, request_id=rid)
+            except ResourceExhaustedError as exc:
+                exc.metadata["queued"] = ",".join(t.name for t in out)[:4000]
+                raise
+            out.append(convert.task_to_proto(stored))
+        return task_pb2.BatchSubmitTasksResponse(tasks=out)
 
     @errors.unary
     async def GetTask(self, request: task_pb2.GetTaskRequest,
@@ -110,8 +146,10 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         wf = (convert.resource_id(request.workflow, "workflows", "workflow")
               if request.workflow else "")
         cap = convert.capability(request.capability, "capability", required=False)
+        states = frozenset(int(s) for s in (convert.task_state(v, f"states[{i}]")
+                                            for i, v in enumerate(request.states)) if s)
         async for task in self._scheduler.watch_tasks(ns, names=names, capability=cap,
-                                                      workflow_id=wf):
+                                                      workflow_id=wf, states=states):
             yield task_pb2.WatchTasksResponse(task=convert.task_to_proto(task))
 
     @errors.unary
@@ -184,6 +222,23 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                                 tuple(sorted(agent.capability_names)), agent.max_concurrency,
                                 send)
 
+        async def report(r: task_pb2.TaskResult | None,
+                         f: task_pb2.TaskFailureReport | None) -> None:
+            if r is not None:
+                task_id = convert.resource_id(r.task, "tasks", "result.task")
+                output = convert.payload(r.output, "result.output", self._limits)
+                outcome = await scheduler.report_result(session, task_id, r.fencing_token,
+                                                        output)
+                token = r.fencing_token
+            else:
+                assert f is not None
+                task_id = convert.resource_id(f.task, "tasks", "failure.task")
+                outcome = await scheduler.report_failure(
+                    session, task_id, f.fencing_token, convert.failure(f.failure, "failure"))
+                token = f.fencing_token
+            if outcome != ReportOutcome.ACCEPTED:
+                send(ReportAck(task_id, token, outcome))
+
         async def handle(req: task_pb2.ProcessTasksRequest) -> None:
             kind = req.WhichOneof("kind")
             if kind == "credit":
@@ -191,18 +246,14 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                     raise InvalidArgumentError.field("credit.count", "must be at least 1")
                 scheduler.grant(session, req.credit.count)
             elif kind == "result":
-                r = req.result
-                task_id = convert.resource_id(r.task, "tasks", "result.task")
-                output = convert.payload(r.output, "result.output", self._limits)
-                outcome = await scheduler.report_result(session, task_id, r.fencing_token,
-                                                        output)
-                send(ReportAck(task_id, r.fencing_token, outcome))
+                await report(req.result, None)
             elif kind == "failure":
-                f = req.failure
-                task_id = convert.resource_id(f.task, "tasks", "failure.task")
-                outcome = await scheduler.report_failure(
-                    session, task_id, f.fencing_token, convert.failure(f.failure, "failure"))
-                send(ReportAck(task_id, f.fencing_token, outcome))
+                await report(None, req.failure)
+            elif kind == "reports":
+                for r in req.reports.results:
+                    await report(r, None)
+                for f in req.reports.failures:
+                    await report(None, f)
             elif kind == "progress":
                 p = req.progress
                 task_id = convert.resource_id(p.task, "tasks", "progress.task")
@@ -213,7 +264,8 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                 raise InvalidArgumentError.field("kind", f"unexpected message `{kind}`")
 
         duplex: Duplex[task_pb2.ProcessTasksRequest, task_pb2.ProcessTasksResponse] = Duplex(
-            request_iterator, handle, max_outbox=4 * agent.max_concurrency + 64)
+            request_iterator, handle, max_outbox=4 * agent.max_concurrency + 64,
+            pack=_pack_assignments)
         scheduler.open_session(session)
         try:
             yield task_pb2.ProcessTasksResponse(
@@ -254,13 +306,24 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             autonomy=stats.autonomy, agents_live=len(live))
 
 
+def _pack_assignments(
+        ready: list[task_pb2.ProcessTasksResponse]) -> list[task_pb2.ProcessTasksResponse]:
+    """Merge the assignments among ready responses into one batch message."""
+    assignments = [r.assignment for r in ready if r.WhichOneof("kind") == "assignment"]
+    if len(assignments) < 2:
+        return ready
+    others = [r for r in ready if r.WhichOneof("kind") != "assignment"]
+    return [*others, task_pb2.ProcessTasksResponse(
+        assignments=task_pb2.TaskAssignmentBatch(assignments=assignments))]
+
+
 def _outbound(item: Outbound) -> task_pb2.ProcessTasksResponse | None:
     if item is None:
         return None
     if isinstance(item, Assignment):
         lease = item.lease
         return task_pb2.ProcessTasksResponse(assignment=task_pb2.TaskAssignment(
-            task=convert.task_to_proto(lease.task), fencing_token=lease.fencing_token,
+            task=convert.task_for_agent(lease.task), fencing_token=lease.fencing_token,
             lease_expire_time=convert.to_timestamp(lease.deadline)))
     if isinstance(item, Cancellation):
         return task_pb2.ProcessTasksResponse(cancellation=task_pb2.TaskCancellation(

@@ -148,6 +148,20 @@ class Task:
     dependency_outputs: Mapping[str, Payload] = field(default_factory=dict)
     seq: int = 0
     """Monotonic submit order, for FIFO within one priority and list order."""
+    schedule_to_start_timeout: float = 0.0
+    """Longest wait in QUEUED (from each entry into QUEUED); 0 means no limit."""
+    heartbeat_timeout: float = 0.0
+    """Longest a running attempt may go without progress; 0 means no limit."""
+    queue_deadline: float = 0.0
+    """While QUEUED with a schedule-to-start timeout: when it times out (store-kept)."""
+
+
+SCHEDULE_TO_START_TIMEOUT = "SCHEDULE_TO_START_TIMEOUT"
+"""error_type of a task that waited QUEUED past its schedule-to-start timeout."""
+HEARTBEAT_TIMEOUT = "HEARTBEAT_TIMEOUT"
+"""error_type of an attempt that sent no progress within its heartbeat timeout."""
+LEASE_EXPIRED = "LEASE_EXPIRED"
+"""error_type of an attempt that ran past its execution (start-to-close) timeout."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +176,8 @@ class WorkflowStep:
     timeout: float = 0.0
     fallback_capability: str = ""
     priority: int = 0
+    schedule_to_start_timeout: float = 0.0
+    heartbeat_timeout: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from importlib import metadata
-from typing import Final, Literal, Self, get_args
+from typing import Any, Final, Literal, Self, get_args
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -168,6 +168,7 @@ class MeshMetrics:
         r = self.registry
         self._lock = threading.Lock()
         self._breaker_keys: set[tuple[str, str]] = set()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
         self.tasks_submitted_total: Final = Counter(
             "agentmesh_tasks_submitted",
@@ -278,9 +279,17 @@ class MeshMetrics:
 
     # Tasks -----------------------------------------------------------------
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """A labelled child, cached: ``labels()`` is costly on the hot path."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def task_submitted(self, namespace: str, capability: str) -> None:
         """Count one accepted task."""
-        self.tasks_submitted_total.labels(namespace, capability).inc()
+        self._child(self.tasks_submitted_total, namespace, capability).inc()
 
     def task_finished(
         self,
@@ -296,13 +305,13 @@ class MeshMetrics:
         histogram only holds real runs.
         """
         _check(outcome, _OUTCOMES, "outcome")
-        self.tasks_finished_total.labels(namespace, capability, outcome).inc()
+        self._child(self.tasks_finished_total, namespace, capability, outcome).inc()
         if run_seconds is not None:
             self.run_duration_seconds.labels(capability, outcome).observe(max(run_seconds, 0.0))
 
     def task_dispatched(self, capability: str, wait_seconds: float) -> None:
         """Record the QUEUED -> RUNNING wait of one assignment."""
-        self.dispatch_latency_seconds.labels(capability).observe(max(wait_seconds, 0.0))
+        self._child(self.dispatch_latency_seconds, capability).observe(max(wait_seconds, 0.0))
 
     def set_queue_depth(self, namespace: str, capability: str, state: QueueState, n: int) -> None:
         """Set how many tasks of a namespace and capability are in ``state``."""

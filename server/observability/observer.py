@@ -46,3 +46,8 @@ class MetricsObserver:
     def stale_result(self, task_id: str) -> None:
         """A refused stale result."""
         self._m.stale_result("unknown")
+
+    def breaker_changed(self, agent_id: str, capability: str, state: str) -> None:
+        """A circuit breaker moved to closed, open or half-open."""
+        if state in ("closed", "open", "half-open"):
+            self._m.set_breaker(agent_id, capability, state)  # type: ignore[arg-type]

@@ -9,14 +9,38 @@ and can never collide with ``_sys.``.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Mapping
 from typing import Any
+
+from server.domain.errors import UnavailableError
+from server.ports import Bus
+
+log = logging.getLogger(__name__)
 
 ORIGIN_HEADER = "am-origin"
 
 
-def task_subject(namespace: str) -> str:
-    """Task state changes of a namespace."""
-    return f"_sys.task.{namespace}"
+_ENDED_STATES = frozenset({4, 5, 6, 8})  # SUCCEEDED, FAILED, CANCELLED, DEAD_LETTERED
+
+
+def task_subject(namespace: str, state: int) -> str:
+    """Subject of a change into ``state``: ``_sys.task.<ns>.<live|ended>.<state>``.
+
+    The state is in the subject so a watcher subscribes to just what it wants
+    and the bus (NATS: the server) drops the rest before it is buffered.
+    """
+    kind = "ended" if state in _ENDED_STATES else "live"
+    return f"_sys.task.{namespace}.{kind}.{state}"
+
+
+def task_pattern(namespace: str, states: frozenset[int] = frozenset()) -> str:
+    """The narrowest pattern covering changes into ``states`` (empty: all)."""
+    if len(states) == 1:
+        return task_subject(namespace, next(iter(states)))
+    if states and states <= _ENDED_STATES:
+        return f"_sys.task.{namespace}.ended.*"
+    return f"_sys.task.{namespace}.>"
 
 
 def workflow_subject(namespace: str) -> str:
@@ -31,6 +55,15 @@ def ready_subject(namespace: str) -> str:
 
 READY_ALL = "_sys.ready.*"
 CANCEL_SUBJECT = "_sys.cancel"
+
+
+def breaker_subject(namespace: str) -> str:
+    """Circuit-breaker outcomes of a namespace (body: agent, cap, ok); see services/breakers.py."""
+    return f"_sys.breaker.{namespace}"
+
+
+BREAKER_ALL = "_sys.breaker.*"
+AGENT_ALL = "_sys.agent.*"
 
 
 def agent_subject(namespace: str) -> str:
@@ -48,6 +81,16 @@ def user_subject(namespace: str, subject: str) -> str:
     return f"ns.{namespace}.{subject}"
 
 
+def task_event(task_id: str, state: int, workflow_id: str, capability: str) -> bytes:
+    """The body of a task event, built directly (hot path).
+
+    Ids and capability names are validated to ``[A-Za-z0-9_.:/-]``, so they
+    never need JSON escaping; ``encode`` is used for anything else.
+    """
+    return (f'{{"id":"{task_id}","state":{state},"wf":"{workflow_id}",'
+            f'"cap":"{capability}"}}').encode()
+
+
 def encode(body: dict[str, Any]) -> bytes:
     """Compact JSON."""
     return json.dumps(body, separators=(",", ":")).encode()
@@ -60,3 +103,17 @@ def decode(data: bytes) -> dict[str, Any]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+async def announce(bus: Bus, subject: str, data: bytes,
+                   headers: Mapping[str, str] | None = None) -> None:
+    """Publish a system notification; a bus that is unavailable drops it.
+
+    Notifications only wake watchers and dispatchers up: the store is the
+    source of truth, watchers re-read it, and the scheduler's maintenance tick
+    re-checks for work, so a lost one delays and never loses anything.
+    """
+    try:
+        await bus.publish(subject, data, headers)
+    except UnavailableError as exc:
+        log.debug("notification on %s dropped: %s", subject, exc)

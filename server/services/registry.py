@@ -207,5 +207,5 @@ class Registry:
             await sub.unsubscribe()
 
     async def _publish(self, kind: AgentEventType, agent: Agent) -> None:
-        await self._bus.publish(events.agent_subject(agent.namespace), events.encode(
+        await events.announce(self._bus, events.agent_subject(agent.namespace), events.encode(
             {"id": agent.id, "type": int(kind), "time": self._clock.now()}))

@@ -28,7 +28,10 @@ from server.domain.errors import (
     ResourceExhaustedError,
     StaleLeaseError,
 )
+from server.domain.limits import NO_FALLBACK, NO_LIMITS, DispatchLimits, LeaseScope
 from server.domain.models import (
+    HEARTBEAT_TIMEOUT,
+    AgentState,
     Lease,
     Payload,
     Stats,
@@ -40,6 +43,7 @@ from server.domain.models import (
 )
 from server.domain.retry import RetryVerdict, decide
 from server.ports import (
+    AgentFilter,
     AgentRegistry,
     Bus,
     FailVerdict,
@@ -49,6 +53,7 @@ from server.ports import (
     Transition,
 )
 from server.services import events
+from server.services.breakers import BreakerBoard, BreakerConfig
 from server.services.clock import Clock
 
 log = logging.getLogger(__name__)
@@ -72,6 +77,10 @@ class SchedulerObserver(Protocol):
         """A result with a stale fencing token was refused."""
         ...
 
+    def breaker_changed(self, agent_id: str, capability: str, state: str) -> None:
+        """A circuit breaker changed state (closed, open, half-open)."""
+        ...
+
 
 class NullObserver:
     """Observer that does nothing."""
@@ -85,6 +94,9 @@ class NullObserver:
     def stale_result(self, task_id: str) -> None:
         """Ignore."""
 
+    def breaker_changed(self, agent_id: str, capability: str, state: str) -> None:
+        """Ignore."""
+
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
@@ -95,6 +107,10 @@ class SchedulerConfig:
     max_workflow_steps: int = 1000
     tick: float = 0.05
     reap_batch: int = 500
+    limits: DispatchLimits = NO_LIMITS
+    """Per-capability / per-key concurrency and per-capability rate limits."""
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    """Circuit-breaker thresholds per (agent, capability)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +189,8 @@ class Scheduler:
         self._runner: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
         self.draining = False
+        self.breakers = BreakerBoard(bus, self.config.breaker, on_change=self._breaker_changed,
+                                     replica=self._replica)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -180,10 +198,13 @@ class Scheduler:
         """Start the dispatcher, the maintenance loop and the bus listeners."""
         ready = await self._bus.subscribe(events.READY_ALL)
         cancels = await self._bus.subscribe(events.CANCEL_SUBJECT)
-        self._runner = asyncio.create_task(self._run(ready, cancels), name="scheduler")
+        agents = await self._bus.subscribe(events.AGENT_ALL)
+        await self.breakers.start()
+        self._runner = asyncio.create_task(self._run(ready, cancels, agents), name="scheduler")
         await self._started.wait()
 
-    async def _run(self, ready: Subscription, cancels: Subscription) -> None:
+    async def _run(self, ready: Subscription, cancels: Subscription,
+                   agents: Subscription) -> None:
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -191,13 +212,16 @@ class Scheduler:
                 group.create_task(self._maintenance_loop(), name="maintenance")
                 group.create_task(self._ready_listener(ready), name="ready-listener")
                 group.create_task(self._cancel_listener(cancels), name="cancel-listener")
+                group.create_task(self._agent_listener(agents), name="agent-listener")
                 self._started.set()
         finally:
             await ready.unsubscribe()
             await cancels.unsubscribe()
+            await agents.unsubscribe()
 
     async def stop(self) -> None:
         """Stop every loop. Safe to repeat."""
+        await self.breakers.stop()
         runner, self._runner = self._runner, None
         if runner is not None:
             runner.cancel()
@@ -237,6 +261,8 @@ class Scheduler:
                  retry_policy=s.retry_policy, execution_timeout=s.timeout,
                  fallback_capability=s.fallback_capability, workflow_id=wf_id, step_id=s.id,
                  depends_on=s.depends_on, create_time=now, update_time=now,
+                 schedule_to_start_timeout=s.schedule_to_start_timeout,
+                 heartbeat_timeout=s.heartbeat_timeout,
                  state=TaskState.PENDING if s.depends_on else TaskState.QUEUED,
                  trace_context=dict(workflow.trace_context))
             for s in workflow.steps
@@ -314,9 +340,11 @@ class Scheduler:
 
     async def watch_tasks(self, namespace: str, *, names: frozenset[str] = frozenset(),
                           capability: str = "", workflow_id: str = "",
-                          max_pending: int = 1000) -> AsyncIterator[Task]:
+                          states: frozenset[int] = frozenset(),
+                          max_pending: int = 10_000) -> AsyncIterator[Task]:
         """Tasks after each change that matches the filter (current version)."""
-        sub = await self._bus.subscribe(events.task_subject(namespace), max_pending=max_pending)
+        sub = await self._bus.subscribe(events.task_pattern(namespace, states),
+                                        max_pending=max_pending)
         try:
             async for message in sub:
                 if sub.dropped:
@@ -331,17 +359,19 @@ class Scheduler:
                     continue
                 if workflow_id and body.get("wf") != workflow_id:
                     continue
+                if states and body.get("state") not in states:
+                    continue
                 task = await self._tasks.get_task(task_id)
                 if task is not None:
                     yield task
         finally:
             await sub.unsubscribe()
 
-    async def watch_workflow(self, workflow_id: str, *, max_pending: int = 1000,
+    async def watch_workflow(self, workflow_id: str, *, max_pending: int = 10_000,
                              ) -> AsyncIterator[tuple[Workflow, dict[str, Task]]]:
         """The workflow now, then after every step change, until it ends."""
         wf, steps = await self.get_workflow(workflow_id)
-        sub = await self._bus.subscribe(events.task_subject(wf.namespace),
+        sub = await self._bus.subscribe(events.task_pattern(wf.namespace),
                                         max_pending=max_pending)
         wf_sub = await self._bus.subscribe(events.workflow_subject(wf.namespace),
                                            max_pending=max_pending)
@@ -396,8 +426,13 @@ class Scheduler:
         await self.release_agent(session.agent_id, reason)
 
     def grant(self, session: WorkerSession, count: int) -> None:
-        """The agent can take ``count`` more tasks."""
-        session.credits = min(session.credits + count, session.max_concurrency)
+        """The agent can take ``count`` more tasks.
+
+        Credits never exceed the agent's free slots (max concurrency minus
+        in-flight), so a redundant grant can never over-assign.
+        """
+        free = session.max_concurrency - len(session.in_flight)
+        session.credits = max(0, min(session.credits + count, free))
         self._wake.set()
 
     def drain_sessions(self) -> None:
@@ -426,6 +461,12 @@ class Scheduler:
             if session is not None:
                 self._release_slot(session, task_id, token)
         await self._after(transition, now)
+        for change in transition.tasks:
+            if change.task.id == task_id and change.previous_state is TaskState.RUNNING:
+                done = change.task
+                await self.breakers.record(done.namespace, done.agent_id, served_capability(done),
+                                           ok=True)
+                break
         return ReportOutcome.ACCEPTED
 
     async def report_failure(self, session: WorkerSession | None, task_id: str, token: int,
@@ -464,18 +505,40 @@ class Scheduler:
         return await self.get_task(task_id)
 
     async def report_progress(self, session: WorkerSession | None, task_id: str,
-                              token: int) -> None:
-        """Extend a running attempt's lease by its execution timeout."""
+                              token: int) -> bool:
+        """Progress renews a running attempt's lease; False when the lease is gone.
+
+        With a heartbeat timeout the lease moves to ``now + heartbeat_timeout``,
+        capped by the attempt's start-to-close deadline (``start_time +
+        execution_timeout``). Without one it moves to ``now + execution_timeout``
+        (the behaviour before heartbeat timeouts existed). A stale token is not
+        an error of the stream: the attempt is told to stop.
+        """
         task = await self.get_task(task_id)
+        now = self._clock.now()
         timeout = task.execution_timeout or self.config.default_execution_timeout
-        await self._tasks.renew_lease(task_id, token, self._clock.now() + timeout)
+        if task.heartbeat_timeout > 0:
+            deadline = min(task.start_time + timeout, now + task.heartbeat_timeout)
+        else:
+            deadline = now + timeout
+        try:
+            await self._tasks.renew_lease(task_id, token, deadline)
+        except StaleLeaseError:
+            if session is not None and session.in_flight.get(task_id) == token:
+                del session.in_flight[task_id]
+                session.send(Cancellation(task_id, token, "lease ended"))
+            return False
+        return True
 
     def _release_slot(self, session: WorkerSession, task_id: str, token: int) -> None:
+        """A reported result or failure frees its slot and returns one credit."""
         if session.in_flight.get(task_id) == token:
             del session.in_flight[task_id]
+            self.grant(session, 1)
 
     async def release_agent(self, agent_id: str, reason: str = AGENT_GONE) -> int:
         """Requeue every task leased to an agent that went away."""
+        self.breakers.forget(agent_id)
         leased = await self._tasks.leases_of(agent_id)
         for task in leased:
             with contextlib.suppress(StaleLeaseError):
@@ -496,12 +559,15 @@ class Scheduler:
         transition = await self._tasks.fail(task.id, token, failure, verdict=verdict,
                                             retry_at=retry_at, now=now)
         await self._after(transition, now)
+        if counts_against_agent(failure, task) and task.agent_id:
+            await self.breakers.record(task.namespace, task.agent_id, served_capability(task),
+                                       ok=False)
         return transition
 
     async def _stop_running(self, before: Sequence[Task], reason: str) -> None:
         for task in before:
             if task.state is TaskState.RUNNING:
-                await self._bus.publish(events.CANCEL_SUBJECT, events.encode(
+                await events.announce(self._bus, events.CANCEL_SUBJECT, events.encode(
                     {"agent": task.agent_id, "id": task.id, "token": task.fencing_token,
                      "reason": reason}))
 
@@ -513,24 +579,60 @@ class Scheduler:
         ready: dict[str, set[str]] = {}
         for change in transition.tasks:
             t = change.task
-            await self._bus.publish(events.task_subject(t.namespace), events.encode(
-                {"id": t.id, "state": int(t.state), "wf": t.workflow_id, "cap": t.capability}))
+            await events.announce(self._bus, events.task_subject(t.namespace, int(t.state)),
+                                    events.task_event(
+                t.id, int(t.state), t.workflow_id, t.capability))
             if t.state is TaskState.QUEUED:
                 ready.setdefault(t.namespace, set()).add(t.capability)
         if transition.workflow is not None:
             wf = transition.workflow
-            await self._bus.publish(events.workflow_subject(wf.namespace), events.encode(
+            await events.announce(self._bus, events.workflow_subject(wf.namespace), events.encode(
                 {"id": wf.id, "state": int(wf.state)}))
         if ready:
             self._wake.set()
             for namespace, caps in ready.items():
-                await self._bus.publish(events.ready_subject(namespace),
+                await events.announce(self._bus, events.ready_subject(namespace),
                                         events.encode({"caps": sorted(caps)}), self._origin)
 
     async def _ready_listener(self, sub: Subscription) -> None:
         async for message in sub:
             if message.headers.get(events.ORIGIN_HEADER) != self._replica:
                 self._wake.set()
+
+    async def _agent_listener(self, sub: Subscription) -> None:
+        """Agents joining or leaving change who may serve as a fallback: re-poll."""
+        async for message in sub:
+            body = events.decode(message.data)
+            if int(body.get("type", 0)) == 3:  # LEFT
+                self.breakers.forget(str(body.get("id", "")))
+            self._wake.set()
+
+    def _breaker_changed(self, agent_id: str, capability: str, state: str) -> None:
+        self._wake.set()
+        with contextlib.suppress(Exception):
+            hook = getattr(self._observer, "breaker_changed", None)
+            if hook is not None:
+                hook(agent_id, capability, state)
+
+    async def _available(self, namespace: str, cache: dict[str, frozenset[str]]
+                         ) -> frozenset[str]:
+        """Capabilities with a usable agent: live, and not every such agent's breaker open."""
+        if namespace in cache:
+            return cache[namespace]
+        live = await self._agents.live_capabilities(namespace)
+        blocked: dict[str, set[str]] = {}
+        for agent_id, cap in self.breakers.open_keys():
+            if cap in live and self.breakers.blocked(agent_id, cap):
+                blocked.setdefault(cap, set()).add(agent_id)
+        out = set(live)
+        for cap, agents in blocked.items():
+            offering = await self._agents.list_agents(
+                AgentFilter(namespace, cap, frozenset({AgentState.ACTIVE})), after_id="",
+                limit=10_000)
+            if all(a.id in agents for a in offering):
+                out.discard(cap)
+        cache[namespace] = frozenset(out)
+        return cache[namespace]
 
     async def _cancel_listener(self, sub: Subscription) -> None:
         async for message in sub:
@@ -568,16 +670,25 @@ class Scheduler:
                 key=lambda s: s.load)
             if not candidates:
                 return
-            empty: set[tuple[str, tuple[str, ...]]] = set()
+            empty: set[tuple[str, tuple[str, ...], LeaseScope]] = set()
+            available: dict[str, frozenset[str]] = {}
             progressed = False
             for session in candidates:
-                key = (session.namespace, session.capabilities)
-                if key in empty or session.closed or session.credits <= 0:
+                if session.closed or session.credits <= 0:
+                    continue
+                caps = tuple(c for c in session.capabilities
+                             if self.breakers.allows(session.agent_id, c))
+                scope = NO_FALLBACK
+                if caps:
+                    scope = LeaseScope(caps, await self._available(session.namespace, available))
+                key = (session.namespace, caps, scope)
+                if not caps or key in empty:
                     continue
                 now = self._clock.now()
                 lease = await self._tasks.lease_next(
-                    session.namespace, session.capabilities, session.agent_id, now=now,
-                    default_timeout=self.config.default_execution_timeout)
+                    session.namespace, caps, session.agent_id, now=now,
+                    default_timeout=self.config.default_execution_timeout, scope=scope,
+                    limits=self.config.limits)
                 if lease is None:
                     empty.add(key)
                     continue
@@ -591,10 +702,14 @@ class Scheduler:
                     continue
                 session.credits -= 1
                 session.in_flight[lease.task.id] = lease.fencing_token
+                self.breakers.dispatched(session.agent_id, served_capability(lease.task),
+                                         lease.task.id)
                 self._observer.dispatched(lease, now)
-                await self._bus.publish(events.task_subject(lease.task.namespace), events.encode(
-                    {"id": lease.task.id, "state": int(TaskState.RUNNING),
-                     "wf": lease.task.workflow_id, "cap": lease.task.capability}))
+                await events.announce(self._bus, events.task_subject(lease.task.namespace,
+                                                            int(TaskState.RUNNING)),
+                                        events.task_event(lease.task.id, int(TaskState.RUNNING),
+                                                          lease.task.workflow_id,
+                                                          lease.task.capability))
                 session.send(Assignment(lease))
             if not progressed:
                 return
@@ -610,21 +725,57 @@ class Scheduler:
                 log.exception("maintenance pass failed")
 
     async def run_maintenance(self) -> None:
-        """One pass: end expired leases, promote due retries."""
+        """One pass: end expired leases, fail tasks past schedule-to-start, promote retries."""
         now = self._clock.now()
+        if any(sess.credits > 0 for sess in self._sessions.values()):
+            # Wake-ups are notifications that can be lost (bus down, another
+            # replica's publish); re-checking every tick bounds the delay.
+            self._wake.set()
         for task in await self._tasks.expired_leases(now, self.config.reap_batch):
             with contextlib.suppress(StaleLeaseError):
-                await self._fail(task, task.fencing_token, TaskFailure(
-                    LEASE_EXPIRED, f"attempt {task.attempt} ran past its lease "
-                    f"(execution timeout) on agents/{task.agent_id}"))
+                await self._fail(task, task.fencing_token, self._expiry_failure(task))
                 await self._stop_running([task], "lease expired")
+        timed_out = await self._tasks.expire_queued(now, self.config.reap_batch)
+        if timed_out.tasks:
+            await self._after(timed_out, now)
         promoted = await self._tasks.promote_due(now, self.config.reap_batch)
         if promoted.tasks:
             await self._after(promoted, now)
+        if self.config.limits.active or self.breakers.any_open():
+            self._wake.set()  # limits and half-open breakers free up with time alone
+
+    def _expiry_failure(self, task: Task) -> TaskFailure:
+        """HEARTBEAT_TIMEOUT when the lease ended before start-to-close, else LEASE_EXPIRED."""
+        timeout = task.execution_timeout or self.config.default_execution_timeout
+        if task.heartbeat_timeout > 0 and task.lease_deadline < task.start_time + timeout - 1e-6:
+            return TaskFailure(HEARTBEAT_TIMEOUT, (
+                f"attempt {task.attempt} sent no progress for {task.heartbeat_timeout:g}s "
+                f"on agents/{task.agent_id}"))
+        return TaskFailure(LEASE_EXPIRED, f"attempt {task.attempt} ran past its lease "
+                           f"(execution timeout) on agents/{task.agent_id}")
 
 
 def _closed(session: WorkerSession) -> bool:
     return session.closed
+
+
+def served_capability(task: Task) -> str:
+    """The capability the agent served: the fallback when it stood in for the primary."""
+    return task.fallback_capability if task.served_by_fallback else task.capability
+
+
+_NOT_AGENT_FAULTS = frozenset({AGENT_GONE, "CANCELLED", "UPSTREAM_FAILED"})
+
+
+def counts_against_agent(failure: TaskFailure, task: Task) -> bool:
+    """Whether a failed attempt counts toward the agent's circuit breaker.
+
+    Retryable failures and lease/heartbeat expiries do; a non-retryable error
+    (the input is bad, not the agent) and the agent's own departure do not.
+    """
+    if failure.error_type in _NOT_AGENT_FAULTS or failure.non_retryable:
+        return False
+    return failure.error_type not in task.retry_policy.non_retryable_error_types
 
 
 __all__ = [
@@ -637,4 +788,6 @@ __all__ = [
     "SchedulerConfig",
     "SchedulerObserver",
     "WorkerSession",
+    "counts_against_agent",
+    "served_capability",
 ]

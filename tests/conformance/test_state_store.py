@@ -15,7 +15,12 @@ from hypothesis import strategies as st
 
 from server.backends.memory import InMemoryStateStore
 from server.backends.redis import RedisStores
-from server.domain.errors import AbortedError, NotFoundError, OutOfRangeError
+from server.domain.errors import (
+    AbortedError,
+    FailedPreconditionError,
+    NotFoundError,
+    OutOfRangeError,
+)
 from server.domain.models import Payload, StateEventType
 from server.ports import StateStore
 from tests._services import require_redis, unique_prefix
@@ -195,3 +200,119 @@ async def test_concurrent_cas_increments_never_lose_updates(
     assert final is not None
     assert int(final.value.data) == workers * per_worker
     assert final.version == workers * per_worker
+
+
+# -- locks and fenced writes --------------------------------------------------------
+
+
+async def test_lock_tokens_grow_across_release_and_expiry(store: StateStore) -> None:
+    a = await store.acquire_lock(NS, "L", "a", agent_id="", ttl=10, now=T0)
+    assert (a.name, a.owner, a.fencing_token, a.expire_time) == ("L", "a", 1, T0 + 10)
+    with pytest.raises(AbortedError) as info:
+        await store.acquire_lock(NS, "L", "b", agent_id="", ttl=10, now=T0 + 1)
+    assert info.value.reason == "LOCK_HELD"
+    assert info.value.metadata["owner"] == "a"
+    assert float(info.value.metadata["expire_time"]) == T0 + 10
+    assert await store.release_lock(NS, "L", a.fencing_token, now=T0 + 2) is True
+    assert await store.release_lock(NS, "L", a.fencing_token, now=T0 + 2) is False  # idempotent
+    b = await store.acquire_lock(NS, "L", "b", agent_id="", ttl=5, now=T0 + 3)
+    assert b.fencing_token == 2
+    # b's lease ends at T0 + 8: c gets the lock with a larger token, b is stale
+    c = await store.acquire_lock(NS, "L", "c", agent_id="", ttl=5, now=T0 + 8)
+    assert c.fencing_token == 3
+    with pytest.raises(AbortedError) as info:
+        await store.release_lock(NS, "L", b.fencing_token, now=T0 + 9)
+    assert info.value.reason == "STALE_FENCING_TOKEN"
+    assert info.value.metadata["current_token"] == "3"
+    other = await store.acquire_lock(NS, "M", "a", agent_id="", ttl=5, now=T0)
+    assert other.fencing_token == 1  # per lock name
+    again = await store.acquire_lock(NS, "L", "c", agent_id="", ttl=5, now=T0 + 9)
+    assert again.fencing_token == 4  # same owner: a new grant fences off the old token
+    assert await store.revision(NS) == 0  # locks bump no revision
+
+
+async def test_renew_lock(store: StateStore) -> None:
+    a = await store.acquire_lock(NS, "L", "a", agent_id="", ttl=5, now=T0)
+    renewed = await store.renew_lock(NS, "L", a.fencing_token, ttl=5, now=T0 + 4)
+    assert renewed.expire_time == T0 + 9 and renewed.fencing_token == a.fencing_token
+    with pytest.raises(AbortedError):
+        await store.acquire_lock(NS, "L", "b", agent_id="", ttl=5, now=T0 + 8)
+    with pytest.raises(AbortedError) as info:
+        await store.renew_lock(NS, "L", a.fencing_token, ttl=5, now=T0 + 9)  # lease ended
+    assert info.value.reason == "STALE_FENCING_TOKEN"
+    with pytest.raises(AbortedError):
+        await store.renew_lock(NS, "L", 99, ttl=5, now=T0)
+    with pytest.raises(AbortedError):
+        await store.release_lock(NS, "nope", 1, now=T0)
+
+
+async def test_fenced_writes_refused_after_another_holder(store: StateStore) -> None:
+    a = await store.acquire_lock(NS, "L", "a", agent_id="", ttl=5, now=T0)
+    fa = ("L", a.fencing_token)
+    await store.put(NS, "k", val("from a"), expected_version=None, ttl=0, now=T0 + 1, fence=fa)
+    # a pauses past its lease; b takes the lock and writes
+    b = await store.acquire_lock(NS, "L", "b", agent_id="", ttl=5, now=T0 + 6)
+    fb = ("L", b.fencing_token)
+    written = await store.put(NS, "k", val("from b"), expected_version=None, ttl=0,
+                              now=T0 + 6, fence=fb)
+    with pytest.raises(AbortedError) as info:
+        await store.put(NS, "k", val("late a"), expected_version=None, ttl=0, now=T0 + 7,
+                        fence=fa)
+    assert info.value.reason == "STALE_FENCING_TOKEN"
+    with pytest.raises(AbortedError):
+        await store.delete(NS, "k", expected_version=None, now=T0 + 7, fence=fa)
+    assert await store.get(NS, "k", now=T0 + 7) == written
+    assert await store.revision(NS) == 2  # refused writes log nothing
+    # an expired grant is not a holder either, even with nobody else holding
+    with pytest.raises(AbortedError):
+        await store.put(NS, "k", val("b late"), expected_version=None, ttl=0, now=T0 + 12,
+                        fence=fb)
+    with pytest.raises(AbortedError):  # never granted
+        await store.put(NS, "x", val("?"), expected_version=None, ttl=0, now=T0, fence=("Z", 1))
+    c = await store.acquire_lock(NS, "L", "c", agent_id="", ttl=5, now=T0 + 12)
+    assert await store.delete(NS, "k", expected_version=2, now=T0 + 12,
+                              fence=("L", c.fencing_token)) == 3
+
+
+async def test_release_agent_locks(store: StateStore) -> None:
+    await store.acquire_lock(NS, "L1", "a", agent_id="ag1", ttl=50, now=T0)
+    await store.acquire_lock("other", "L2", "a", agent_id="ag1", ttl=50, now=T0)
+    await store.acquire_lock(NS, "L3", "b", agent_id="ag2", ttl=50, now=T0)
+    freed = await store.release_agent_locks("ag1", now=T0 + 1)
+    assert sorted(freed) == [(NS, "L1"), ("other", "L2")]
+    assert await store.release_agent_locks("ag1", now=T0 + 1) == []
+    got = await store.acquire_lock(NS, "L1", "c", agent_id="", ttl=5, now=T0 + 1)
+    assert got.fencing_token == 2
+    with pytest.raises(AbortedError):
+        await store.acquire_lock(NS, "L3", "c", agent_id="", ttl=5, now=T0 + 1)
+
+
+async def test_export_import_keeps_versions_revisions_and_tokens(store: StateStore) -> None:
+    await store.put(NS, "a", val("1"), expected_version=None, ttl=0, now=T0)
+    await store.put(NS, "a", val("2"), expected_version=None, ttl=0, now=T0)
+    await store.put(NS, "t", val("ttl"), expected_version=None, ttl=1, now=T0)
+    await store.put("other", "b", val("3"), expected_version=None, ttl=0, now=T0)
+    await store.acquire_lock(NS, "L", "a", agent_id="", ttl=5, now=T0)
+    await store.acquire_lock(NS, "L", "a", agent_id="", ttl=5, now=T0)
+    dump = await store.export_state(None, now=T0 + 2)
+    assert sorted(dump) == [NS, "other"]
+    assert dump[NS].revision == 3 and dump[NS].lock_tokens == {"L": 2}
+    assert [(e.key, e.version) for e in dump[NS].entries] == [("a", 2)]  # t expired
+    only = await store.export_state("other", now=T0)
+    assert list(only) == ["other"]
+    with pytest.raises(FailedPreconditionError):
+        await store.import_state(dump)
+    # into a fresh namespace pair
+    renamed = {"r1": dump[NS], "r2": dump["other"]}
+    await store.import_state(renamed, dry_run=True)
+    assert await store.revision("r1") == 0
+    await store.import_state(renamed)
+    assert await store.revision("r1") == 3
+    got = await store.get("r1", "a", now=T0)
+    assert got is not None and got.version == 2 and got.value == val("2")
+    nxt = await store.put("r1", "a", val("3"), expected_version=2, ttl=0, now=T0)
+    assert nxt.revision == 4
+    grant = await store.acquire_lock("r1", "L", "x", agent_id="", ttl=5, now=T0)
+    assert grant.fencing_token == 3  # never reuses a token granted before the snapshot
+    with pytest.raises(OutOfRangeError):  # the restored namespace has no history
+        await store.events_since("r2", "", 0, 10)

@@ -19,6 +19,7 @@ from server.domain.errors import (
     ResourceExhaustedError,
     StaleLeaseError,
 )
+from server.domain.limits import DispatchLimits, LeaseScope
 from server.domain.models import (
     Payload,
     RetryPolicy,
@@ -636,3 +637,143 @@ async def test_two_redis_replicas_never_double_lease_or_double_accept() -> None:
         await a.delete_all_keys()
         await a.aclose()
         await b.aclose()
+
+
+# -- resilience: timeouts, fallback, limits ----------------------------------------
+
+
+async def test_schedule_to_start_timeout_fails_a_waiting_task(store: TaskStore) -> None:
+    await store.create_task(mk("s1", schedule_to_start_timeout=5.0))
+    await store.create_task(mk("s2"))
+    got = await store.get_task("s1")
+    assert got is not None and got.queue_deadline == T0 + 5.0
+    assert (await store.expire_queued(T0 + 4.0, 10)).tasks == ()
+    tr = await store.expire_queued(T0 + 6.0, 10)
+    assert [c.task.id for c in tr.tasks] == ["s1"]
+    failed = tr.tasks[0].task
+    assert failed.state is TaskState.FAILED and failed.queue_deadline == 0.0
+    assert failed.failure is not None and failed.failure.non_retryable
+    assert failed.failure.error_type == "SCHEDULE_TO_START_TIMEOUT"
+    assert await state_of(store, "s2") is TaskState.QUEUED
+    # The failed task left the ready queue.
+    lease = await store.lease_next(NS, ["cap"], "ag", now=T0 + 7, default_timeout=30)
+    assert lease is not None and lease.task.id == "s2"
+    assert (await store.expire_queued(T0 + 100.0, 10)).tasks == ()
+
+
+async def test_schedule_to_start_stops_once_leased(store: TaskStore) -> None:
+    await store.create_task(mk("s1", schedule_to_start_timeout=5.0))
+    lease = await store.lease_next(NS, ["cap"], "ag", now=T0 + 1, default_timeout=30)
+    assert lease is not None and lease.task.queue_deadline == 0.0
+    assert (await store.expire_queued(T0 + 60.0, 10)).tasks == ()
+    # Back in the queue after a failure: the clock starts again from that moment.
+    await store.fail("s1", lease.fencing_token, TaskFailure("Boom"), verdict=FailVerdict.RETRY,
+                     retry_at=T0 + 10, now=T0 + 10)
+    got = await store.get_task("s1")
+    assert got is not None and got.state is TaskState.QUEUED and got.queue_deadline == T0 + 15
+    assert [c.task.id for c in (await store.expire_queued(T0 + 16, 10)).tasks] == ["s1"]
+
+
+async def test_schedule_to_start_timeout_cancels_dependents(store: TaskStore) -> None:
+    wf, tasks = workflow("wfs", [WorkflowStep("a", "cap", schedule_to_start_timeout=1.0),
+                                 WorkflowStep("b", "cap", depends_on=("a",))])
+    tasks = [replace(t, schedule_to_start_timeout=1.0) if t.step_id == "a" else t for t in tasks]
+    await store.create_workflow(wf, tasks)
+    tr = await store.expire_queued(T0 + 2, 10)
+    assert {c.task.id: c.task.state for c in tr.tasks} == {
+        "wfs-a": TaskState.FAILED, "wfs-b": TaskState.CANCELLED}
+    assert tr.workflow is not None and tr.workflow.state is WorkflowState.FAILED
+    assert "SCHEDULE_TO_START_TIMEOUT" in tr.workflow.failure_reason
+
+
+async def test_heartbeat_timeout_shortens_the_lease(store: TaskStore) -> None:
+    await store.create_task(mk("h1", heartbeat_timeout=2.0, execution_timeout=60.0))
+    await store.create_task(mk("h2", heartbeat_timeout=90.0, execution_timeout=60.0))
+    l1 = await store.lease_next(NS, ["cap"], "ag", now=T0, default_timeout=30)
+    l2 = await store.lease_next(NS, ["cap"], "ag", now=T0, default_timeout=30)
+    assert l1 is not None and l1.deadline == T0 + 2.0
+    assert l2 is not None and l2.deadline == T0 + 60.0
+    assert [t.id for t in await store.expired_leases(T0 + 3, 10)] == ["h1"]
+    await store.renew_lease("h1", l1.fencing_token, T0 + 5)
+    assert await store.expired_leases(T0 + 3, 10) == []
+
+
+async def test_fallback_serves_only_unavailable_primaries(store: TaskStore) -> None:
+    await store.create_task(mk("f1", "prim", fallback_capability="fb", priority=5))
+    await store.create_task(mk("f2", "fb"))
+    await store.create_task(mk("f3", "other", fallback_capability="fb"))
+    scope = LeaseScope(("fb",), frozenset({"prim", "other"}))
+    lease = await store.lease_next(NS, ["fb"], "fbagent", now=T0, default_timeout=30,
+                                   scope=scope)
+    assert lease is not None and lease.task.id == "f2" and not lease.task.served_by_fallback
+    assert await store.lease_next(NS, ["fb"], "fbagent", now=T0, default_timeout=30,
+                                  scope=scope) is None
+    # "prim" has no usable agent any more: its task is served by the fallback.
+    scope = LeaseScope(("fb",), frozenset({"other"}))
+    lease = await store.lease_next(NS, ["fb"], "fbagent", now=T0, default_timeout=30,
+                                   scope=scope)
+    assert lease is not None and lease.task.id == "f1" and lease.task.served_by_fallback
+    await store.complete("f1", lease.fencing_token, Payload(b"ok"), now=T0)
+    done = await store.get_task("f1")
+    assert done is not None and done.served_by_fallback and done.state is TaskState.SUCCEEDED
+    # Leased by a primary agent, the task leaves the fallback queue too.
+    lp = await store.lease_next(NS, ["other"], "primary", now=T0, default_timeout=30)
+    assert lp is not None and lp.task.id == "f3" and not lp.task.served_by_fallback
+    assert await store.lease_next(NS, ["fb"], "fbagent", now=T0, default_timeout=30,
+                                  scope=LeaseScope(("fb",), frozenset())) is None
+
+
+async def test_capability_concurrency_limit(store: TaskStore) -> None:
+    limits = DispatchLimits(capability_limits={"cap": 2})
+    for i in range(4):
+        await store.create_task(mk(f"c{i}"))
+    leases = [await store.lease_next(NS, ["cap"], "ag", now=T0, default_timeout=30,
+                                     limits=limits) for _ in range(3)]
+    assert [x.task.id if x else None for x in leases] == ["c0", "c1", None]
+    assert leases[0] is not None
+    await store.complete("c0", leases[0].fencing_token, Payload(b""), now=T0)
+    nxt = await store.lease_next(NS, ["cap"], "ag", now=T0, default_timeout=30, limits=limits)
+    assert nxt is not None and nxt.task.id == "c2"
+    # Another namespace has its own count.
+    await store.create_task(mk("o1", ns="ns2"))
+    other = await store.lease_next("ns2", ["cap"], "ag", now=T0, default_timeout=30,
+                                   limits=limits)
+    assert other is not None
+
+
+async def test_key_concurrency_limit_skips_to_other_keys(store: TaskStore) -> None:
+    limits = DispatchLimits(key_label="tenant", key_limits={"a": 1}, default_key_limit=2)
+    await store.create_task(mk("k1", labels={"tenant": "a"}))
+    await store.create_task(mk("k2", labels={"tenant": "a"}))
+    await store.create_task(mk("k3", labels={"tenant": "b"}))
+    await store.create_task(mk("k4", labels={"tenant": "b"}))
+    await store.create_task(mk("k5", labels={"tenant": "b"}))
+    await store.create_task(mk("k6"))
+    got = []
+    while (lease := await store.lease_next(NS, ["cap"], "ag", now=T0, default_timeout=30,
+                                           limits=limits)) is not None:
+        got.append(lease.task.id)
+    assert got == ["k1", "k3", "k4", "k6"]
+    k1 = await store.get_task("k1")
+    assert k1 is not None
+    await store.fail("k1", k1.fencing_token, TaskFailure("x"), verdict=FailVerdict.FAIL,
+                     retry_at=T0, now=T0)
+    lease = await store.lease_next(NS, ["cap"], "ag", now=T0, default_timeout=30, limits=limits)
+    assert lease is not None and lease.task.id == "k2"
+
+
+async def test_capability_rate_limit_token_bucket(store: TaskStore) -> None:
+    limits = DispatchLimits(capability_rates={"cap": 2.0})
+    for i in range(5):
+        await store.create_task(mk(f"r{i}"))
+
+    async def take(now: float) -> str | None:
+        lease = await store.lease_next(NS, ["cap"], "ag", now=now, default_timeout=30,
+                                       limits=limits)
+        return lease.task.id if lease else None
+
+    assert [await take(T0), await take(T0), await take(T0)] == ["r0", "r1", None]
+    assert await take(T0 + 0.25) is None
+    assert await take(T0 + 0.5) == "r2"
+    assert await take(T0 + 0.5) is None
+    assert [await take(T0 + 10), await take(T0 + 10)] == ["r3", "r4"]

@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61gentmesh/v1/state.proto\x12\x0c\x61gentmesh.v1\x1a\x19\x61gentmesh/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc4\x01\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.agentmesh.v1.Payload\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\",\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"6\n\x0bGetResponse\x12\'\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x18.agentmesh.v1.StateEntry\"\xae\x01\n\nPutRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12$\n\x05value\x18\x03 \x01(\x0b\x32\x15.agentmesh.v1.Payload\x12\x1d\n\x10\x65xpected_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12&\n\x03ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.DurationB\x13\n\x11_expected_version\"6\n\x0bPutResponse\x12\'\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x18.agentmesh.v1.StateEntry\"c\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x42\x13\n\x11_expected_version\"\"\n\x0e\x44\x65leteResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\"W\n\x0bListRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\"R\n\x0cListResponse\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.agentmesh.v1.StateEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x0cWatchRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_revision\x18\x03 \x01(\x03\"d\n\rWatchResponse\x12*\n\x04type\x18\x01 \x01(\x0e\x32\x1c.agentmesh.v1.StateEventType\x12\'\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x18.agentmesh.v1.StateEntry*i\n\x0eStateEventType\x12 \n\x1cSTATE_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14STATE_EVENT_TYPE_PUT\x10\x01\x12\x1b\n\x17STATE_EVENT_TYPE_DELETE\x10\x02\x32\xce\x02\n\x0cStateService\x12:\n\x03Get\x12\x18.agentmesh.v1.GetRequest\x1a\x19.agentmesh.v1.GetResponse\x12:\n\x03Put\x12\x18.agentmesh.v1.PutRequest\x1a\x19.agentmesh.v1.PutResponse\x12\x43\n\x06\x44\x65lete\x12\x1b.agentmesh.v1.DeleteRequest\x1a\x1c.agentmesh.v1.DeleteResponse\x12=\n\x04List\x12\x19.agentmesh.v1.ListRequest\x1a\x1a.agentmesh.v1.ListResponse\x12\x42\n\x05Watch\x12\x1a.agentmesh.v1.WatchRequest\x1a\x1b.agentmesh.v1.WatchResponse0\x01\x42@Z>github.com/agentmesh/agentmesh/gen/go/agentmesh/v1;agentmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61gentmesh/v1/state.proto\x12\x0c\x61gentmesh.v1\x1a\x19\x61gentmesh/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc4\x01\n\nStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.agentmesh.v1.Payload\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\",\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"6\n\x0bGetResponse\x12\'\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x18.agentmesh.v1.StateEntry\"\xd3\x01\n\nPutRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12$\n\x05value\x18\x03 \x01(\x0b\x32\x15.agentmesh.v1.Payload\x12\x1d\n\x10\x65xpected_version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12&\n\x03ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rfencing_token\x18\x06 \x01(\x03\x12\x0c\n\x04lock\x18\x07 \x01(\tB\x13\n\x11_expected_version\"6\n\x0bPutResponse\x12\'\n\x05\x65ntry\x18\x01 \x01(\x0b\x32\x18.agentmesh.v1.StateEntry\"\x88\x01\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x1d\n\x10\x65xpected_version\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\rfencing_token\x18\x04 \x01(\x03\x12\x0c\n\x04lock\x18\x05 \x01(\tB\x13\n\x11_expected_version\"\"\n\x0e\x44\x65leteResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\"W\n\x0bListRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\"R\n\x0cListResponse\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.agentmesh.v1.StateEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x0cWatchRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_revision\x18\x03 \x01(\x03\"d\n\rWatchResponse\x12*\n\x04type\x18\x01 \x01(\x0e\x32\x1c.agentmesh.v1.StateEventType\x12\'\n\x05\x65ntry\x18\x02 \x01(\x0b\x32\x18.agentmesh.v1.StateEntry\"\x9d\x02\n\x08Snapshot\x12\x0c\n\x04name\x18\x01 \x01(\t\x12/\n\x0b\x63reate_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x11\n\tnamespace\x18\x04 \x01(\t\x12\x38\n\trevisions\x18\x05 \x03(\x0b\x32%.agentmesh.v1.Snapshot.RevisionsEntry\x12\x13\n\x0b\x65ntry_count\x18\x06 \x01(\x03\x12\x12\n\ntask_count\x18\x07 \x01(\x03\x12\x16\n\x0eworkflow_count\x18\x08 \x01(\x03\x1a\x30\n\x0eRevisionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xb7\x01\n\x12\x41\x63quireLockRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x31\n\x0elease_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cwait_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\r\n\x05\x61gent\x18\x06 \x01(\t\"]\n\x13\x41\x63quireLockResponse\x12\x15\n\rfencing_token\x18\x01 \x01(\x03\x12/\n\x0b\x65xpire_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"}\n\x10RenewLockRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x15\n\rfencing_token\x18\x03 \x01(\x03\x12\x31\n\x0elease_duration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"D\n\x11RenewLockResponse\x12/\n\x0b\x65xpire_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"L\n\x12ReleaseLockRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x15\n\rfencing_token\x18\x03 \x01(\x03\"\x15\n\x13ReleaseLockResponse\"*\n\x15\x43reateSnapshotRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"B\n\x16\x43reateSnapshotResponse\x12(\n\x08snapshot\x18\x01 \x01(\x0b\x32\x16.agentmesh.v1.Snapshot\"=\n\x14ListSnapshotsRequest\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"[\n\x15ListSnapshotsResponse\x12)\n\tsnapshots\x18\x01 \x03(\x0b\x32\x16.agentmesh.v1.Snapshot\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x16RestoreSnapshotRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x17RestoreSnapshotResponse\x12(\n\x08snapshot\x18\x01 \x01(\x0b\x32\x16.agentmesh.v1.Snapshot*i\n\x0eStateEventType\x12 \n\x1cSTATE_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14STATE_EVENT_TYPE_PUT\x10\x01\x12\x1b\n\x17STATE_EVENT_TYPE_DELETE\x10\x02\x32\xdb\x06\n\x0cStateService\x12:\n\x03Get\x12\x18.agentmesh.v1.GetRequest\x1a\x19.agentmesh.v1.GetResponse\x12:\n\x03Put\x12\x18.agentmesh.v1.PutRequest\x1a\x19.agentmesh.v1.PutResponse\x12\x43\n\x06\x44\x65lete\x12\x1b.agentmesh.v1.DeleteRequest\x1a\x1c.agentmesh.v1.DeleteResponse\x12=\n\x04List\x12\x19.agentmesh.v1.ListRequest\x1a\x1a.agentmesh.v1.ListResponse\x12\x42\n\x05Watch\x12\x1a.agentmesh.v1.WatchRequest\x1a\x1b.agentmesh.v1.WatchResponse0\x01\x12R\n\x0b\x41\x63quireLock\x12 .agentmesh.v1.AcquireLockRequest\x1a!.agentmesh.v1.AcquireLockResponse\x12L\n\tRenewLock\x12\x1e.agentmesh.v1.RenewLockRequest\x1a\x1f.agentmesh.v1.RenewLockResponse\x12R\n\x0bReleaseLock\x12 .agentmesh.v1.ReleaseLockRequest\x1a!.agentmesh.v1.ReleaseLockResponse\x12[\n\x0e\x43reateSnapshot\x12#.agentmesh.v1.CreateSnapshotRequest\x1a$.agentmesh.v1.CreateSnapshotResponse\x12X\n\rListSnapshots\x12\".agentmesh.v1.ListSnapshotsRequest\x1a#.agentmesh.v1.ListSnapshotsResponse\x12^\n\x0fRestoreSnapshot\x12$.agentmesh.v1.RestoreSnapshotRequest\x1a%.agentmesh.v1.RestoreSnapshotResponseB@Z>github.com/agentmesh/agentmesh/gen/go/agentmesh/v1;agentmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentmesh.v1.state_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'Z>github.com/agentmesh/agentmesh/gen/go/agentmesh/v1;agentmeshv1'
-  _globals['_STATEEVENTTYPE']._serialized_start=1155
-  _globals['_STATEEVENTTYPE']._serialized_end=1260
+  _globals['_SNAPSHOT_REVISIONSENTRY']._loaded_options = None
+  _globals['_SNAPSHOT_REVISIONSENTRY']._serialized_options = b'8\001'
+  _globals['_STATEEVENTTYPE']._serialized_start=2474
+  _globals['_STATEEVENTTYPE']._serialized_end=2579
   _globals['_STATEENTRY']._serialized_start=135
   _globals['_STATEENTRY']._serialized_end=331
   _globals['_GETREQUEST']._serialized_start=333
@@ -44,21 +46,49 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETRESPONSE']._serialized_start=379
   _globals['_GETRESPONSE']._serialized_end=433
   _globals['_PUTREQUEST']._serialized_start=436
-  _globals['_PUTREQUEST']._serialized_end=610
-  _globals['_PUTRESPONSE']._serialized_start=612
-  _globals['_PUTRESPONSE']._serialized_end=666
-  _globals['_DELETEREQUEST']._serialized_start=668
-  _globals['_DELETEREQUEST']._serialized_end=767
-  _globals['_DELETERESPONSE']._serialized_start=769
-  _globals['_DELETERESPONSE']._serialized_end=803
-  _globals['_LISTREQUEST']._serialized_start=805
-  _globals['_LISTREQUEST']._serialized_end=892
-  _globals['_LISTRESPONSE']._serialized_start=894
-  _globals['_LISTRESPONSE']._serialized_end=976
-  _globals['_WATCHREQUEST']._serialized_start=978
-  _globals['_WATCHREQUEST']._serialized_end=1051
-  _globals['_WATCHRESPONSE']._serialized_start=1053
-  _globals['_WATCHRESPONSE']._serialized_end=1153
-  _globals['_STATESERVICE']._serialized_start=1263
-  _globals['_STATESERVICE']._serialized_end=1597
+  _globals['_PUTREQUEST']._serialized_end=647
+  _globals['_PUTRESPONSE']._serialized_start=649
+  _globals['_PUTRESPONSE']._serialized_end=703
+  _globals['_DELETEREQUEST']._serialized_start=706
+  _globals['_DELETEREQUEST']._serialized_end=842
+  _globals['_DELETERESPONSE']._serialized_start=844
+  _globals['_DELETERESPONSE']._serialized_end=878
+  _globals['_LISTREQUEST']._serialized_start=880
+  _globals['_LISTREQUEST']._serialized_end=967
+  _globals['_LISTRESPONSE']._serialized_start=969
+  _globals['_LISTRESPONSE']._serialized_end=1051
+  _globals['_WATCHREQUEST']._serialized_start=1053
+  _globals['_WATCHREQUEST']._serialized_end=1126
+  _globals['_WATCHRESPONSE']._serialized_start=1128
+  _globals['_WATCHRESPONSE']._serialized_end=1228
+  _globals['_SNAPSHOT']._serialized_start=1231
+  _globals['_SNAPSHOT']._serialized_end=1516
+  _globals['_SNAPSHOT_REVISIONSENTRY']._serialized_start=1468
+  _globals['_SNAPSHOT_REVISIONSENTRY']._serialized_end=1516
+  _globals['_ACQUIRELOCKREQUEST']._serialized_start=1519
+  _globals['_ACQUIRELOCKREQUEST']._serialized_end=1702
+  _globals['_ACQUIRELOCKRESPONSE']._serialized_start=1704
+  _globals['_ACQUIRELOCKRESPONSE']._serialized_end=1797
+  _globals['_RENEWLOCKREQUEST']._serialized_start=1799
+  _globals['_RENEWLOCKREQUEST']._serialized_end=1924
+  _globals['_RENEWLOCKRESPONSE']._serialized_start=1926
+  _globals['_RENEWLOCKRESPONSE']._serialized_end=1994
+  _globals['_RELEASELOCKREQUEST']._serialized_start=1996
+  _globals['_RELEASELOCKREQUEST']._serialized_end=2072
+  _globals['_RELEASELOCKRESPONSE']._serialized_start=2074
+  _globals['_RELEASELOCKRESPONSE']._serialized_end=2095
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_start=2097
+  _globals['_CREATESNAPSHOTREQUEST']._serialized_end=2139
+  _globals['_CREATESNAPSHOTRESPONSE']._serialized_start=2141
+  _globals['_CREATESNAPSHOTRESPONSE']._serialized_end=2207
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_start=2209
+  _globals['_LISTSNAPSHOTSREQUEST']._serialized_end=2270
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_start=2272
+  _globals['_LISTSNAPSHOTSRESPONSE']._serialized_end=2363
+  _globals['_RESTORESNAPSHOTREQUEST']._serialized_start=2365
+  _globals['_RESTORESNAPSHOTREQUEST']._serialized_end=2403
+  _globals['_RESTORESNAPSHOTRESPONSE']._serialized_start=2405
+  _globals['_RESTORESNAPSHOTRESPONSE']._serialized_end=2472
+  _globals['_STATESERVICE']._serialized_start=2582
+  _globals['_STATESERVICE']._serialized_end=3441
 # @@protoc_insertion_point(module_scope)

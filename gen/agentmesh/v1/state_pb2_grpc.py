@@ -62,6 +62,36 @@ class StateServiceStub:
                 request_serializer=agentmesh_dot_v1_dot_state__pb2.WatchRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_v1_dot_state__pb2.WatchResponse.FromString,
                 _registered_method=True)
+        self.AcquireLock = channel.unary_unary(
+                '/agentmesh.v1.StateService/AcquireLock',
+                request_serializer=agentmesh_dot_v1_dot_state__pb2.AcquireLockRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_state__pb2.AcquireLockResponse.FromString,
+                _registered_method=True)
+        self.RenewLock = channel.unary_unary(
+                '/agentmesh.v1.StateService/RenewLock',
+                request_serializer=agentmesh_dot_v1_dot_state__pb2.RenewLockRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_state__pb2.RenewLockResponse.FromString,
+                _registered_method=True)
+        self.ReleaseLock = channel.unary_unary(
+                '/agentmesh.v1.StateService/ReleaseLock',
+                request_serializer=agentmesh_dot_v1_dot_state__pb2.ReleaseLockRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_state__pb2.ReleaseLockResponse.FromString,
+                _registered_method=True)
+        self.CreateSnapshot = channel.unary_unary(
+                '/agentmesh.v1.StateService/CreateSnapshot',
+                request_serializer=agentmesh_dot_v1_dot_state__pb2.CreateSnapshotRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_state__pb2.CreateSnapshotResponse.FromString,
+                _registered_method=True)
+        self.ListSnapshots = channel.unary_unary(
+                '/agentmesh.v1.StateService/ListSnapshots',
+                request_serializer=agentmesh_dot_v1_dot_state__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_state__pb2.ListSnapshotsResponse.FromString,
+                _registered_method=True)
+        self.RestoreSnapshot = channel.unary_unary(
+                '/agentmesh.v1.StateService/RestoreSnapshot',
+                request_serializer=agentmesh_dot_v1_dot_state__pb2.RestoreSnapshotRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_state__pb2.RestoreSnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class StateServiceServicer:
@@ -106,6 +136,64 @@ class StateServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcquireLock(self, request, context):
+        """AcquireLock takes a named lock for a lease and returns a fencing token that
+        is larger than every token granted before for that lock (also across
+        expiry and release). With wait_timeout set the call waits up to that long
+        for the holder to release or its lease to end. When the lock is still held
+        at the end it answers ABORTED with ErrorInfo reason LOCK_HELD and the
+        holder in ErrorInfo metadata ("owner", "agent", "expire_time"), like
+        etcd's TryLock/ErrLocked: a conflict the caller may retry, never a
+        DEADLINE_EXCEEDED that would leave it guessing whether it got the lock.
+        The wait is capped by the call's own deadline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RenewLock(self, request, context):
+        """RenewLock extends the lease of the current holder; ABORTED (reason
+        STALE_FENCING_TOKEN) when the token is not the lock's current grant or its
+        lease has already ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLock(self, request, context):
+        """ReleaseLock frees the lock. Idempotent for the holder (releasing again,
+        or after the lease ended, succeeds); ABORTED (STALE_FENCING_TOKEN) for a
+        token older than the lock's current grant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSnapshot(self, request, context):
+        """CreateSnapshot writes the whole state (entries with versions, revisions,
+        lock token counters) and the task/workflow records as one gzip JSON blob
+        to the blob store. Each namespace's state reflects one revision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnapshots(self, request, context):
+        """ListSnapshots lists the stored snapshots, newest first; paginated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreSnapshot(self, request, context):
+        """RestoreSnapshot loads a snapshot into an empty store; FAILED_PRECONDITION
+        when a namespace it holds already has state or tasks, NOT_FOUND for an
+        unknown snapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StateServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -133,6 +221,36 @@ def add_StateServiceServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=agentmesh_dot_v1_dot_state__pb2.WatchRequest.FromString,
                     response_serializer=agentmesh_dot_v1_dot_state__pb2.WatchResponse.SerializeToString,
+            ),
+            'AcquireLock': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcquireLock,
+                    request_deserializer=agentmesh_dot_v1_dot_state__pb2.AcquireLockRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_state__pb2.AcquireLockResponse.SerializeToString,
+            ),
+            'RenewLock': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLock,
+                    request_deserializer=agentmesh_dot_v1_dot_state__pb2.RenewLockRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_state__pb2.RenewLockResponse.SerializeToString,
+            ),
+            'ReleaseLock': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLock,
+                    request_deserializer=agentmesh_dot_v1_dot_state__pb2.ReleaseLockRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_state__pb2.ReleaseLockResponse.SerializeToString,
+            ),
+            'CreateSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSnapshot,
+                    request_deserializer=agentmesh_dot_v1_dot_state__pb2.CreateSnapshotRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_state__pb2.CreateSnapshotResponse.SerializeToString,
+            ),
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=agentmesh_dot_v1_dot_state__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_state__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'RestoreSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreSnapshot,
+                    request_deserializer=agentmesh_dot_v1_dot_state__pb2.RestoreSnapshotRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_state__pb2.RestoreSnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -273,6 +391,168 @@ class StateService:
             '/agentmesh.v1.StateService/Watch',
             agentmesh_dot_v1_dot_state__pb2.WatchRequest.SerializeToString,
             agentmesh_dot_v1_dot_state__pb2.WatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcquireLock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.StateService/AcquireLock',
+            agentmesh_dot_v1_dot_state__pb2.AcquireLockRequest.SerializeToString,
+            agentmesh_dot_v1_dot_state__pb2.AcquireLockResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.StateService/RenewLock',
+            agentmesh_dot_v1_dot_state__pb2.RenewLockRequest.SerializeToString,
+            agentmesh_dot_v1_dot_state__pb2.RenewLockResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.StateService/ReleaseLock',
+            agentmesh_dot_v1_dot_state__pb2.ReleaseLockRequest.SerializeToString,
+            agentmesh_dot_v1_dot_state__pb2.ReleaseLockResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.StateService/CreateSnapshot',
+            agentmesh_dot_v1_dot_state__pb2.CreateSnapshotRequest.SerializeToString,
+            agentmesh_dot_v1_dot_state__pb2.CreateSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.StateService/ListSnapshots',
+            agentmesh_dot_v1_dot_state__pb2.ListSnapshotsRequest.SerializeToString,
+            agentmesh_dot_v1_dot_state__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.StateService/RestoreSnapshot',
+            agentmesh_dot_v1_dot_state__pb2.RestoreSnapshotRequest.SerializeToString,
+            agentmesh_dot_v1_dot_state__pb2.RestoreSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

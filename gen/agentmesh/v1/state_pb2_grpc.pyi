@@ -48,6 +48,39 @@ class StateServiceStub:
     """List lists keys under a prefix, ordered by key; paginated."""
     Watch: _grpc.UnaryStreamMultiCallable[_state_pb2.WatchRequest, _state_pb2.WatchResponse]
     """Watch streams every change under a prefix after a revision."""
+    AcquireLock: _grpc.UnaryUnaryMultiCallable[_state_pb2.AcquireLockRequest, _state_pb2.AcquireLockResponse]
+    """AcquireLock takes a named lock for a lease and returns a fencing token that
+    is larger than every token granted before for that lock (also across
+    expiry and release). With wait_timeout set the call waits up to that long
+    for the holder to release or its lease to end. When the lock is still held
+    at the end it answers ABORTED with ErrorInfo reason LOCK_HELD and the
+    holder in ErrorInfo metadata ("owner", "agent", "expire_time"), like
+    etcd's TryLock/ErrLocked: a conflict the caller may retry, never a
+    DEADLINE_EXCEEDED that would leave it guessing whether it got the lock.
+    The wait is capped by the call's own deadline.
+    """
+    RenewLock: _grpc.UnaryUnaryMultiCallable[_state_pb2.RenewLockRequest, _state_pb2.RenewLockResponse]
+    """RenewLock extends the lease of the current holder; ABORTED (reason
+    STALE_FENCING_TOKEN) when the token is not the lock's current grant or its
+    lease has already ended.
+    """
+    ReleaseLock: _grpc.UnaryUnaryMultiCallable[_state_pb2.ReleaseLockRequest, _state_pb2.ReleaseLockResponse]
+    """ReleaseLock frees the lock. Idempotent for the holder (releasing again,
+    or after the lease ended, succeeds); ABORTED (STALE_FENCING_TOKEN) for a
+    token older than the lock's current grant.
+    """
+    CreateSnapshot: _grpc.UnaryUnaryMultiCallable[_state_pb2.CreateSnapshotRequest, _state_pb2.CreateSnapshotResponse]
+    """CreateSnapshot writes the whole state (entries with versions, revisions,
+    lock token counters) and the task/workflow records as one gzip JSON blob
+    to the blob store. Each namespace's state reflects one revision.
+    """
+    ListSnapshots: _grpc.UnaryUnaryMultiCallable[_state_pb2.ListSnapshotsRequest, _state_pb2.ListSnapshotsResponse]
+    """ListSnapshots lists the stored snapshots, newest first; paginated."""
+    RestoreSnapshot: _grpc.UnaryUnaryMultiCallable[_state_pb2.RestoreSnapshotRequest, _state_pb2.RestoreSnapshotResponse]
+    """RestoreSnapshot loads a snapshot into an empty store; FAILED_PRECONDITION
+    when a namespace it holds already has state or tasks, NOT_FOUND for an
+    unknown snapshot.
+    """
 
 @_typing.type_check_only
 class StateServiceAsyncStub(StateServiceStub):
@@ -69,6 +102,39 @@ class StateServiceAsyncStub(StateServiceStub):
     """List lists keys under a prefix, ordered by key; paginated."""
     Watch: _aio.UnaryStreamMultiCallable[_state_pb2.WatchRequest, _state_pb2.WatchResponse]  # type: ignore[assignment]
     """Watch streams every change under a prefix after a revision."""
+    AcquireLock: _aio.UnaryUnaryMultiCallable[_state_pb2.AcquireLockRequest, _state_pb2.AcquireLockResponse]  # type: ignore[assignment]
+    """AcquireLock takes a named lock for a lease and returns a fencing token that
+    is larger than every token granted before for that lock (also across
+    expiry and release). With wait_timeout set the call waits up to that long
+    for the holder to release or its lease to end. When the lock is still held
+    at the end it answers ABORTED with ErrorInfo reason LOCK_HELD and the
+    holder in ErrorInfo metadata ("owner", "agent", "expire_time"), like
+    etcd's TryLock/ErrLocked: a conflict the caller may retry, never a
+    DEADLINE_EXCEEDED that would leave it guessing whether it got the lock.
+    The wait is capped by the call's own deadline.
+    """
+    RenewLock: _aio.UnaryUnaryMultiCallable[_state_pb2.RenewLockRequest, _state_pb2.RenewLockResponse]  # type: ignore[assignment]
+    """RenewLock extends the lease of the current holder; ABORTED (reason
+    STALE_FENCING_TOKEN) when the token is not the lock's current grant or its
+    lease has already ended.
+    """
+    ReleaseLock: _aio.UnaryUnaryMultiCallable[_state_pb2.ReleaseLockRequest, _state_pb2.ReleaseLockResponse]  # type: ignore[assignment]
+    """ReleaseLock frees the lock. Idempotent for the holder (releasing again,
+    or after the lease ended, succeeds); ABORTED (STALE_FENCING_TOKEN) for a
+    token older than the lock's current grant.
+    """
+    CreateSnapshot: _aio.UnaryUnaryMultiCallable[_state_pb2.CreateSnapshotRequest, _state_pb2.CreateSnapshotResponse]  # type: ignore[assignment]
+    """CreateSnapshot writes the whole state (entries with versions, revisions,
+    lock token counters) and the task/workflow records as one gzip JSON blob
+    to the blob store. Each namespace's state reflects one revision.
+    """
+    ListSnapshots: _aio.UnaryUnaryMultiCallable[_state_pb2.ListSnapshotsRequest, _state_pb2.ListSnapshotsResponse]  # type: ignore[assignment]
+    """ListSnapshots lists the stored snapshots, newest first; paginated."""
+    RestoreSnapshot: _aio.UnaryUnaryMultiCallable[_state_pb2.RestoreSnapshotRequest, _state_pb2.RestoreSnapshotResponse]  # type: ignore[assignment]
+    """RestoreSnapshot loads a snapshot into an empty store; FAILED_PRECONDITION
+    when a namespace it holds already has state or tasks, NOT_FOUND for an
+    unknown snapshot.
+    """
 
 class StateServiceServicer(metaclass=_abc_1.ABCMeta):
     """StateService is a versioned key-value store shared by agents: every key has
@@ -117,5 +183,74 @@ class StateServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_state_pb2.WatchResponse], _abc.AsyncIterator[_state_pb2.WatchResponse]]:
         """Watch streams every change under a prefix after a revision."""
+
+    @_abc_1.abstractmethod
+    def AcquireLock(
+        self,
+        request: _state_pb2.AcquireLockRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_pb2.AcquireLockResponse, _abc.Awaitable[_state_pb2.AcquireLockResponse]]:
+        """AcquireLock takes a named lock for a lease and returns a fencing token that
+        is larger than every token granted before for that lock (also across
+        expiry and release). With wait_timeout set the call waits up to that long
+        for the holder to release or its lease to end. When the lock is still held
+        at the end it answers ABORTED with ErrorInfo reason LOCK_HELD and the
+        holder in ErrorInfo metadata ("owner", "agent", "expire_time"), like
+        etcd's TryLock/ErrLocked: a conflict the caller may retry, never a
+        DEADLINE_EXCEEDED that would leave it guessing whether it got the lock.
+        The wait is capped by the call's own deadline.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewLock(
+        self,
+        request: _state_pb2.RenewLockRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_pb2.RenewLockResponse, _abc.Awaitable[_state_pb2.RenewLockResponse]]:
+        """RenewLock extends the lease of the current holder; ABORTED (reason
+        STALE_FENCING_TOKEN) when the token is not the lock's current grant or its
+        lease has already ended.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseLock(
+        self,
+        request: _state_pb2.ReleaseLockRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_pb2.ReleaseLockResponse, _abc.Awaitable[_state_pb2.ReleaseLockResponse]]:
+        """ReleaseLock frees the lock. Idempotent for the holder (releasing again,
+        or after the lease ended, succeeds); ABORTED (STALE_FENCING_TOKEN) for a
+        token older than the lock's current grant.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateSnapshot(
+        self,
+        request: _state_pb2.CreateSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_pb2.CreateSnapshotResponse, _abc.Awaitable[_state_pb2.CreateSnapshotResponse]]:
+        """CreateSnapshot writes the whole state (entries with versions, revisions,
+        lock token counters) and the task/workflow records as one gzip JSON blob
+        to the blob store. Each namespace's state reflects one revision.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSnapshots(
+        self,
+        request: _state_pb2.ListSnapshotsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_pb2.ListSnapshotsResponse, _abc.Awaitable[_state_pb2.ListSnapshotsResponse]]:
+        """ListSnapshots lists the stored snapshots, newest first; paginated."""
+
+    @_abc_1.abstractmethod
+    def RestoreSnapshot(
+        self,
+        request: _state_pb2.RestoreSnapshotRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_state_pb2.RestoreSnapshotResponse, _abc.Awaitable[_state_pb2.RestoreSnapshotResponse]]:
+        """RestoreSnapshot loads a snapshot into an empty store; FAILED_PRECONDITION
+        when a namespace it holds already has state or tasks, NOT_FOUND for an
+        unknown snapshot.
+        """
 
 def add_StateServiceServicer_to_server(servicer: StateServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -224,6 +224,8 @@ class Task(_message.Message):
     TRACE_CONTEXT_FIELD_NUMBER: _builtins.int
     DEPENDENCY_OUTPUTS_FIELD_NUMBER: _builtins.int
     RETRY_TIME_FIELD_NUMBER: _builtins.int
+    SCHEDULE_TO_START_TIMEOUT_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, "tasks/{task}". Output only."""
     capability: _builtins.str
@@ -306,6 +308,19 @@ class Task(_message.Message):
     def retry_time(self) -> _timestamp_pb2.Timestamp:
         """When the next retry is due, while RETRYING. Output only."""
 
+    @_builtins.property
+    def schedule_to_start_timeout(self) -> _duration_pb2.Duration:
+        """Longest the task may wait QUEUED for an agent; past it the task FAILS with
+        error_type SCHEDULE_TO_START_TIMEOUT (not retried). 0 means no limit.
+        """
+
+    @_builtins.property
+    def heartbeat_timeout(self) -> _duration_pb2.Duration:
+        """Longest a running attempt may go without progress (TaskProgress); past it
+        the lease ends (error_type HEARTBEAT_TIMEOUT) and the task is retried per
+        its policy. 0 means only the execution timeout applies.
+        """
+
     def __init__(
         self,
         *,
@@ -336,10 +351,12 @@ class Task(_message.Message):
         trace_context: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         dependency_outputs: _abc.Mapping[_builtins.str, _common_pb2.Payload] | None = ...,
         retry_time: _timestamp_pb2.Timestamp | None = ...,
+        schedule_to_start_timeout: _duration_pb2.Duration | None = ...,
+        heartbeat_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "execution_timeout", b"execution_timeout", "failure", b"failure", "input", b"input", "output", b"output", "retry_policy", b"retry_policy", "retry_time", b"retry_time", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "execution_timeout", b"execution_timeout", "failure", b"failure", "heartbeat_timeout", b"heartbeat_timeout", "input", b"input", "output", b"output", "retry_policy", b"retry_policy", "retry_time", b"retry_time", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "attempt", b"attempt", "attempts", b"attempts", "capability", b"capability", "create_time", b"create_time", "dependency_outputs", b"dependency_outputs", "end_time", b"end_time", "execution_timeout", b"execution_timeout", "failure", b"failure", "fallback_capability", b"fallback_capability", "human_intervened", b"human_intervened", "input", b"input", "labels", b"labels", "name", b"name", "namespace", b"namespace", "output", b"output", "priority", b"priority", "retry_policy", b"retry_policy", "retry_time", b"retry_time", "served_by_fallback", b"served_by_fallback", "start_time", b"start_time", "state", b"state", "step_id", b"step_id", "trace_context", b"trace_context", "unschedulable", b"unschedulable", "update_time", b"update_time", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "attempt", b"attempt", "attempts", b"attempts", "capability", b"capability", "create_time", b"create_time", "dependency_outputs", b"dependency_outputs", "end_time", b"end_time", "execution_timeout", b"execution_timeout", "failure", b"failure", "fallback_capability", b"fallback_capability", "heartbeat_timeout", b"heartbeat_timeout", "human_intervened", b"human_intervened", "input", b"input", "labels", b"labels", "name", b"name", "namespace", b"namespace", "output", b"output", "priority", b"priority", "retry_policy", b"retry_policy", "retry_time", b"retry_time", "schedule_to_start_timeout", b"schedule_to_start_timeout", "served_by_fallback", b"served_by_fallback", "start_time", b"start_time", "state", b"state", "step_id", b"step_id", "trace_context", b"trace_context", "unschedulable", b"unschedulable", "update_time", b"update_time", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -520,6 +537,9 @@ class WorkflowStep(_message.Message):
     OUTPUT_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
     UNSCHEDULABLE_FIELD_NUMBER: _builtins.int
+    SCHEDULE_TO_START_TIMEOUT_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    SERVED_BY_FALLBACK_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Unique within the workflow: letters, digits, '-', '_'."""
     capability: _builtins.str
@@ -534,6 +554,8 @@ class WorkflowStep(_message.Message):
     """State of that task. Output only."""
     unschedulable: _builtins.bool
     """True while no live agent offers the capability. Output only."""
+    served_by_fallback: _builtins.bool
+    """True when the fallback capability served the step. Output only."""
     @_builtins.property
     def input(self) -> _common_pb2.Payload:
         """Input of the step."""
@@ -558,6 +580,14 @@ class WorkflowStep(_message.Message):
     def failure(self) -> Global___TaskFailure:
         """Failure of the step. Output only."""
 
+    @_builtins.property
+    def schedule_to_start_timeout(self) -> _duration_pb2.Duration:
+        """Longest the step's task may wait QUEUED; see Task.schedule_to_start_timeout."""
+
+    @_builtins.property
+    def heartbeat_timeout(self) -> _duration_pb2.Duration:
+        """Longest an attempt may go without progress; see Task.heartbeat_timeout."""
+
     def __init__(
         self,
         *,
@@ -574,10 +604,13 @@ class WorkflowStep(_message.Message):
         output: _common_pb2.Payload | None = ...,
         failure: Global___TaskFailure | None = ...,
         unschedulable: _builtins.bool = ...,
+        schedule_to_start_timeout: _duration_pb2.Duration | None = ...,
+        heartbeat_timeout: _duration_pb2.Duration | None = ...,
+        served_by_fallback: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure", "input", b"input", "output", b"output", "retry_policy", b"retry_policy", "timeout", b"timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["failure", b"failure", "heartbeat_timeout", b"heartbeat_timeout", "input", b"input", "output", b"output", "retry_policy", b"retry_policy", "schedule_to_start_timeout", b"schedule_to_start_timeout", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "depends_on", b"depends_on", "failure", b"failure", "fallback_capability", b"fallback_capability", "id", b"id", "input", b"input", "output", b"output", "priority", b"priority", "retry_policy", b"retry_policy", "state", b"state", "task", b"task", "timeout", b"timeout", "unschedulable", b"unschedulable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "depends_on", b"depends_on", "failure", b"failure", "fallback_capability", b"fallback_capability", "heartbeat_timeout", b"heartbeat_timeout", "id", b"id", "input", b"input", "output", b"output", "priority", b"priority", "retry_policy", b"retry_policy", "schedule_to_start_timeout", b"schedule_to_start_timeout", "served_by_fallback", b"served_by_fallback", "state", b"state", "task", b"task", "timeout", b"timeout", "unschedulable", b"unschedulable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -638,6 +671,54 @@ class SubmitTaskResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitTaskResponse: _TypeAlias = SubmitTaskResponse  # noqa: Y015
+
+@_typing.final
+class BatchSubmitTasksRequest(_message.Message):
+    """BatchSubmitTasksRequest carries several submissions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitTaskRequest]:
+        """The submissions, at most 1000."""
+
+    def __init__(
+        self,
+        *,
+        requests: _abc.Iterable[Global___SubmitTaskRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchSubmitTasksRequest: _TypeAlias = BatchSubmitTasksRequest  # noqa: Y015
+
+@_typing.final
+class BatchSubmitTasksResponse(_message.Message):
+    """BatchSubmitTasksResponse returns the queued tasks in request order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]:
+        """The tasks."""
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___Task] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchSubmitTasksResponse: _TypeAlias = BatchSubmitTasksResponse  # noqa: Y015
 
 @_typing.final
 class GetTaskRequest(_message.Message):
@@ -867,6 +948,7 @@ class WatchTasksRequest(_message.Message):
     CAPABILITY_FIELD_NUMBER: _builtins.int
     WORKFLOW_FIELD_NUMBER: _builtins.int
     NAMESPACE_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
     capability: _builtins.str
     """Only tasks of this capability, when set."""
     workflow: _builtins.str
@@ -877,6 +959,10 @@ class WatchTasksRequest(_message.Message):
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only these tasks ("tasks/{task}"), when set."""
 
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[Global___TaskState.ValueType]:
+        """Only changes into these states, when set (filtered before anything is read)."""
+
     def __init__(
         self,
         *,
@@ -884,10 +970,11 @@ class WatchTasksRequest(_message.Message):
         capability: _builtins.str = ...,
         workflow: _builtins.str = ...,
         namespace: _builtins.str = ...,
+        states: _abc.Iterable[Global___TaskState.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "names", b"names", "namespace", b"namespace", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "names", b"names", "namespace", b"namespace", "states", b"states", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1188,6 +1275,7 @@ class ProcessTasksRequest(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
+    REPORTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def open(self) -> Global___ProcessTasksOpen:
         """First message: which session takes work on this stream."""
@@ -1208,6 +1296,10 @@ class ProcessTasksRequest(_message.Message):
     def progress(self) -> Global___TaskProgress:
         """Progress of a long-running assignment (also renews its lease)."""
 
+    @_builtins.property
+    def reports(self) -> Global___TaskReportBatch:
+        """Several results and failures at once (same meaning as one by one)."""
+
     def __init__(
         self,
         *,
@@ -1216,16 +1308,47 @@ class ProcessTasksRequest(_message.Message):
         result: Global___TaskResult | None = ...,
         failure: Global___TaskFailureReport | None = ...,
         progress: Global___TaskProgress | None = ...,
+        reports: Global___TaskReportBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "failure", b"failure", "kind", b"kind", "open", b"open", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "failure", b"failure", "kind", b"kind", "open", b"open", "progress", b"progress", "reports", b"reports", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "failure", b"failure", "kind", b"kind", "open", b"open", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "failure", b"failure", "kind", b"kind", "open", b"open", "progress", b"progress", "reports", b"reports", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "credit", "result", "failure", "progress"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "credit", "result", "failure", "progress", "reports"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___ProcessTasksRequest: _TypeAlias = ProcessTasksRequest  # noqa: Y015
+
+@_typing.final
+class TaskReportBatch(_message.Message):
+    """TaskReportBatch carries several reports in one message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskResult]:
+        """Results."""
+
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskFailureReport]:
+        """Failures."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___TaskResult] | None = ...,
+        failures: _abc.Iterable[Global___TaskFailureReport] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures", b"failures", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskReportBatch: _TypeAlias = TaskReportBatch  # noqa: Y015
 
 @_typing.final
 class ProcessTasksOpen(_message.Message):
@@ -1255,7 +1378,9 @@ Global___ProcessTasksOpen: _TypeAlias = ProcessTasksOpen  # noqa: Y015
 
 @_typing.final
 class TaskCredit(_message.Message):
-    """TaskCredit grants the server permission to send more assignments."""
+    """TaskCredit grants the server permission to send more assignments (in
+    addition to the slot each reported result or failure returns).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1379,6 +1504,7 @@ class ProcessTasksResponse(_message.Message):
     ASSIGNMENT_FIELD_NUMBER: _builtins.int
     CANCELLATION_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def opened(self) -> Global___ProcessTasksOpened:
         """Confirms the open."""
@@ -1393,7 +1519,11 @@ class ProcessTasksResponse(_message.Message):
 
     @_builtins.property
     def ack(self) -> Global___TaskReportAck:
-        """Whether a result or failure was accepted."""
+        """A result or failure was refused (stale lease or task not running)."""
+
+    @_builtins.property
+    def assignments(self) -> Global___TaskAssignmentBatch:
+        """Several tasks to run (sent when more than one is ready at once)."""
 
     def __init__(
         self,
@@ -1402,16 +1532,41 @@ class ProcessTasksResponse(_message.Message):
         assignment: Global___TaskAssignment | None = ...,
         cancellation: Global___TaskCancellation | None = ...,
         ack: Global___TaskReportAck | None = ...,
+        assignments: Global___TaskAssignmentBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assignment", b"assignment", "cancellation", b"cancellation", "kind", b"kind", "opened", b"opened"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assignment", b"assignment", "assignments", b"assignments", "cancellation", b"cancellation", "kind", b"kind", "opened", b"opened"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assignment", b"assignment", "cancellation", b"cancellation", "kind", b"kind", "opened", b"opened"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assignment", b"assignment", "assignments", b"assignments", "cancellation", b"cancellation", "kind", b"kind", "opened", b"opened"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "assignment", "cancellation", "ack"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "assignment", "cancellation", "ack", "assignments"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___ProcessTasksResponse: _TypeAlias = ProcessTasksResponse  # noqa: Y015
+
+@_typing.final
+class TaskAssignmentBatch(_message.Message):
+    """TaskAssignmentBatch carries several assignments in one message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskAssignment]:
+        """The assignments, each with its own fencing token."""
+
+    def __init__(
+        self,
+        *,
+        assignments: _abc.Iterable[Global___TaskAssignment] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskAssignmentBatch: _TypeAlias = TaskAssignmentBatch  # noqa: Y015
 
 @_typing.final
 class ProcessTasksOpened(_message.Message):
@@ -1501,7 +1656,9 @@ Global___TaskCancellation: _TypeAlias = TaskCancellation  # noqa: Y015
 
 @_typing.final
 class TaskReportAck(_message.Message):
-    """TaskReportAck answers a TaskResult or TaskFailureReport."""
+    """TaskReportAck answers a TaskResult or TaskFailureReport that was refused
+    (an accepted report is not acknowledged, to keep the stream lean).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

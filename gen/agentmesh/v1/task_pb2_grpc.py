@@ -43,6 +43,11 @@ class TaskServiceStub:
                 request_serializer=agentmesh_dot_v1_dot_task__pb2.SubmitTaskRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_v1_dot_task__pb2.SubmitTaskResponse.FromString,
                 _registered_method=True)
+        self.BatchSubmitTasks = channel.unary_unary(
+                '/agentmesh.v1.TaskService/BatchSubmitTasks',
+                request_serializer=agentmesh_dot_v1_dot_task__pb2.BatchSubmitTasksRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_task__pb2.BatchSubmitTasksResponse.FromString,
+                _registered_method=True)
         self.GetTask = channel.unary_unary(
                 '/agentmesh.v1.TaskService/GetTask',
                 request_serializer=agentmesh_dot_v1_dot_task__pb2.GetTaskRequest.SerializeToString,
@@ -124,6 +129,18 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchSubmitTasks(self, request, context):
+        """BatchSubmitTasks queues up to 1000 tasks in one call (AIP-233). Every
+        request is validated first: one bad request fails the whole batch with
+        INVALID_ARGUMENT naming it (`requests[3].task.capability`) and nothing is
+        queued. Then the tasks are queued in order, each one atomic on its own; a
+        full queue stops the batch with RESOURCE_EXHAUSTED after the tasks before
+        it were queued (their names are in the error's metadata "queued").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetTask(self, request, context):
         """GetTask returns one task.
         """
@@ -198,7 +215,10 @@ class TaskServiceServicer:
     def ProcessTasks(self, request_iterator, context):
         """ProcessTasks is the agent's work stream. The first message must be
         `open`; the agent then grants credits and the server pushes at most that
-        many assignments; the agent returns results, failures and progress.
+        many assignments; the agent returns results, failures and progress. Each
+        result or failure of a current lease returns its slot (one credit), so a
+        steady agent never needs to send `credit` again. Credits never exceed the
+        agent's free slots (max_concurrency minus in-flight).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -226,6 +246,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.SubmitTask,
                     request_deserializer=agentmesh_dot_v1_dot_task__pb2.SubmitTaskRequest.FromString,
                     response_serializer=agentmesh_dot_v1_dot_task__pb2.SubmitTaskResponse.SerializeToString,
+            ),
+            'BatchSubmitTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchSubmitTasks,
+                    request_deserializer=agentmesh_dot_v1_dot_task__pb2.BatchSubmitTasksRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_task__pb2.BatchSubmitTasksResponse.SerializeToString,
             ),
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
@@ -324,6 +349,33 @@ class TaskService:
             '/agentmesh.v1.TaskService/SubmitTask',
             agentmesh_dot_v1_dot_task__pb2.SubmitTaskRequest.SerializeToString,
             agentmesh_dot_v1_dot_task__pb2.SubmitTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchSubmitTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.TaskService/BatchSubmitTasks',
+            agentmesh_dot_v1_dot_task__pb2.BatchSubmitTasksRequest.SerializeToString,
+            agentmesh_dot_v1_dot_task__pb2.BatchSubmitTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

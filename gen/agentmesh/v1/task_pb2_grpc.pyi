@@ -39,6 +39,14 @@ class TaskServiceStub:
     def __new__(cls, channel: _aio.Channel) -> TaskServiceAsyncStub: ...
     SubmitTask: _grpc.UnaryUnaryMultiCallable[_task_pb2.SubmitTaskRequest, _task_pb2.SubmitTaskResponse]
     """SubmitTask queues one task. A repeated request_id returns the first task."""
+    BatchSubmitTasks: _grpc.UnaryUnaryMultiCallable[_task_pb2.BatchSubmitTasksRequest, _task_pb2.BatchSubmitTasksResponse]
+    """BatchSubmitTasks queues up to 1000 tasks in one call (AIP-233). Every
+    request is validated first: one bad request fails the whole batch with
+    INVALID_ARGUMENT naming it (`requests[3].task.capability`) and nothing is
+    queued. Then the tasks are queued in order, each one atomic on its own; a
+    full queue stops the batch with RESOURCE_EXHAUSTED after the tasks before
+    it were queued (their names are in the error's metadata "queued").
+    """
     GetTask: _grpc.UnaryUnaryMultiCallable[_task_pb2.GetTaskRequest, _task_pb2.GetTaskResponse]
     """GetTask returns one task."""
     ListTasks: _grpc.UnaryUnaryMultiCallable[_task_pb2.ListTasksRequest, _task_pb2.ListTasksResponse]
@@ -64,7 +72,10 @@ class TaskServiceStub:
     ProcessTasks: _grpc.StreamStreamMultiCallable[_task_pb2.ProcessTasksRequest, _task_pb2.ProcessTasksResponse]
     """ProcessTasks is the agent's work stream. The first message must be
     `open`; the agent then grants credits and the server pushes at most that
-    many assignments; the agent returns results, failures and progress.
+    many assignments; the agent returns results, failures and progress. Each
+    result or failure of a current lease returns its slot (one credit), so a
+    steady agent never needs to send `credit` again. Credits never exceed the
+    agent's free slots (max_concurrency minus in-flight).
     """
     CompleteTask: _grpc.UnaryUnaryMultiCallable[_task_pb2.CompleteTaskRequest, _task_pb2.CompleteTaskResponse]
     """CompleteTask reports a result or failure outside the stream. A stale
@@ -84,6 +95,14 @@ class TaskServiceAsyncStub(TaskServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitTask: _aio.UnaryUnaryMultiCallable[_task_pb2.SubmitTaskRequest, _task_pb2.SubmitTaskResponse]  # type: ignore[assignment]
     """SubmitTask queues one task. A repeated request_id returns the first task."""
+    BatchSubmitTasks: _aio.UnaryUnaryMultiCallable[_task_pb2.BatchSubmitTasksRequest, _task_pb2.BatchSubmitTasksResponse]  # type: ignore[assignment]
+    """BatchSubmitTasks queues up to 1000 tasks in one call (AIP-233). Every
+    request is validated first: one bad request fails the whole batch with
+    INVALID_ARGUMENT naming it (`requests[3].task.capability`) and nothing is
+    queued. Then the tasks are queued in order, each one atomic on its own; a
+    full queue stops the batch with RESOURCE_EXHAUSTED after the tasks before
+    it were queued (their names are in the error's metadata "queued").
+    """
     GetTask: _aio.UnaryUnaryMultiCallable[_task_pb2.GetTaskRequest, _task_pb2.GetTaskResponse]  # type: ignore[assignment]
     """GetTask returns one task."""
     ListTasks: _aio.UnaryUnaryMultiCallable[_task_pb2.ListTasksRequest, _task_pb2.ListTasksResponse]  # type: ignore[assignment]
@@ -109,7 +128,10 @@ class TaskServiceAsyncStub(TaskServiceStub):
     ProcessTasks: _aio.StreamStreamMultiCallable[_task_pb2.ProcessTasksRequest, _task_pb2.ProcessTasksResponse]  # type: ignore[assignment]
     """ProcessTasks is the agent's work stream. The first message must be
     `open`; the agent then grants credits and the server pushes at most that
-    many assignments; the agent returns results, failures and progress.
+    many assignments; the agent returns results, failures and progress. Each
+    result or failure of a current lease returns its slot (one credit), so a
+    steady agent never needs to send `credit` again. Credits never exceed the
+    agent's free slots (max_concurrency minus in-flight).
     """
     CompleteTask: _aio.UnaryUnaryMultiCallable[_task_pb2.CompleteTaskRequest, _task_pb2.CompleteTaskResponse]  # type: ignore[assignment]
     """CompleteTask reports a result or failure outside the stream. A stale
@@ -132,6 +154,20 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_task_pb2.SubmitTaskResponse, _abc.Awaitable[_task_pb2.SubmitTaskResponse]]:
         """SubmitTask queues one task. A repeated request_id returns the first task."""
+
+    @_abc_1.abstractmethod
+    def BatchSubmitTasks(
+        self,
+        request: _task_pb2.BatchSubmitTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_pb2.BatchSubmitTasksResponse, _abc.Awaitable[_task_pb2.BatchSubmitTasksResponse]]:
+        """BatchSubmitTasks queues up to 1000 tasks in one call (AIP-233). Every
+        request is validated first: one bad request fails the whole batch with
+        INVALID_ARGUMENT naming it (`requests[3].task.capability`) and nothing is
+        queued. Then the tasks are queued in order, each one atomic on its own; a
+        full queue stops the batch with RESOURCE_EXHAUSTED after the tasks before
+        it were queued (their names are in the error's metadata "queued").
+        """
 
     @_abc_1.abstractmethod
     def GetTask(
@@ -223,7 +259,10 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_task_pb2.ProcessTasksResponse], _abc.AsyncIterator[_task_pb2.ProcessTasksResponse]]:
         """ProcessTasks is the agent's work stream. The first message must be
         `open`; the agent then grants credits and the server pushes at most that
-        many assignments; the agent returns results, failures and progress.
+        many assignments; the agent returns results, failures and progress. Each
+        result or failure of a current lease returns its slot (one credit), so a
+        steady agent never needs to send `credit` again. Credits never exceed the
+        agent's free slots (max_concurrency minus in-flight).
         """
 
     @_abc_1.abstractmethod

@@ -18,7 +18,16 @@ from server.domain.errors import (
     ResourceExhaustedError,
     StaleLeaseError,
 )
+from server.domain.limits import (
+    KEY_SCAN,
+    NO_FALLBACK,
+    NO_LIMITS,
+    DispatchLimits,
+    LeaseScope,
+    bucket_take,
+)
 from server.domain.models import (
+    SCHEDULE_TO_START_TIMEOUT,
     TERMINAL_TASK_STATES,
     Lease,
     Payload,
@@ -31,7 +40,7 @@ from server.domain.models import (
     Workflow,
     WorkflowState,
 )
-from server.ports import FailVerdict, TaskFilter, Transition
+from server.ports import FailVerdict, TaskFilter, TaskRecords, Transition
 
 _BACKLOG_STATES = frozenset({TaskState.PENDING, TaskState.QUEUED, TaskState.RETRYING})
 
@@ -52,6 +61,15 @@ class InMemoryTaskStore:
         self._counts: dict[str, dict[TaskState, int]] = defaultdict(lambda: defaultdict(int))
         self._ended: dict[str, int] = defaultdict(int)
         self._autonomous: dict[str, int] = defaultdict(int)
+        # Resilience indexes: schedule-to-start timers, fallback queues
+        # ((ns, fallback, primary) -> heap; (ns, fallback) -> primaries),
+        # RUNNING counters per (ns, "c:"+cap | "l:"+label=value), rate buckets.
+        self._s2s_heap: list[tuple[float, str]] = []
+        self._fb_queues: dict[tuple[str, str, str], list[tuple[int, int, str]]] = (
+            defaultdict(list))
+        self._fb_primaries: dict[tuple[str, str], set[str]] = defaultdict(set)
+        self._run_counts: dict[tuple[str, str], int] = defaultdict(int)
+        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
 
     # -- bookkeeping -------------------------------------------------------------
 
@@ -63,6 +81,13 @@ class InMemoryTaskStore:
         """Save a task version, keep counters and indexes, record the change."""
         old = self._tasks.get(new.id)
         prev = old.state if old is not None else None
+        new = _with_queue_deadline(new, prev)
+        if prev is TaskState.RUNNING and old is not None:
+            for key in _running_keys(old):
+                self._run_counts[(old.namespace, key)] -= 1
+        if new.state is TaskState.RUNNING:
+            for key in _running_keys(new):
+                self._run_counts[(new.namespace, key)] += 1
         counts = self._counts[new.namespace]
         if prev is not None:
             counts[prev] -= 1
@@ -80,6 +105,12 @@ class InMemoryTaskStore:
         if new.state is TaskState.QUEUED and prev is not TaskState.QUEUED:
             heapq.heappush(self._queues[(new.namespace, new.capability)],
                            (-new.priority, new.seq, new.id))
+            if new.fallback_capability:
+                fb = (new.namespace, new.fallback_capability, new.capability)
+                heapq.heappush(self._fb_queues[fb], (-new.priority, new.seq, new.id))
+                self._fb_primaries[(new.namespace, new.fallback_capability)].add(new.capability)
+            if new.queue_deadline:
+                heapq.heappush(self._s2s_heap, (new.queue_deadline, new.id))
         elif new.state is TaskState.RETRYING:
             heapq.heappush(self._retry_heap, (new.retry_time, new.id))
         elif new.state is TaskState.RUNNING:
@@ -200,40 +231,108 @@ class InMemoryTaskStore:
 
     # -- leases ------------------------------------------------------------------
 
-    def _peek(self, key: tuple[str, str]) -> tuple[int, int, str] | None:
-        heap = self._queues.get(key)
-        while heap:
-            top = heap[0]
-            task = self._tasks.get(top[2])
-            if task is not None and task.state is TaskState.QUEUED and task.seq == top[1]:
-                return top
+    def _valid(self, entry: tuple[int, int, str]) -> bool:
+        task = self._tasks.get(entry[2])
+        return task is not None and task.state is TaskState.QUEUED and task.seq == entry[1]
+
+    def _eligible(self, heap: list[tuple[int, int, str]], namespace: str,
+                  limits: DispatchLimits) -> tuple[int, int, str] | None:
+        """The best entry of a heap a per-key limit lets through (stale tops dropped).
+
+        Blocked entries are popped while scanning (at most ``KEY_SCAN``) and
+        pushed back, so the heap is unchanged apart from stale entries.
+        """
+        while heap and not self._valid(heap[0]):
             heapq.heappop(heap)
-        return None
+        if not heap:
+            return None
+        if not limits.key_label:
+            return heap[0]
+        held: list[tuple[int, int, str]] = []
+        found: tuple[int, int, str] | None = None
+        while heap and len(held) < KEY_SCAN:
+            top = heapq.heappop(heap)
+            if not self._valid(top):
+                continue
+            held.append(top)
+            if self._key_allows(self._tasks[top[2]], namespace, limits):
+                found = top
+                break
+        for entry in held:
+            heapq.heappush(heap, entry)
+        return found
+
+    def _key_allows(self, task: Task, namespace: str, limits: DispatchLimits) -> bool:
+        value = task.labels.get(limits.key_label) if limits.key_label else None
+        if value is None:
+            return True
+        cap = limits.key_limit(value)
+        return not cap or self._run_counts[(namespace, f"l:{limits.key_label}={value}")] < cap
+
+    def _cap_allows(self, namespace: str, cap: str, limits: DispatchLimits, now: float) -> bool:
+        most = limits.capability_limits.get(cap, 0)
+        if most and self._run_counts[(namespace, "c:" + cap)] >= most:
+            return False
+        rate = limits.capability_rates.get(cap, 0.0)
+        if rate > 0:
+            tokens, stamp = self._buckets.get((namespace, cap), (0.0, 0.0))
+            return bucket_take(tokens, stamp, rate, now)[2]
+        return True
 
     async def lease_next(
         self, namespace: str, capabilities: Sequence[str], agent_id: str, *,
-        now: float, default_timeout: float,
+        now: float, default_timeout: float, scope: LeaseScope = NO_FALLBACK,
+        limits: DispatchLimits = NO_LIMITS,
     ) -> Lease | None:
         """See TaskStore.lease_next."""
+        heaps: list[tuple[list[tuple[int, int, str]], bool]] = []
+        for cap in dict.fromkeys(capabilities):
+            if self._cap_allows(namespace, cap, limits, now):
+                heaps.append((self._queues[(namespace, cap)], False))
+        for fallback in dict.fromkeys(scope.fallback_for):
+            primaries = self._fb_primaries.get((namespace, fallback))
+            if not primaries:
+                continue
+            for primary in sorted(primaries):
+                fq = self._fb_queues.get((namespace, fallback, primary))
+                if not fq or not self._prune(fq):
+                    primaries.discard(primary)
+                    continue
+                if primary in scope.available or primary in capabilities:
+                    continue
+                if self._cap_allows(namespace, primary, limits, now):
+                    heaps.append((fq, True))
         best: tuple[int, int, str] | None = None
-        best_key: tuple[str, str] | None = None
-        for cap in capabilities:
-            key = (namespace, cap)
-            top = self._peek(key)
+        best_fb = False
+        for heap, via_fallback in heaps:
+            top = self._eligible(heap, namespace, limits)
             if top is not None and (best is None or top < best):
-                best, best_key = top, key
-        if best is None or best_key is None:
+                best, best_fb = top, via_fallback
+        if best is None:
             return None
-        heapq.heappop(self._queues[best_key])
         task = self._tasks[best[2]]
+        rate = limits.capability_rates.get(task.capability, 0.0)
+        if rate > 0:
+            tokens, stamp = self._buckets.get((namespace, task.capability), (0.0, 0.0))
+            tokens, stamp, _ = bucket_take(tokens, stamp, rate, now)
+            self._buckets[(namespace, task.capability)] = (tokens, stamp)
         timeout = task.execution_timeout or default_timeout
+        if task.heartbeat_timeout > 0:
+            timeout = min(timeout, task.heartbeat_timeout)
         attempt = task.attempt + 1
         leased = replace(
             task, state=TaskState.RUNNING, attempt=attempt, fencing_token=task.fencing_token + 1,
             agent_id=agent_id, start_time=now, update_time=now, lease_deadline=now + timeout,
+            served_by_fallback=best_fb,
             attempts=(*task.attempts, TaskAttempt(attempt, agent_id, now)))
-        self._store(leased, [])
+        leased = self._store(leased, [])
         return Lease(leased, leased.fencing_token, leased.lease_deadline)
+
+    def _prune(self, heap: list[tuple[int, int, str]]) -> bool:
+        """Drop stale tops; True when a valid entry remains."""
+        while heap and not self._valid(heap[0]):
+            heapq.heappop(heap)
+        return bool(heap)
 
     async def renew_lease(self, task_id: str, fencing_token: int, deadline: float) -> Task:
         """See TaskStore.renew_lease."""
@@ -363,6 +462,31 @@ class InMemoryTaskStore:
                 self._store(replace(task, state=TaskState.QUEUED, update_time=now), changes)
         return Transition(tuple(changes))
 
+    async def expire_queued(self, now: float, limit: int) -> Transition:
+        """See TaskStore.expire_queued."""
+        changes: list[TaskChange] = []
+        wf: Workflow | None = None
+        heap = self._s2s_heap
+        ended = 0
+        while heap and heap[0][0] < now and ended < limit:
+            deadline, task_id = heapq.heappop(heap)
+            task = self._tasks.get(task_id)
+            if task is None or task.state is not TaskState.QUEUED or (
+                    task.queue_deadline != deadline):
+                continue
+            ended += 1
+            failure = TaskFailure(
+                SCHEDULE_TO_START_TIMEOUT,
+                f"no agent started it within {task.schedule_to_start_timeout:g}s",
+                non_retryable=True)
+            done = self._store(replace(task, state=TaskState.FAILED, failure=failure,
+                                       update_time=now, end_time=now), changes)
+            if done.workflow_id:
+                reason = (f"step {done.step_id!r} failed: {failure.error_type}: "
+                          f"{failure.message}")
+                wf = self._fail_workflow(done, reason, now, changes) or wf
+        return Transition(tuple(changes), wf)
+
     # -- human and client actions --------------------------------------------------
 
     async def cancel_task(self, task_id: str, reason: str, *, now: float) -> Transition:
@@ -452,6 +576,42 @@ class InMemoryTaskStore:
         counts = {s: n for s, n in self._counts[namespace].items() if n}
         return Stats(counts, self._ended[namespace], self._autonomous[namespace])
 
+    # -- snapshots ---------------------------------------------------------------
+
+    async def export_records(self, namespace: str | None) -> TaskRecords:
+        """See SnapshotSource.export_records (no await: one consistent cut)."""
+        tasks = tuple(sorted((t for t in self._tasks.values()
+                              if namespace is None or t.namespace == namespace),
+                             key=lambda t: t.seq))
+        workflows = tuple(sorted((w for w in self._workflows.values()
+                                  if namespace is None or w.namespace == namespace),
+                                 key=lambda w: w.seq))
+        return TaskRecords(tasks, workflows, self._seq)
+
+    async def import_records(self, records: TaskRecords, *, dry_run: bool = False) -> None:
+        """See SnapshotSource.import_records."""
+        namespaces = {t.namespace for t in records.tasks} | {
+            w.namespace for w in records.workflows}
+        busy = sorted(ns for ns in namespaces
+                      if any(t.namespace == ns for t in self._tasks.values())
+                      or any(w.namespace == ns for w in self._workflows.values()))
+        if busy:
+            raise FailedPreconditionError(
+                f"cannot restore into namespace(s) {', '.join(busy)} holding tasks",
+                reason="STORE_NOT_EMPTY", metadata={"namespaces": ",".join(busy)})
+        if dry_run:
+            return
+        for wf in records.workflows:
+            self._workflows[wf.id] = wf
+            dependents: dict[str, list[str]] = {s.id: [] for s in wf.steps}
+            for step in wf.steps:
+                for dep in step.depends_on:
+                    dependents[dep].append(step.id)
+            self._dependents[wf.id] = dependents
+        for task in records.tasks:
+            self._store(task, [])
+        self._seq = max(self._seq, records.seq)
+
     async def aclose(self) -> None:
         """Nothing to release."""
 
@@ -461,3 +621,22 @@ def _close_attempt(attempts: tuple[TaskAttempt, ...], now: float,
     if not attempts or attempts[-1].end_time is not None:
         return attempts
     return (*attempts[:-1], replace(attempts[-1], end_time=now, failure=failure))
+
+
+def _with_queue_deadline(new: Task, prev: TaskState | None) -> Task:
+    """Set ``queue_deadline`` on entry into QUEUED, clear it on leaving."""
+    if new.state is TaskState.QUEUED:
+        if prev is not TaskState.QUEUED:
+            deadline = (new.update_time + new.schedule_to_start_timeout
+                        if new.schedule_to_start_timeout > 0 else 0.0)
+            if deadline != new.queue_deadline:
+                return replace(new, queue_deadline=deadline)
+        return new
+    if new.queue_deadline:
+        return replace(new, queue_deadline=0.0)
+    return new
+
+
+def _running_keys(task: Task) -> list[str]:
+    """Counter keys a RUNNING task occupies: its capability and each label."""
+    return ["c:" + task.capability, *(f"l:{k}={v}" for k, v in task.labels.items())]

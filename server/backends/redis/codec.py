@@ -148,6 +148,9 @@ def task_to_doc(t: Task) -> Doc:
         "trace_context": dict(t.trace_context),
         "dependency_outputs": {k: payload_to_doc(v) for k, v in t.dependency_outputs.items()},
         "seq": t.seq,
+        "schedule_to_start_timeout": fstr(t.schedule_to_start_timeout),
+        "heartbeat_timeout": fstr(t.heartbeat_timeout),
+        "queue_deadline": fstr(t.queue_deadline),
     }
 
 
@@ -182,6 +185,9 @@ def task_from_doc(d: Mapping[str, Any]) -> Task:
         dependency_outputs={str(k): payload_from_doc(v)
                             for k, v in _map(d.get("dependency_outputs")).items()},
         seq=int(d.get("seq", 0)),
+        schedule_to_start_timeout=_f(d.get("schedule_to_start_timeout")),
+        heartbeat_timeout=_f(d.get("heartbeat_timeout")),
+        queue_deadline=_f(d.get("queue_deadline")),
     )
 
 
@@ -205,7 +211,9 @@ def workflow_to_doc(w: Workflow) -> Doc:
         "steps": [{"id": s.id, "capability": s.capability, "input": payload_to_doc(s.input),
                    "depends_on": list(s.depends_on), "retry_policy": _retry_to_doc(s.retry_policy),
                    "timeout": fstr(s.timeout), "fallback_capability": s.fallback_capability,
-                   "priority": s.priority} for s in w.steps],
+                   "priority": s.priority,
+                   "schedule_to_start_timeout": fstr(s.schedule_to_start_timeout),
+                   "heartbeat_timeout": fstr(s.heartbeat_timeout)} for s in w.steps],
         "step_tasks": dict(w.step_tasks), "state": int(w.state),
         "failure_reason": w.failure_reason, "labels": dict(w.labels),
         "create_time": fstr(w.create_time), "end_time": fstr(w.end_time), "seq": w.seq,
@@ -223,7 +231,10 @@ def workflow_from_doc(d: Mapping[str, Any]) -> Workflow:
             depends_on=tuple(str(x) for x in _list(s.get("depends_on"))),
             retry_policy=_retry_from_doc(s.get("retry_policy")), timeout=_f(s.get("timeout")),
             fallback_capability=str(s.get("fallback_capability", "")),
-            priority=int(s.get("priority", 0))) for s in _list(d.get("steps"))),
+            priority=int(s.get("priority", 0)),
+            schedule_to_start_timeout=_f(s.get("schedule_to_start_timeout")),
+            heartbeat_timeout=_f(s.get("heartbeat_timeout")))
+            for s in _list(d.get("steps"))),
         step_tasks=_str_map(d.get("step_tasks")), state=WorkflowState(int(d["state"])),
         failure_reason=str(d.get("failure_reason", "")), labels=_str_map(d.get("labels")),
         create_time=_f(d.get("create_time")), end_time=_f(d.get("end_time")),

@@ -6,6 +6,39 @@ local NS = ARGV[2]
 local LOG_SIZE = tonumber(ARGV[3])
 local S = B .. ':st:' .. #NS .. ':' .. NS
 local ENTRIES, KEYSET, REV, LOG = S .. ':e', S .. ':k', S .. ':rev', S .. ':log'
+local LOCKS = S .. ':locks'
+local NSS = B .. ':st_nss'
+
+local function ns_keys(ns)
+  local s = B .. ':st:' .. #ns .. ':' .. ns
+  return s .. ':e', s .. ':k', s .. ':rev', s .. ':log', s .. ':locks'
+end
+
+local function agent_key(agent) return B .. ':lkagent:' .. agent end
+
+-- A lock record {token, owner, agent, expire} (expire "0.0": free), or a free one.
+local function load_lock(locks_key, name)
+  local raw = redis.call('HGET', locks_key, name)
+  if not raw then return {token = 0, owner = '', agent = '', expire = '0.0'} end
+  return cjson.decode(raw)
+end
+
+local function held(lock, now) return tonumber(lock.expire) > tonumber(now) end
+
+local function grant_reply(name, l)
+  return {'ok', name, l.owner, l.agent, l.token, l.expire}
+end
+
+-- Refuse a write whose fence (ARGV lock name, token) is not the current grant.
+local function fence_error(lock_name, token, now)
+  if lock_name == '' then return nil end
+  local l = load_lock(LOCKS, lock_name)
+  local h = held(l, now)
+  if l.token ~= tonumber(token) or not h then
+    return {'stale', l.token, h and 1 or 0}
+  end
+  return nil
+end
 
 local function log_event(kind, entry_raw)
   redis.call('RPUSH', LOG, '{"type":' .. kind .. ',"entry":' .. entry_raw .. '}')
@@ -44,6 +77,9 @@ end
 
 function OPS.put()
   local key, value, expected, expire, now = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+  local refused = fence_error(ARGV[9], ARGV[10], now)
+  if refused then return refused end
+  redis.call('SADD', NSS, NS)
   local cur = live(key, now)
   local version = 0
   if cur then version = cur.version end
@@ -60,6 +96,8 @@ end
 
 function OPS.delete()
   local key, expected, now = ARGV[4], ARGV[5], ARGV[6]
+  local refused = fence_error(ARGV[7], ARGV[8], now)
+  if refused then return refused end
   local cur = live(key, now)
   if not cur then return {'notfound'} end
   if expected ~= '' and tonumber(expected) ~= cur.version then return {'mismatch', cur.version} end
@@ -91,7 +129,12 @@ end
 function OPS.events()
   local prefix, after, limit = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
   local first = redis.call('LINDEX', LOG, 0)
-  if not first then return {'ok'} end
+  if not first then
+    -- no history: fine unless the namespace was restored at a later revision
+    local current = tonumber(redis.call('GET', REV)) or 0
+    if after < current then return {'range', current + 1, current} end
+    return {'ok'}
+  end
   local oldest = cjson.decode(first).entry.revision
   local current = tonumber(redis.call('GET', REV)) or 0
   if after < oldest - 1 then return {'range', oldest, current} end
@@ -112,6 +155,126 @@ function OPS.events()
     index = index + 256
   end
   return out
+end
+
+-- Locks: S:locks hash name -> {token, owner, agent, expire}; the record stays
+-- after release so the token counter is never reused. {P}:lkagent:<agent> is a
+-- set of [namespace, name] JSON arrays of the locks an agent session holds.
+
+function OPS.acquire()
+  local name, owner, agent, expire, now = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+  local l = load_lock(LOCKS, name)
+  if held(l, now) and not (owner ~= '' and owner == l.owner) then
+    return {'held', name, l.owner, l.agent, l.token, l.expire}
+  end
+  if l.agent ~= '' then redis.call('SREM', agent_key(l.agent), cjson.encode({NS, name})) end
+  l = {token = l.token + 1, owner = owner, agent = agent, expire = expire}
+  redis.call('HSET', LOCKS, name, cjson.encode(l))
+  redis.call('SADD', NSS, NS)
+  if agent ~= '' then redis.call('SADD', agent_key(agent), cjson.encode({NS, name})) end
+  return grant_reply(name, l)
+end
+
+function OPS.renew()
+  local name, token, expire, now = ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
+  local l = load_lock(LOCKS, name)
+  local h = held(l, now)
+  if l.token ~= token or not h then return {'stale', l.token, h and 1 or 0} end
+  l.expire = expire
+  redis.call('HSET', LOCKS, name, cjson.encode(l))
+  return grant_reply(name, l)
+end
+
+function OPS.release()
+  local name, token, now = ARGV[4], tonumber(ARGV[5]), ARGV[6]
+  local l = load_lock(LOCKS, name)
+  local h = held(l, now)
+  if l.token ~= token or token <= 0 then return {'stale', l.token, h and 1 or 0} end
+  if l.agent ~= '' then redis.call('SREM', agent_key(l.agent), cjson.encode({NS, name})) end
+  if l.expire ~= '0.0' or l.owner ~= '' then
+    redis.call('HSET', LOCKS, name, cjson.encode({token = l.token, owner = '', agent = '',
+                                                  expire = '0.0'}))
+  end
+  return {'ok', h and 1 or 0}
+end
+
+function OPS.release_agent()
+  local agent, now = ARGV[4], ARGV[5]
+  local ak = agent_key(agent)
+  local out = {}
+  for _, member in ipairs(redis.call('SMEMBERS', ak)) do
+    local m = cjson.decode(member)
+    local ns, name = m[1], m[2]
+    local _, _, _, _, locks = ns_keys(ns)
+    local l = load_lock(locks, name)
+    if l.agent == agent then
+      if held(l, now) then out[#out + 1] = member end
+      redis.call('HSET', locks, name, cjson.encode({token = l.token, owner = '', agent = '',
+                                                    expire = '0.0'}))
+    end
+  end
+  redis.call('DEL', ak)
+  return out
+end
+
+-- Snapshots: one script reads every namespace (ARGV[2] = '' for all, else
+-- one), so the export is one consistent cut: {ns, revision, [entries], {locks}}.
+function OPS.export()
+  local only, now = ARGV[4], ARGV[5]
+  local names
+  if only == '1' then names = {NS} else names = redis.call('SMEMBERS', NSS) end
+  table.sort(names)
+  local out = {}
+  for _, ns in ipairs(names) do
+    local e, k, rev, _, locks = ns_keys(ns)
+    local revision = tonumber(redis.call('GET', rev)) or 0
+    local lock_raw = redis.call('HGETALL', locks)
+    if revision > 0 or #lock_raw > 0 then
+      local entries = {}
+      for _, key in ipairs(redis.call('ZRANGE', k, 0, -1)) do
+        local raw = redis.call('HGET', e, key)
+        if raw then
+          local exp = tonumber(cjson.decode(raw).expire_time) or 0
+          if exp == 0 or exp > tonumber(now) then entries[#entries + 1] = raw end
+        end
+      end
+      local tokens = {}
+      for i = 1, #lock_raw, 2 do tokens[#tokens + 1] = lock_raw[i]
+        tokens[#tokens + 1] = cjson.decode(lock_raw[i + 1]).token end
+      out[#out + 1] = {ns, revision, entries, tokens}
+    end
+  end
+  return out
+end
+
+-- ARGV[4]: JSON [[ns, revision, [entry JSON text...], {name: token}], ...];
+-- ARGV[5] '1' for a dry run. Refuses (writing nothing) if a namespace is in use.
+function OPS.import()
+  local dump, dry = cjson.decode(ARGV[4]), ARGV[5] == '1'
+  local busy = {}
+  for _, d in ipairs(dump) do
+    local _, _, rev, _, locks = ns_keys(d[1])
+    if (tonumber(redis.call('GET', rev)) or 0) > 0 or redis.call('HLEN', locks) > 0 then
+      busy[#busy + 1] = d[1]
+    end
+  end
+  if #busy > 0 then return {'busy', unpack(busy)} end
+  if dry then return {'ok'} end
+  for _, d in ipairs(dump) do
+    local e, k, rev, _, locks = ns_keys(d[1])
+    redis.call('SADD', NSS, d[1])
+    redis.call('SET', rev, d[2])
+    for _, raw in ipairs(d[3]) do
+      local key = cjson.decode(raw).key
+      redis.call('HSET', e, key, raw)
+      redis.call('ZADD', k, 0, key)
+    end
+    for name, token in pairs(d[4]) do
+      redis.call('HSET', locks, name, cjson.encode({token = token, owner = '', agent = '',
+                                                    expire = '0.0'}))
+    end
+  end
+  return {'ok'}
 end
 
 local op = OPS[ARGV[1]]

@@ -1,18 +1,34 @@
 """Redis StateStore: each write, its revision and its change-log entry are one
-Lua script (``state.lua``)."""
+Lua script (``state.lua``); so are the fencing check of a write, every lock
+step and a snapshot export.
+
+Extra keys beside the package docstring's layout::
+
+    S:locks                       hash    lock name -> {token, owner, agent, expire} JSON
+    {P}:st_nss                    set     namespaces that have state or locks (export)
+    {P}:lkagent:<agent>           set     [namespace, name] JSON of the locks an agent holds
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
 
+from server.backends.memory.state import lock_held, stale_token  # same errors, one wording
 from server.backends.redis import codec
 from server.backends.redis._scripts import load_script
-from server.domain.errors import AbortedError, NotFoundError, OutOfRangeError
+from server.domain.errors import (
+    AbortedError,
+    FailedPreconditionError,
+    NotFoundError,
+    OutOfRangeError,
+)
 from server.domain.models import Payload, StateEntry, StateEvent
+from server.ports import LockGrant, NamespaceDump
 
 logger = logging.getLogger(__name__)
 
@@ -54,24 +70,36 @@ class RedisStateStore:
         raw = await self._call("get", namespace, key, codec.fstr(now))
         return codec.decode_entry(raw) if raw else None
 
+    @staticmethod
+    def _stale(fence: tuple[str, int] | None, reply: list[Any]) -> AbortedError:
+        name, token = fence or ("", 0)
+        return stale_token(name, token, int(reply[1]), bool(int(reply[2])))
+
     async def put(self, namespace: str, key: str, value: Payload, *,
-                  expected_version: int | None, ttl: float, now: float) -> StateEntry:
+                  expected_version: int | None, ttl: float, now: float,
+                  fence: tuple[str, int] | None = None) -> StateEntry:
         """See StateStore.put."""
         expire = now + ttl if ttl > 0 else 0.0
+        lock, token = fence or ("", 0)
         reply = await self._call(
             "put", namespace, key, json.dumps(codec.payload_to_doc(value)),
             "" if expected_version is None else expected_version, codec.fstr(expire),
-            codec.fstr(now))
+            codec.fstr(now), lock, token)
+        if reply[0] == "stale":
+            raise self._stale(fence, reply)
         if reply[0] == "mismatch":
             raise self._mismatch(key, int(reply[1]), expected_version or 0)
         return codec.decode_entry(reply[1])
 
     async def delete(self, namespace: str, key: str, *, expected_version: int | None,
-                     now: float) -> int:
+                     now: float, fence: tuple[str, int] | None = None) -> int:
         """See StateStore.delete."""
+        lock, token = fence or ("", 0)
         reply = await self._call("delete", namespace, key,
                                  "" if expected_version is None else expected_version,
-                                 codec.fstr(now))
+                                 codec.fstr(now), lock, token)
+        if reply[0] == "stale":
+            raise self._stale(fence, reply)
         if reply[0] == "notfound":
             raise NotFoundError("key", key)
         if reply[0] == "mismatch":
@@ -104,5 +132,85 @@ class RedisStateStore:
         raw = await self._r.get(self._rev_key(namespace))
         return int(codec.text(raw)) if raw else 0
 
+    # -- locks -------------------------------------------------------------------
+
+    @staticmethod
+    def _grant(reply: list[Any]) -> LockGrant:
+        agent = codec.text(reply[3])
+        return LockGrant(codec.text(reply[1]), codec.text(reply[2]), agent, int(reply[4]),
+                         float(reply[5]))
+
+    async def acquire_lock(self, namespace: str, name: str, owner: str, *, agent_id: str,
+                           ttl: float, now: float) -> LockGrant:
+        """See StateStore.acquire_lock."""
+        reply = await self._call("acquire", namespace, name, owner, agent_id,
+                                 codec.fstr(now + ttl), codec.fstr(now))
+        if reply[0] == "held":
+            held = self._grant(reply)
+            raise lock_held(name, held.owner, held.agent_id, held.expire_time)
+        return self._grant(reply)
+
+    async def renew_lock(self, namespace: str, name: str, fencing_token: int, *, ttl: float,
+                         now: float) -> LockGrant:
+        """See StateStore.renew_lock."""
+        reply = await self._call("renew", namespace, name, fencing_token,
+                                 codec.fstr(now + ttl), codec.fstr(now))
+        if reply[0] == "stale":
+            raise self._stale((name, fencing_token), reply)
+        return self._grant(reply)
+
+    async def release_lock(self, namespace: str, name: str, fencing_token: int, *,
+                           now: float) -> bool:
+        """See StateStore.release_lock."""
+        reply = await self._call("release", namespace, name, fencing_token, codec.fstr(now))
+        if reply[0] == "stale":
+            raise self._stale((name, fencing_token), reply)
+        return bool(int(reply[1]))
+
+    async def release_agent_locks(self, agent_id: str, *, now: float) -> list[tuple[str, str]]:
+        """See StateStore.release_agent_locks."""
+        raws = await self._call("release_agent", "", agent_id, codec.fstr(now))
+        freed = [json.loads(r) for r in raws]
+        return sorted((str(ns), str(name)) for ns, name in freed)
+
+    # -- snapshots ---------------------------------------------------------------
+
+    async def export_state(self, namespace: str | None, *, now: float) -> dict[str, NamespaceDump]:
+        """See StateStore.export_state.
+
+        One script reads every namespace, so the export is one consistent cut
+        (each namespace at one revision). It blocks Redis while it copies, in
+        O(entries): the price of consistency without MVCC.
+        """
+        rows = await self._call("export", namespace or "", "1" if namespace is not None else "",
+                                codec.fstr(now))
+        out: dict[str, NamespaceDump] = {}
+        for ns, revision, entries, tokens in rows:
+            locks = {codec.text(tokens[i]): int(tokens[i + 1]) for i in range(0, len(tokens), 2)}
+            out[codec.text(ns)] = NamespaceDump(
+                int(revision), tuple(codec.decode_entry(e) for e in entries), locks)
+        return out
+
+    async def import_state(self, dump: Mapping[str, NamespaceDump], *,
+                           dry_run: bool = False) -> None:
+        """See StateStore.import_state (one script: checked and written atomically)."""
+        doc = [[ns, d.revision, [_encode_entry(e) for e in d.entries], dict(d.lock_tokens)]
+               for ns, d in dump.items()]
+        reply = await self._call("import", "", json.dumps(doc, separators=(",", ":")),
+                                 "1" if dry_run else "")
+        if reply[0] == "busy":
+            busy = sorted(codec.text(x) for x in reply[1:])
+            raise FailedPreconditionError(
+                f"cannot restore into non-empty namespace(s) {', '.join(busy)}",
+                reason="STORE_NOT_EMPTY", metadata={"namespaces": ",".join(busy)})
+
     async def aclose(self) -> None:
         """Nothing of its own: the connection belongs to :class:`RedisStores`."""
+
+
+def _encode_entry(e: StateEntry) -> str:
+    """A StateEntry as the JSON text ``state.lua`` stores."""
+    return codec.dumps({"key": e.key, "value": codec.payload_to_doc(e.value),
+                        "version": e.version, "revision": e.revision,
+                        "update_time": codec.fstr(e.update_time),
+                        "expire_time": codec.fstr(e.expire_time)})

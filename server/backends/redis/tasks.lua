@@ -19,6 +19,12 @@ local function wkey(id) return B .. ':wf:' .. id end
 local function qkey(ns, cap) return B .. ':q:' .. seg(ns) .. ':' .. cap end
 local function akey(agent) return B .. ':agent_tasks:' .. agent end
 local function skey(ns) return B .. ':stats:' .. ns end
+local function rkey(ns) return B .. ':running:' .. seg(ns) end
+local function bkey(ns) return B .. ':bucket:' .. seg(ns) end
+local function fbqkey(ns, fb, cap) return B .. ':fbq:' .. seg(ns) .. ':' .. seg(fb) .. ':' .. cap end
+local function fbpkey(ns, fb) return B .. ':fbp:' .. seg(ns) .. ':' .. fb end
+local S2S_KEY = B .. ':s2s'
+local KEY_SCAN = 32
 local RETRY_KEY = B .. ':retry'
 local LEASE_KEY = B .. ':leases'
 local SEQ_KEY = B .. ':seq'
@@ -54,9 +60,28 @@ local function save_wf(wf)
   return raw
 end
 
+local function num(x) return tonumber(x) or 0 end
+
+-- RUNNING counters a task occupies: its capability and each label.
+local function running_incr(t, by)
+  local rk = rkey(t.namespace)
+  redis.call('HINCRBY', rk, 'c:' .. t.capability, by)
+  if type(t.labels) == 'table' then
+    for k, v in pairs(t.labels) do redis.call('HINCRBY', rk, 'l:' .. k .. '=' .. v, by) end
+  end
+end
+
 -- Save a task version; keep counters and indexes; append (prev state, json) to R.
 local function put_task(t, prev, R)
   local id = t.id
+  if t.state == QUEUED then
+    if not prev or prev.state ~= QUEUED then
+      local s2s = num(t.schedule_to_start_timeout)
+      if s2s > 0 then t.queue_deadline = fmt(num(t.update_time) + s2s) else t.queue_deadline = '0.0' end
+    end
+  elseif num(t.queue_deadline) ~= 0 then
+    t.queue_deadline = '0.0'
+  end
   if prev then
     local psk = skey(prev.namespace)
     redis.call('HINCRBY', psk, prev.state, -1)
@@ -68,11 +93,21 @@ local function put_task(t, prev, R)
     end
     if prev.state == QUEUED then
       redis.call('ZREM', qkey(prev.namespace, prev.capability), id)
+      redis.call('ZREM', S2S_KEY, id)
+      local fb = prev.fallback_capability
+      if fb and fb ~= '' then
+        local fq = fbqkey(prev.namespace, fb, prev.capability)
+        redis.call('ZREM', fq, id)
+        if redis.call('ZCARD', fq) == 0 then
+          redis.call('SREM', fbpkey(prev.namespace, fb), prev.capability)
+        end
+      end
     elseif prev.state == RETRYING then
       redis.call('ZREM', RETRY_KEY, id)
     elseif prev.state == RUNNING then
       redis.call('ZREM', LEASE_KEY, id)
       redis.call('SREM', akey(prev.agent_id), id)
+      running_incr(prev, -1)
     end
   end
   local sk = skey(t.namespace)
@@ -84,12 +119,20 @@ local function put_task(t, prev, R)
     end
   end
   if t.state == QUEUED then
-    redis.call('ZADD', qkey(t.namespace, t.capability), fmt(-t.priority * PRIORITY_SHIFT + t.seq), id)
+    local score = fmt(-t.priority * PRIORITY_SHIFT + t.seq)
+    redis.call('ZADD', qkey(t.namespace, t.capability), score, id)
+    local fb = t.fallback_capability
+    if fb and fb ~= '' then
+      redis.call('ZADD', fbqkey(t.namespace, fb, t.capability), score, id)
+      redis.call('SADD', fbpkey(t.namespace, fb), t.capability)
+    end
+    if num(t.queue_deadline) > 0 then redis.call('ZADD', S2S_KEY, t.queue_deadline, id) end
   elseif t.state == RETRYING then
     redis.call('ZADD', RETRY_KEY, t.retry_time, id)
   elseif t.state == RUNNING then
     redis.call('ZADD', LEASE_KEY, t.lease_deadline, id)
     redis.call('SADD', akey(t.agent_id), id)
+    running_incr(t, 1)
   end
   local raw = cjson.encode(t)
   redis.call('SET', tkey(id), raw)
@@ -269,40 +312,134 @@ function OPS.create_workflow()
   return R
 end
 
-function OPS.lease_next()
-  local ns, agent, now, dflt = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+-- Token bucket (server/domain/limits.py bucket_take): new tokens, ok.
+local function bucket_take(ns, cap, rate, now, commit)
+  local bk = bkey(ns)
+  local v = redis.call('HMGET', bk, cap .. ':t', cap .. ':s')
+  local tokens, stamp = num(v[1]), num(v[2])
+  local burst = math.max(1, rate)
+  if stamp <= 0 then tokens = burst else tokens = math.min(burst, tokens + math.max(0, now - stamp) * rate) end
+  local ok = tokens >= 1
+  if ok then tokens = tokens - 1 end
+  if commit then redis.call('HSET', bk, cap .. ':t', fmt(tokens), cap .. ':s', fmt(now)) end
+  return ok
+end
+
+local function cap_allows(ns, cap, L, now)
+  local most = num(L.cap[cap])
+  if most > 0 and num(redis.call('HGET', rkey(ns), 'c:' .. cap)) >= most then return false end
+  local rate = num(L.rates[cap])
+  if rate > 0 then return bucket_take(ns, cap, rate, now, false) end
+  return true
+end
+
+local function key_allows(t, ns, L)
+  local label = L.label
+  if not label or label == '' or type(t.labels) ~= 'table' then return true end
+  local v = t.labels[label]
+  if not v then return true end
+  local lim = L.keys[v]
+  if lim == nil then lim = L.key_default end
+  lim = num(lim)
+  if lim <= 0 then return true end
+  return num(redis.call('HGET', rkey(ns), 'l:' .. label .. '=' .. v)) < lim
+end
+
+-- Best entry of a queue the key limit lets through: id, score (stale entries dropped).
+local function eligible(q, ns, L)
+  local depth = 1
+  if L.label and L.label ~= '' then depth = KEY_SCAN end
   while true do
-    local best, best_score, best_q
-    for i = 6, #ARGV do
-      local q = qkey(ns, ARGV[i])
-      local top = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')
-      if top[1] then
-        local s = tonumber(top[2])
-        if not best or s < best_score then best, best_score, best_q = top[1], s, q end
+    local top = redis.call('ZRANGE', q, 0, depth - 1, 'WITHSCORES')
+    if not top[1] then return nil end
+    local stale = false
+    for i = 1, #top, 2 do
+      local t = load(top[i])
+      if not t or t.state ~= QUEUED then
+        redis.call('ZREM', q, top[i])
+        stale = true
+      elseif key_allows(t, ns, L) then
+        return top[i], tonumber(top[i + 1])
       end
     end
-    if not best then return {'none'} end
-    local t = load(best)
-    if t and t.state == QUEUED then
-      local n = copy(t)
-      local timeout = tonumber(t.execution_timeout) or 0
-      if timeout == 0 then timeout = dflt end
-      n.state = RUNNING
-      n.attempt = t.attempt + 1
-      n.fencing_token = t.fencing_token + 1
-      n.agent_id = agent
-      n.start_time = now
-      n.update_time = now
-      n.lease_deadline = fmt(tonumber(now) + timeout)
-      local atts = {}
-      for i, a in ipairs(t.attempts) do atts[i] = a end
-      atts[#atts + 1] = {attempt = n.attempt, agent_id = agent, start_time = now,
-                         end_time = NULL, failure = NULL}
-      n.attempts = atts
-      return {'ok', put_task(n, t, nil)}
-    end
-    redis.call('ZREM', best_q, best) -- a stale entry: drop it and look again
+    if not stale then return nil end
   end
+end
+
+function OPS.lease_next()
+  local ns, agent, now, dflt = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+  local scope, L = cjson.decode(ARGV[6]), cjson.decode(ARGV[7])
+  local nnow = tonumber(now)
+  local own, avail = {}, {}
+  local queues = {}
+  for i = 8, #ARGV do
+    own[ARGV[i]] = true
+    if cap_allows(ns, ARGV[i], L, nnow) then queues[#queues + 1] = {qkey(ns, ARGV[i]), false} end
+  end
+  for _, c in ipairs(scope.avail) do avail[c] = true end
+  for _, fb in ipairs(scope.fb) do
+    for _, primary in ipairs(redis.call('SMEMBERS', fbpkey(ns, fb))) do
+      if not avail[primary] and not own[primary] and cap_allows(ns, primary, L, nnow) then
+        queues[#queues + 1] = {fbqkey(ns, fb, primary), true}
+      end
+    end
+  end
+  local best, best_score, via_fb
+  for _, q in ipairs(queues) do
+    local id, score = eligible(q[1], ns, L)
+    if id and (not best or score < best_score) then best, best_score, via_fb = id, score, q[2] end
+  end
+  if not best then return {'none'} end
+  local t = load(best)
+  local n = copy(t)
+  local timeout = tonumber(t.execution_timeout) or 0
+  if timeout == 0 then timeout = dflt end
+  local hb = num(t.heartbeat_timeout)
+  if hb > 0 and hb < timeout then timeout = hb end
+  local rate = num(L.rates[t.capability])
+  if rate > 0 then bucket_take(ns, t.capability, rate, nnow, true) end
+  n.state = RUNNING
+  n.attempt = t.attempt + 1
+  n.fencing_token = t.fencing_token + 1
+  n.agent_id = agent
+  n.start_time = now
+  n.update_time = now
+  n.served_by_fallback = via_fb
+  n.lease_deadline = fmt(nnow + timeout)
+  local atts = {}
+  for i, a in ipairs(t.attempts) do atts[i] = a end
+  atts[#atts + 1] = {attempt = n.attempt, agent_id = agent, start_time = now,
+                     end_time = NULL, failure = NULL}
+  n.attempts = atts
+  return {'ok', put_task(n, t, nil)}
+end
+
+function OPS.expire_queued()
+  local now, limit = ARGV[2], tonumber(ARGV[3])
+  local R = {'ok', ''}
+  local ids = redis.call('ZRANGEBYSCORE', S2S_KEY, '-inf', '(' .. now, 'LIMIT', 0, limit)
+  for _, id in ipairs(ids) do
+    local t = load(id)
+    if t and t.state == QUEUED and num(t.queue_deadline) > 0 then
+      local n = copy(t)
+      n.state = FAILED
+      n.update_time = now
+      n.end_time = now
+      n.failure = {error_type = 'SCHEDULE_TO_START_TIMEOUT', non_retryable = true,
+                   message = 'no agent started it within ' .. string.format('%g',
+                     num(t.schedule_to_start_timeout)) .. 's'}
+      put_task(n, t, R)
+      if n.workflow_id ~= '' then
+        local reason = 'step ' .. pyrepr(n.step_id) .. ' failed: ' .. n.failure.error_type ..
+                       ': ' .. n.failure.message
+        local raw = fail_workflow(n, reason, now, R)
+        if raw ~= '' then R[2] = raw end
+      end
+    else
+      redis.call('ZREM', S2S_KEY, id)
+    end
+  end
+  return R
 end
 
 function OPS.complete()
@@ -551,6 +688,68 @@ function OPS.list_workflows()
     offset = offset + batch
   end
   return out
+end
+
+-- Snapshots. export: ARGV[2] namespace, ARGV[3] '1' to limit to it; returns
+-- {seq, {task JSON...}, {workflow JSON...}}. Namespaces come from a SCAN of
+-- the per-namespace indexes (a keyspace walk: snapshots only).
+local function glob_escape(s) return (string.gsub(s, '([%*%?%[%]\\])', '\\%1')) end
+
+local function index_namespaces(kind)
+  local found, cursor = {}, '0'
+  local head = B .. ':' .. kind .. ':'
+  repeat
+    local r = redis.call('SCAN', cursor, 'MATCH', glob_escape(head) .. '*', 'COUNT', 1000)
+    cursor = r[1]
+    for _, k in ipairs(r[2]) do found[#found + 1] = string.sub(k, #head + 1) end
+  until cursor == '0'
+  return found
+end
+
+function OPS.export()
+  local only = ARGV[3] == '1'
+  local tasks, wfs = {}, {}
+  local tns, wns
+  if only then tns, wns = {ARGV[2]}, {ARGV[2]} else
+    tns, wns = index_namespaces('tasks'), index_namespaces('wfs') end
+  for _, ns in ipairs(tns) do
+    for _, id in ipairs(redis.call('ZRANGE', B .. ':tasks:' .. ns, 0, -1)) do
+      local raw = redis.call('GET', tkey(id))
+      if raw then tasks[#tasks + 1] = raw end
+    end
+  end
+  for _, ns in ipairs(wns) do
+    for _, id in ipairs(redis.call('ZRANGE', B .. ':wfs:' .. ns, 0, -1)) do
+      local raw = redis.call('GET', wkey(id))
+      if raw then wfs[#wfs + 1] = raw end
+    end
+  end
+  return {tonumber(redis.call('GET', SEQ_KEY)) or 0, tasks, wfs}
+end
+
+-- import: ARGV[2] task docs, ARGV[3] workflow docs, ARGV[4] seq, ARGV[5] '1' dry
+-- run. Refuses (writing nothing) when a namespace of the records holds tasks.
+function OPS.import()
+  local tasks, wfs, seq, dry = cjson.decode(ARGV[2]), cjson.decode(ARGV[3]),
+                               tonumber(ARGV[4]), ARGV[5] == '1'
+  local seen, busy = {}, {}
+  local function check(ns)
+    if seen[ns] then return end
+    seen[ns] = true
+    if redis.call('ZCARD', B .. ':tasks:' .. ns) > 0 or
+       redis.call('ZCARD', B .. ':wfs:' .. ns) > 0 then busy[#busy + 1] = ns end
+  end
+  for _, t in ipairs(tasks) do check(t.namespace) end
+  for _, w in ipairs(wfs) do check(w.namespace) end
+  if #busy > 0 then return {'busy', unpack(busy)} end
+  if dry then return {'ok'} end
+  for _, w in ipairs(wfs) do
+    save_wf(w)
+    redis.call('ZADD', B .. ':wfs:' .. w.namespace, w.seq, w.id)
+  end
+  for _, t in ipairs(tasks) do put_task(t, nil, nil) end
+  if seq > (tonumber(redis.call('GET', SEQ_KEY)) or 0) then redis.call('SET', SEQ_KEY, seq) end
+  return {'ok'}
 end
 
 local op = OPS[ARGV[1]]

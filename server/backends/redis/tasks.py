@@ -1,6 +1,14 @@
 """Redis TaskStore: every transition is one Lua script (``tasks.lua``).
 
 See the package docstring for the key layout. Each method is one round trip.
+The resilience indexes (schedule-to-start timers, fallback queues, RUNNING
+counters, rate buckets) live under the same hash tag::
+
+    {P}:s2s                           zset  QUEUED task ids by queue_deadline
+    {P}:fbq:<ns>:<len(fb)>:<fb>:<cap> zset  QUEUED tasks of <cap> whose fallback is <fb>
+    {P}:fbp:<len(ns)>:<ns>:<fb>       set   primaries with tasks in a fallback queue of <fb>
+    {P}:running:<len(ns)>:<ns>        hash  RUNNING count per "c:"+cap and "l:"+label=value
+    {P}:bucket:<len(ns)>:<ns>         hash  token bucket per capability (<cap>:t, <cap>:s)
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from server.domain.errors import (
     ResourceExhaustedError,
     StaleLeaseError,
 )
+from server.domain.limits import NO_FALLBACK, NO_LIMITS, DispatchLimits, LeaseScope
 from server.domain.models import (
     Lease,
     Payload,
@@ -31,7 +40,7 @@ from server.domain.models import (
     Workflow,
     WorkflowState,
 )
-from server.ports import FailVerdict, TaskFilter, Transition
+from server.ports import FailVerdict, TaskFilter, TaskRecords, Transition
 
 logger = logging.getLogger(__name__)
 
@@ -147,13 +156,17 @@ class RedisTaskStore:
 
     async def lease_next(
         self, namespace: str, capabilities: Sequence[str], agent_id: str, *,
-        now: float, default_timeout: float,
+        now: float, default_timeout: float, scope: LeaseScope = NO_FALLBACK,
+        limits: DispatchLimits = NO_LIMITS,
     ) -> Lease | None:
-        """See TaskStore.lease_next."""
-        if not capabilities:
+        """See TaskStore.lease_next (limits and fallback inside the one script)."""
+        if not capabilities and not scope.fallback_for:
             return None
+        scope_doc = codec.dumps({"fb": list(scope.fallback_for),
+                                 "avail": sorted(scope.available)})
         reply = await self._call("lease_next", namespace, agent_id, codec.fstr(now),
-                                 codec.fstr(default_timeout), *capabilities)
+                                 codec.fstr(default_timeout), scope_doc,
+                                 codec.dumps(limits.to_doc()), *capabilities)
         if reply[0] != "ok":
             return None
         task = codec.decode_task(reply[1])
@@ -208,6 +221,12 @@ class RedisTaskStore:
             return Transition()
         return _transition(await self._call("promote_due", codec.fstr(now), limit))
 
+    async def expire_queued(self, now: float, limit: int) -> Transition:
+        """See TaskStore.expire_queued."""
+        if limit <= 0:
+            return Transition()
+        return _transition(await self._call("expire_queued", codec.fstr(now), limit))
+
     # -- human and client actions ------------------------------------------------------
 
     async def cancel_task(self, task_id: str, reason: str, *, now: float) -> Transition:
@@ -251,6 +270,35 @@ class RedisTaskStore:
             if field.isdigit() and int(value) > 0:
                 by_state[TaskState(int(field))] = int(value)
         return Stats(by_state, int(raw.get("ended", 0)), int(raw.get("autonomous", 0)))
+
+    # -- snapshots -------------------------------------------------------------------
+
+    async def export_records(self, namespace: str | None) -> TaskRecords:
+        """See SnapshotSource.export_records.
+
+        One script (atomic). It finds the namespaces with SCAN over the
+        ``{P}:tasks:*`` / ``{P}:wfs:*`` indexes, so it blocks Redis for a walk
+        of the keyspace: fine for a snapshot, never on a hot path.
+        """
+        reply = await self._call("export", namespace or "", "1" if namespace is not None else "")
+        seq, tasks, wfs = int(reply[0]), reply[1], reply[2]
+        return TaskRecords(tuple(sorted((codec.decode_task(t) for t in tasks),
+                                        key=lambda t: t.seq)),
+                           tuple(sorted((codec.decode_workflow(w) for w in wfs),
+                                        key=lambda w: w.seq)), seq)
+
+    async def import_records(self, records: TaskRecords, *, dry_run: bool = False) -> None:
+        """See SnapshotSource.import_records (one script: checked and written atomically)."""
+        tasks = json.dumps([codec.task_to_doc(t) for t in records.tasks],
+                           separators=(",", ":"))
+        wfs = json.dumps([codec.workflow_to_doc(w) for w in records.workflows],
+                         separators=(",", ":"))
+        reply = await self._call("import", tasks, wfs, records.seq, "1" if dry_run else "")
+        if reply[0] == "busy":
+            busy = sorted(str(x) for x in reply[1:])
+            raise FailedPreconditionError(
+                f"cannot restore into namespace(s) {', '.join(busy)} holding tasks",
+                reason="STORE_NOT_EMPTY", metadata={"namespaces": ",".join(busy)})
 
     async def aclose(self) -> None:
         """Nothing of its own: the connection belongs to :class:`RedisStores`."""

@@ -1,0 +1,674 @@
+"""MeshClient: the asyncio client for tasks, workflows, agents, state and the bus."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+import grpc
+from agentmesh.v1 import (
+    bus_pb2,
+    bus_pb2_grpc,
+    discovery_pb2,
+    discovery_pb2_grpc,
+    state_pb2,
+    state_pb2_grpc,
+    task_pb2,
+    task_pb2_grpc,
+)
+
+from agent_sdk._payload import encode_payload
+from agent_sdk._retry import IDEMPOTENT_RETRYABLE_CODES, backoff_delay
+from agent_sdk._types import (
+    AgentEvent,
+    AgentInfo,
+    BusMessage,
+    MeshStats,
+    RetryPolicy,
+    StateEntry,
+    StateEvent,
+    TaskInfo,
+    WorkflowInfo,
+    WorkflowSpec,
+    agent_event_from_proto,
+    agent_from_proto,
+    agent_state_value,
+    bus_message_from_proto,
+    entry_from_proto,
+    state_event_from_proto,
+    stats_from_proto,
+    task_from_proto,
+    task_state_value,
+    to_duration,
+    workflow_from_proto,
+    workflow_state_value,
+)
+from agent_sdk.errors import (
+    AbortedError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    RPCError,
+    TaskFailedError,
+    rpc_error_from,
+)
+
+__all__ = ["UNSET", "MeshClient"]
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Item = TypeVar("Item")
+
+
+class _Unset:
+    """Type of :data:`UNSET`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: Marks an argument that was not given (``retry_task(input=...)``).
+UNSET: Final = _Unset()
+
+_TERMINAL_TASK_STATES = frozenset(task_state_value(s) for s in
+                                  ("SUCCEEDED", "FAILED", "CANCELLED", "DEAD_LETTERED"))
+_MAX_PAGE = 1000
+_MAX_SUBMIT_BATCH = 500
+# Errors after which a broken workflow watch is re-read and reopened.
+_REWATCH_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
+                            grpc.StatusCode.UNKNOWN})
+
+
+def _name(value: str, collection: str) -> str:
+    """Accept "tasks/x" or "x"; return "tasks/x"."""
+    prefix = collection + "/"
+    return value if value.startswith(prefix) else prefix + value
+
+
+# Own subchannels per channel (a failed connection of another client in the
+# process must not fail ours) and reconnect quickly after a server restart.
+_CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+class _Conn:
+    """A channel to one target and the stubs on it."""
+
+    __slots__ = ("bus", "channel", "discovery", "state", "target", "tasks")
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self.tasks = task_pb2_grpc.TaskServiceStub(self.channel)
+        self.discovery = discovery_pb2_grpc.DiscoveryServiceStub(self.channel)
+        self.state = state_pb2_grpc.StateServiceStub(self.channel)
+        self.bus = bus_pb2_grpc.BusServiceStub(self.channel)
+
+
+class _Targets:
+    """Channels to a list of targets; fails over to the next on UNAVAILABLE.
+
+    Channels are created lazily, one per target, and all closed by ``aclose``.
+    """
+
+    def __init__(self, target: str | Sequence[str]) -> None:
+        targets = [target] if isinstance(target, str) else list(target)
+        if not targets or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError("target must be a non-empty address or list of addresses")
+        self.targets = targets
+        self._index = 0
+        self._conns: dict[str, _Conn] = {}
+
+    def current(self) -> _Conn:
+        """The connection to the current target."""
+        target = self.targets[self._index]
+        conn = self._conns.get(target)
+        if conn is None:
+            conn = self._conns[target] = _Conn(target)
+        return conn
+
+    def failover(self, conn: _Conn) -> None:
+        """Move to the next target if ``conn`` is still the current one."""
+        if len(self.targets) > 1 and self.targets[self._index] == conn.target:
+            self._index = (self._index + 1) % len(self.targets)
+            log.info("%s unavailable; failing over to %s", conn.target,
+                     self.targets[self._index])
+
+    async def aclose(self) -> None:
+        """Close every channel."""
+        conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            await conn.channel.close()
+
+
+class MeshClient:
+    """Asyncio client of an agentmesh control plane.
+
+    ``target`` is one ``host:port`` or several; with several, a call that meets
+    UNAVAILABLE moves on to the next. Every unary call has a deadline
+    (``timeout`` seconds unless the call says otherwise). UNAVAILABLE is retried
+    with jittered backoff only for reads and for calls carrying a request_id
+    (submits always carry one); ABORTED is never retried automatically.
+
+    Use it as ``async with MeshClient(...) as client:`` or call ``aclose()``.
+    """
+
+    def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *,
+                 namespace: str = "default", timeout: float = 10.0,
+                 batch_submits: bool = True) -> None:
+        """Configure the client; channels open lazily on the first call.
+
+        With ``batch_submits`` (the default), ``submit_task`` calls made in the
+        same event-loop iteration travel together in one BatchSubmitTasks call
+        (up to 500), like a producer that batches with no linger: a lone call
+        goes out at once as a plain SubmitTask, so latency does not grow.
+        """
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self._targets = _Targets(target)
+        self._namespace = namespace
+        self._timeout = timeout
+        self._attempts = 2 + len(self._targets.targets)
+        self._closed = False
+        self._batch_submits = batch_submits
+        self._pending: list[tuple[task_pb2.SubmitTaskRequest,
+                                  asyncio.Future[task_pb2.Task]]] = []
+        self._flush_scheduled = False
+        self._senders: set[asyncio.Task[None]] = set()
+
+    @property
+    def namespace(self) -> str:
+        """The namespace every call uses."""
+        return self._namespace
+
+    async def __aenter__(self) -> MeshClient:
+        """Return self."""
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        """Close the client."""
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the channels (safe to repeat). Open watch iterators end with an error."""
+        self._closed = True
+        for sender in list(self._senders):
+            sender.cancel()
+        if self._senders:
+            await asyncio.wait(list(self._senders))
+        await self._targets.aclose()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _conn(self) -> _Conn:
+        if self._closed:
+            raise RuntimeError("MeshClient is closed")
+        return self._targets.current()
+
+    async def _unary(self, rpc: Callable[[_Conn], grpc.aio.UnaryUnaryMultiCallable[Req, Resp]],
+                     request: Req, *, safe: bool, deadline: float | None = None) -> Resp:
+        """Call with a deadline; retry UNAVAILABLE (and DEADLINE_EXCEEDED) when ``safe``."""
+        if deadline is None:
+            deadline = self._timeout
+        attempt = 0
+        while True:
+            conn = self._conn()
+            try:
+                return await rpc(conn)(request, timeout=deadline)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    self._targets.failover(conn)
+                attempt += 1
+                if not safe or code not in IDEMPOTENT_RETRYABLE_CODES \
+                        or attempt >= self._attempts:
+                    raise rpc_error_from(exc) from None
+                delay = backoff_delay(attempt - 1, base=0.2, cap=2.0)
+                log.debug("%s on %s; retrying in %.2fs", code.name, conn.target, delay)
+                await asyncio.sleep(delay)
+
+    async def _stream(self, rpc: Callable[[_Conn], grpc.aio.UnaryStreamCall[Any, Resp]],
+                      convert: Callable[[Resp], Item]) -> AsyncGenerator[Item, None]:
+        """Iterate a server stream, converting items and errors; cancel it when left."""
+        conn = self._conn()
+        call = rpc(conn)
+        try:
+            async for item in call:
+                yield convert(item)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self._targets.failover(conn)
+            raise rpc_error_from(exc) from None
+        finally:
+            call.cancel()
+
+    async def _pages(self, fetch: Callable[[int, str], Any], key: str, limit: int,
+                     convert: Callable[[Any], Item]) -> list[Item]:
+        """Follow page tokens until ``limit`` items or the end."""
+        if limit < 0:
+            raise ValueError("limit must not be negative")
+        out: list[Item] = []
+        token = ""
+        while len(out) < limit:
+            response = await fetch(min(limit - len(out), _MAX_PAGE), token)
+            out.extend(convert(x) for x in getattr(response, key))
+            token = response.next_page_token
+            if not token:
+                break
+        return out[:limit]
+
+    # --------------------------------------------------------------------- tasks
+
+    async def submit_task(self, capability: str, input: Any = None, *,
+                          priority: int = 0, labels: Mapping[str, str] | None = None,
+                          task_id: str = "", request_id: str = "",
+                          retry: RetryPolicy | None = None,
+                          timeout: float | None = None,  # noqa: ASYNC109 - execution timeout
+                          fallback: str = "") -> TaskInfo:
+        """Queue a task for an agent offering ``capability``.
+
+        ``timeout`` is the execution timeout of one attempt (server default when
+        None). Without ``request_id`` a fresh one is generated, so the submit is
+        safely retried when the server is unreachable.
+        """
+        task = task_pb2.Task(capability=capability, input=encode_payload(input),
+                             priority=priority, labels=labels or {},
+                             fallback_capability=fallback, namespace=self._namespace)
+        if retry is not None:
+            task.retry_policy.CopyFrom(retry.to_proto())
+        if timeout is not None:
+            task.execution_timeout.CopyFrom(to_duration(timeout))
+        request = task_pb2.SubmitTaskRequest(task=task, task_id=task_id,
+                                             request_id=request_id or uuid.uuid4().hex)
+        if not self._batch_submits:
+            response = await self._unary(lambda c: c.tasks.SubmitTask, request, safe=True)
+            return task_from_proto(response.task)
+        self._conn()  # raises when closed
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[task_pb2.Task] = loop.create_future()
+        self._pending.append((request, future))
+        if len(self._pending) >= _MAX_SUBMIT_BATCH:
+            self._flush_submits()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush_submits)
+        return task_from_proto(await future)
+
+    def _flush_submits(self) -> None:
+        """Send what submit_task queued in this loop iteration."""
+        self._flush_scheduled = False
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        sender = asyncio.get_running_loop().create_task(self._send_submits(batch))
+        self._senders.add(sender)
+        sender.add_done_callback(self._senders.discard)
+
+    async def _send_submits(self, batch: list[tuple[task_pb2.SubmitTaskRequest,
+                                                    asyncio.Future[task_pb2.Task]]]) -> None:
+        """One call for the batch; on a refused batch, one call per request.
+
+        Every request carries its own request_id, so re-sending the requests of
+        a batch that was partly queued cannot queue anything twice.
+        """
+        try:
+            if len(batch) > 1:
+                try:
+                    response = await self._unary(
+                        lambda c: c.tasks.BatchSubmitTasks,
+                        task_pb2.BatchSubmitTasksRequest(requests=[r for r, _ in batch]),
+                        safe=True)
+                except (InvalidArgumentError, ResourceExhaustedError):
+                    pass  # find out which request it was: one by one below
+                else:
+                    for (_, future), task in zip(batch, response.tasks, strict=True):
+                        if not future.done():
+                            future.set_result(task)
+                    return
+            for request, future in batch:
+                if future.done():
+                    continue
+                try:
+                    single = await self._unary(lambda c: c.tasks.SubmitTask, request, safe=True)
+                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                    if not future.done():
+                        future.set_exception(exc)
+                else:
+                    if not future.done():
+                        future.set_result(single.task)
+        except BaseException as exc:
+            for _, future in batch:
+                if not future.done():
+                    if isinstance(exc, asyncio.CancelledError):
+                        future.cancel()
+                    else:
+                        future.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+
+    async def get_task(self, task: str) -> TaskInfo:
+        """The task named "tasks/x" (or "x")."""
+        response = await self._unary(lambda c: c.tasks.GetTask,
+                                     task_pb2.GetTaskRequest(name=_name(task, "tasks")),
+                                     safe=True)
+        return task_from_proto(response.task)
+
+    async def list_tasks(self, *, state: str | None = None, capability: str = "",
+                         workflow: str = "", limit: int = 100) -> list[TaskInfo]:
+        """Up to ``limit`` tasks, newest first, filtered by state name, capability, workflow."""
+        state_value = task_state_value(state) if state else 0
+        wf = _name(workflow, "workflows") if workflow else ""
+
+        async def fetch(size: int, token: str) -> task_pb2.ListTasksResponse:
+            request = task_pb2.ListTasksRequest(
+                state=state_value,  # type: ignore[arg-type]
+                page_size=size, page_token=token, capability=capability, workflow=wf,
+                namespace=self._namespace)
+            return await self._unary(lambda c: c.tasks.ListTasks, request, safe=True)
+
+        return await self._pages(fetch, "tasks", limit, task_from_proto)
+
+    async def cancel_task(self, task: str, reason: str = "") -> TaskInfo:
+        """Cancel a task that has not ended; a running attempt is told to stop."""
+        request = task_pb2.CancelTaskRequest(name=_name(task, "tasks"), reason=reason)
+        response = await self._unary(lambda c: c.tasks.CancelTask, request, safe=False)
+        return task_from_proto(response.task)
+
+    async def retry_task(self, task: str, input: Any = UNSET) -> TaskInfo:
+        """Re-drive a task that ended without success, optionally with a new input."""
+        request = task_pb2.RetryTaskRequest(name=_name(task, "tasks"))
+        if not isinstance(input, _Unset):
+            request.input.CopyFrom(encode_payload(input))
+        response = await self._unary(lambda c: c.tasks.RetryTask, request, safe=False)
+        return task_from_proto(response.task)
+
+    def watch_tasks(self, *, names: Sequence[str] = (), capability: str = "",
+                    workflow: str = "", states: Sequence[str] = ()) -> AsyncIterator[TaskInfo]:
+        """Iterate task changes matching the filter (from now on).
+
+        ``states`` (names like "SUCCEEDED") keeps only changes into those states;
+        the server filters before it reads anything, so it is cheap.
+        """
+        request = task_pb2.WatchTasksRequest(
+            names=[_name(n, "tasks") for n in names], capability=capability,
+            workflow=_name(workflow, "workflows") if workflow else "",
+            namespace=self._namespace,
+            states=[task_state_value(s) for s in states])  # type: ignore[misc]
+        return self._stream(lambda c: c.tasks.WatchTasks(request),
+                            lambda r: task_from_proto(r.task))
+
+    async def wait_task(self, task: str,
+                        timeout: float | None = None) -> TaskInfo:  # noqa: ASYNC109 - API
+        """Wait until the task ends (TimeoutError after ``timeout`` seconds)."""
+        name = _name(task, "tasks")
+        async with asyncio.timeout(timeout):
+            return await self._wait_task(name)
+
+    async def _wait_task(self, name: str) -> TaskInfo:
+        conn = self._conn()
+        call = conn.tasks.WatchTasks(task_pb2.WatchTasksRequest(
+            names=[name], namespace=self._namespace,
+            states=sorted(_TERMINAL_TASK_STATES)))  # type: ignore[arg-type]
+        ended: list[TaskInfo] = []
+        event = asyncio.Event()
+
+        async def pump() -> None:
+            async for response in call:
+                if response.task.state in _TERMINAL_TASK_STATES:
+                    ended.append(task_from_proto(response.task))
+                    event.set()
+                    return
+
+        pumping = asyncio.create_task(pump())
+        try:
+            # Read after subscribing so no change is missed; the watch then
+            # reports the end. A backed-off poll covers a watch that broke or
+            # a change between opening the watch and the server subscribing.
+            poll = 0.25
+            while True:
+                info = await self.get_task(name)
+                if info.done:
+                    return info
+                try:
+                    async with asyncio.timeout(poll):
+                        await event.wait()
+                except TimeoutError:
+                    poll = min(poll * 2, 5.0)
+                    continue
+                return ended[0]
+        finally:
+            pumping.cancel()
+            call.cancel()
+            await asyncio.wait([pumping])
+            if not pumping.cancelled() and pumping.exception() is not None:
+                log.debug("watch of %s ended: %s", name, pumping.exception())
+
+    async def run_task(self, capability: str, input: Any = None, *,
+                       wait_timeout: float | None = None, **kw: Any) -> Any:
+        """Submit a task, wait for it, and return its decoded output.
+
+        ``kw`` goes to :meth:`submit_task`. Raises :class:`TaskFailedError` when
+        the task ends without success, ``TimeoutError`` after ``wait_timeout``.
+        """
+        submitted = await self.submit_task(capability, input, **kw)
+        info = submitted if submitted.done else await self.wait_task(submitted.name,
+                                                                     wait_timeout)
+        if info.state != "SUCCEEDED":
+            raise TaskFailedError(info)
+        return info.output
+
+    # ----------------------------------------------------------------- workflows
+
+    async def submit_workflow(self, spec: WorkflowSpec | Mapping[str, Any], *,
+                              workflow_id: str = "", request_id: str = "") -> WorkflowInfo:
+        """Start a workflow (a spec or a mapping shaped like the workflow YAML).
+
+        Without ``request_id`` a fresh one is generated (safe retries).
+        """
+        if not isinstance(spec, WorkflowSpec):
+            spec = WorkflowSpec.from_dict(spec)
+        workflow = spec.to_proto()
+        workflow.namespace = self._namespace
+        request = task_pb2.SubmitWorkflowRequest(workflow=workflow, workflow_id=workflow_id,
+                                                 request_id=request_id or uuid.uuid4().hex)
+        response = await self._unary(lambda c: c.tasks.SubmitWorkflow, request, safe=True)
+        return workflow_from_proto(response.workflow)
+
+    async def get_workflow(self, name: str) -> WorkflowInfo:
+        """The workflow "workflows/x" (or "x") with the state of every step."""
+        request = task_pb2.GetWorkflowRequest(name=_name(name, "workflows"))
+        response = await self._unary(lambda c: c.tasks.GetWorkflow, request, safe=True)
+        return workflow_from_proto(response.workflow)
+
+    def watch_workflow(self, name: str) -> AsyncIterator[WorkflowInfo]:
+        """Iterate the workflow now and after every step change, until it ends."""
+        request = task_pb2.WatchWorkflowRequest(name=_name(name, "workflows"))
+        return self._stream(lambda c: c.tasks.WatchWorkflow(request),
+                            lambda r: workflow_from_proto(r.workflow))
+
+    async def wait_workflow(self, name: str,
+                            timeout: float | None = None,  # noqa: ASYNC109 - API
+                            ) -> WorkflowInfo:
+        """Wait until the workflow ends (TimeoutError after ``timeout`` seconds)."""
+        request = task_pb2.WatchWorkflowRequest(name=_name(name, "workflows"))
+        attempt = 0
+        async with asyncio.timeout(timeout):
+            while True:
+                watch = self._stream(lambda c: c.tasks.WatchWorkflow(request),
+                                     lambda r: workflow_from_proto(r.workflow))
+                try:
+                    async with contextlib.aclosing(watch):
+                        async for info in watch:
+                            attempt = 0
+                            if info.done:
+                                return info
+                except RPCError as exc:
+                    if exc.code not in _REWATCH_CODES:
+                        raise
+                    log.debug("watch of %s broke: %s; re-reading", name, exc)
+                info = await self.get_workflow(name)
+                if info.done:
+                    return info
+                await asyncio.sleep(backoff_delay(attempt, base=0.1, cap=2.0))
+                attempt += 1
+
+    async def cancel_workflow(self, name: str, reason: str = "") -> WorkflowInfo:
+        """Cancel every step of the workflow that has not ended."""
+        request = task_pb2.CancelWorkflowRequest(name=_name(name, "workflows"), reason=reason)
+        response = await self._unary(lambda c: c.tasks.CancelWorkflow, request, safe=False)
+        return workflow_from_proto(response.workflow)
+
+    async def list_workflows(self, *, state: str | None = None,
+                             limit: int = 100) -> list[WorkflowInfo]:
+        """Up to ``limit`` workflows, newest first."""
+        state_value = workflow_state_value(state) if state else 0
+
+        async def fetch(size: int, token: str) -> task_pb2.ListWorkflowsResponse:
+            request = task_pb2.ListWorkflowsRequest(
+                state=state_value,  # type: ignore[arg-type]
+                page_size=size, page_token=token, namespace=self._namespace)
+            return await self._unary(lambda c: c.tasks.ListWorkflows, request, safe=True)
+
+        return await self._pages(fetch, "workflows", limit, workflow_from_proto)
+
+    # -------------------------------------------------------------------- agents
+
+    async def list_agents(self, *, capability: str = "", state: str | None = None,
+                          labels: Mapping[str, str] | None = None,
+                          limit: int = 1000) -> list[AgentInfo]:
+        """Agents by name; ``state`` None means live ones (ACTIVE and DRAINING)."""
+        state_value = agent_state_value(state) if state else 0
+
+        async def fetch(size: int, token: str) -> discovery_pb2.ListAgentsResponse:
+            request = discovery_pb2.ListAgentsRequest(
+                capability=capability, page_size=size, page_token=token,
+                state=state_value,  # type: ignore[arg-type]
+                labels=labels or {}, namespace=self._namespace)
+            return await self._unary(lambda c: c.discovery.ListAgents, request, safe=True)
+
+        return await self._pages(fetch, "agents", limit, agent_from_proto)
+
+    async def get_agent(self, name: str) -> AgentInfo:
+        """The agent "agents/x" (or "x")."""
+        request = discovery_pb2.GetAgentRequest(name=_name(name, "agents"))
+        response = await self._unary(lambda c: c.discovery.GetAgent, request, safe=True)
+        return agent_from_proto(response.agent)
+
+    def watch_agents(self, *, capability: str = "",
+                     include_existing: bool = True) -> AsyncIterator[AgentEvent]:
+        """Iterate join/update/leave events (first a JOINED per live agent by default)."""
+        request = discovery_pb2.WatchAgentsRequest(capability=capability,
+                                                   namespace=self._namespace,
+                                                   include_existing=include_existing)
+        return self._stream(lambda c: c.discovery.WatchAgents(request), agent_event_from_proto)
+
+    async def stats(self) -> MeshStats:
+        """Queue depth and autonomy figures of the namespace."""
+        request = task_pb2.GetStatsRequest(namespace=self._namespace)
+        response = await self._unary(lambda c: c.tasks.GetStats, request, safe=True)
+        return stats_from_proto(response)
+
+    # --------------------------------------------------------------------- state
+
+    async def get_state(self, key: str) -> StateEntry | None:
+        """The entry of ``key``, or None when it does not exist."""
+        request = state_pb2.GetRequest(namespace=self._namespace, key=key)
+        try:
+            response = await self._unary(lambda c: c.state.Get, request, safe=True)
+        except NotFoundError:
+            return None
+        return entry_from_proto(response.entry)
+
+    async def put_state(self, key: str, value: Any, *, expected_version: int | None = None,
+                        ttl: float | None = None) -> StateEntry:
+        """Write ``key``. With ``expected_version`` the write is a compare-and-set
+        (0: the key must not exist) and a conflict raises :class:`AbortedError`.
+        """
+        request = state_pb2.PutRequest(namespace=self._namespace, key=key,
+                                       value=encode_payload(value))
+        if expected_version is not None:
+            request.expected_version = expected_version
+        if ttl is not None:
+            request.ttl.CopyFrom(to_duration(ttl))
+        response = await self._unary(lambda c: c.state.Put, request, safe=False)
+        return entry_from_proto(response.entry, value, use_value=True)
+
+    async def delete_state(self, key: str, *, expected_version: int | None = None) -> int:
+        """Delete ``key`` (optionally compare-and-set); returns the revision of the delete."""
+        request = state_pb2.DeleteRequest(namespace=self._namespace, key=key)
+        if expected_version is not None:
+            request.expected_version = expected_version
+        response = await self._unary(lambda c: c.state.Delete, request, safe=False)
+        return response.revision
+
+    async def list_state(self, prefix: str = "", *, limit: int = 1000) -> list[StateEntry]:
+        """Entries whose key starts with ``prefix``, ordered by key."""
+
+        async def fetch(size: int, token: str) -> state_pb2.ListResponse:
+            request = state_pb2.ListRequest(namespace=self._namespace, page_size=size,
+                                            page_token=token, prefix=prefix)
+            return await self._unary(lambda c: c.state.List, request, safe=True)
+
+        return await self._pages(fetch, "entries", limit, entry_from_proto)
+
+    def watch_state(self, prefix: str = "", *,
+                    after_revision: int = 0) -> AsyncIterator[StateEvent]:
+        """Iterate changes under ``prefix`` after ``after_revision`` (0: from now on)."""
+        request = state_pb2.WatchRequest(namespace=self._namespace, prefix=prefix,
+                                         after_revision=after_revision)
+        return self._stream(lambda c: c.state.Watch(request), state_event_from_proto)
+
+    async def update_state(self, key: str, fn: Callable[[Any | None], Any], *,
+                           attempts: int = 10) -> StateEntry:
+        """Read-modify-write ``key``: ``fn(current value or None)`` gives the new value.
+
+        The write is a compare-and-set on the version read; on a conflict the
+        key is re-read and ``fn`` applied again, up to ``attempts`` times, with
+        jittered backoff. Raises :class:`AbortedError` when every attempt lost.
+        """
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        for attempt in range(attempts):
+            current = await self.get_state(key)
+            value = fn(None if current is None else current.value)
+            try:
+                return await self.put_state(
+                    key, value, expected_version=0 if current is None else current.version)
+            except AbortedError:
+                if attempt + 1 >= attempts:
+                    raise
+                await asyncio.sleep(backoff_delay(attempt, base=0.01, cap=0.5))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ----------------------------------------------------------------------- bus
+
+    async def publish(self, subject: str, value: Any, *,
+                      headers: Mapping[str, str] | None = None) -> None:
+        """Publish ``value`` on ``subject``."""
+        request = bus_pb2.PublishRequest(
+            namespace=self._namespace,
+            message=bus_pb2.BusMessage(subject=subject, payload=encode_payload(value),
+                                       headers=headers or {}))
+        await self._unary(lambda c: c.bus.Publish, request, safe=False)
+
+    def subscribe(self, subject: str, *, queue_group: str = "") -> AsyncIterator[BusMessage]:
+        """Iterate messages published on subjects matching ``subject`` ("a.*", "a.>")."""
+        request = bus_pb2.SubscribeRequest(namespace=self._namespace, subject=subject,
+                                           queue_group=queue_group)
+        return self._stream(lambda c: c.bus.Subscribe(request),
+                            lambda r: bus_message_from_proto(r.message))

@@ -1,0 +1,307 @@
+"""The ``agentmesh`` CLI and the examples, against a real embedded server and real agents.
+
+Happy paths await `server.cli.main_async` on the test's event loop, next to
+the server (gRPC's asyncio stack wants one loop per process, so `main` with
+its own `asyncio.run` cannot share the process with a running server). Error
+paths run ``python -m server.cli`` as a subprocess, so "one line on stderr, no
+traceback" covers the whole process, including gRPC's own output at exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from agent_sdk import Agent, MeshClient, TaskContext
+from agent_sdk.errors import NonRetryableError
+from server.app import Mesh, running_server
+from server.cli import main, main_async
+from server.settings import Settings
+from tests._services import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+WORKFLOW = EXAMPLES / "research_report.yaml"
+
+CLIResult = tuple[int, str, str]
+
+
+def _load_example_agents() -> ModuleType:
+    """examples/agents.py as a module (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("example_agents", EXAMPLES / "agents.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+example_agents = _load_example_agents()
+
+
+@pytest.fixture
+async def mesh() -> AsyncIterator[Mesh]:
+    """An embedded control plane on a free loopback port."""
+    settings = Settings(port=0, metrics_port=0, heartbeat_interval=0.2, tick=0.02,
+                        drain_grace=0.5)
+    async with running_server(settings) as running:
+        yield running
+
+
+async def _run_agents(mesh: Mesh, agents: list[Agent],
+                      names: list[str]) -> list[asyncio.Task[None]]:
+    runs = [asyncio.create_task(agent.run()) for agent in agents]
+    async with MeshClient(mesh.address) as client, asyncio.timeout(5):
+        await example_agents.wait_for_agents(client, names)
+    return runs
+
+
+async def _stop_agents(agents: list[Agent], runs: list[asyncio.Task[None]]) -> None:
+    await asyncio.gather(*(agent.stop(grace=1.0) for agent in agents))
+    await asyncio.gather(*runs)
+
+
+@pytest.fixture
+async def echo_agent(mesh: Mesh) -> AsyncIterator[Agent]:
+    """A real agent offering ``echo`` (returns its input) and ``fail`` (never succeeds)."""
+    agent = Agent("cli-echo", target=mesh.address)
+
+    @agent.handler("echo")
+    async def echo(task: TaskContext) -> dict[str, object]:
+        return {"echo": task.input}
+
+    @agent.handler("fail")
+    async def fail(task: TaskContext) -> None:
+        raise NonRetryableError("this handler always fails", "Broken")
+
+    runs = await _run_agents(mesh, [agent], ["cli-echo"])
+    yield agent
+    await _stop_agents([agent], runs)
+
+
+@pytest.fixture
+async def team(mesh: Mesh) -> AsyncIterator[list[Agent]]:
+    """The research team of examples/agents.py."""
+    agents = example_agents.build_team(mesh.address)
+    runs = await _run_agents(mesh, agents, list(example_agents.TEAM))
+    yield agents
+    await _stop_agents(agents, runs)
+
+
+async def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> CLIResult:
+    """Run the CLI in-process on this loop; return (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    status = await main_async(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+async def cli_process(*argv: str) -> CLIResult:
+    """Run ``python -m server.cli argv`` as a subprocess; return (status, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", *argv, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(15):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def assert_one_error_line(err: str, *fragments: str) -> None:
+    """stderr is exactly one ``agentmesh: error:`` line containing ``fragments``."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("agentmesh: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], err
+
+
+# ------------------------------------------------------------------ happy paths
+
+
+async def test_submit_wait_prints_the_result(mesh: Mesh, echo_agent: Agent,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = await cli(capsys, "--server", mesh.address, "tasks", "submit", "echo",
+                               "--input", '{"topic": "bees"}', "--wait")
+    assert status == 0
+    assert "SUCCEEDED" in out
+    assert '"topic": "bees"' in out
+
+
+async def test_json_output_parses(mesh: Mesh, echo_agent: Agent,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    server = ("--server", mesh.address, "--json")
+    status, out, _ = await cli(capsys, *server, "tasks", "submit", "echo", "--input", "[1, 2]",
+                               "--wait")
+    assert status == 0
+    task = json.loads(out)
+    assert task["state"] == "SUCCEEDED"
+    assert task["output"] == {"echo": [1, 2]}
+
+    status, out, _ = await cli(capsys, *server, "tasks", "list", "--state", "succeeded")
+    assert status == 0
+    assert task["id"] in [t["id"] for t in json.loads(out)]
+
+    status, out, _ = await cli(capsys, *server, "tasks", "get", task["id"])
+    assert status == 0
+    assert json.loads(out)["capability"] == "echo"
+
+    status, out, _ = await cli(capsys, *server, "agents", "list")
+    assert status == 0
+    assert [a["display_name"] for a in json.loads(out)] == ["cli-echo"]
+
+    status, out, _ = await cli(capsys, *server, "stats")
+    assert status == 0
+    stats = json.loads(out)
+    assert stats["agents_live"] == 1
+    assert stats["tasks_by_state"]["SUCCEEDED"] == 1
+
+
+async def test_tables_and_state_round_trip(mesh: Mesh, echo_agent: Agent,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    server = ("--server", mesh.address)
+    status, out, _ = await cli(capsys, *server, "agents", "list")
+    assert status == 0
+    header, row = out.splitlines()
+    assert header.split()[:3] == ["NAME", "STATE", "CAPABILITIES"]
+    assert row.split()[:3] == ["cli-echo", "ACTIVE", "echo,fail"]
+
+    assert (await cli(capsys, *server, "state", "put", "team/lead", '{"name": "ada"}'))[0] == 0
+    assert (await cli(capsys, *server, "state", "put", "team/motto", "keep going"))[0] == 0
+    status, out, _ = await cli(capsys, *server, "--json", "state", "get", "team/lead")
+    assert (status, json.loads(out)["value"]) == (0, {"name": "ada"})
+    status, out, _ = await cli(capsys, *server, "state", "get", "team/motto")
+    assert (status, out.strip()) == (0, "keep going")
+    status, out, _ = await cli(capsys, *server, "state", "list", "team/")
+    assert status == 0
+    assert [line.split()[0] for line in out.splitlines()] == ["KEY", "team/lead", "team/motto"]
+    assert (await cli(capsys, *server, "state", "delete", "team/lead"))[0] == 0
+    status, _, err = await cli(capsys, *server, "state", "get", "team/lead")
+    assert status == 1
+    assert_one_error_line(err, "NOT_FOUND")
+
+    status, out, _ = await cli(capsys, *server, "stats")
+    assert status == 0
+    assert "autonomy:" in out
+    assert "100.0%" in out
+
+
+async def test_workflow_run_with_the_example_team(mesh: Mesh, team: list[Agent],
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = await cli(capsys, "--server", mesh.address, "workflow", "run",
+                               str(WORKFLOW), "--wait")
+    assert status == 0, out
+    assert "[research-history] research: RUNNING" in out
+    assert "[review] review: SUCCEEDED" in out
+    workflow_id = out.splitlines()[0].split()[1]
+    assert f"workflow {workflow_id} SUCCEEDED" in out
+    assert "== review ==" in out
+    assert '"verdict": "approved"' in out
+
+    status, out, _ = await cli(capsys, "--server", mesh.address, "workflow", "get", workflow_id)
+    assert status == 0
+    assert "research-applications" in out
+
+
+async def test_failed_task_exits_1_with_one_line(mesh: Mesh, echo_agent: Agent) -> None:
+    status, out, err = await cli_process("--server", mesh.address, "tasks", "submit", "fail",
+                                         "--wait")
+    assert status == 1
+    assert "FAILED" in out
+    assert_one_error_line(err, "Broken: this handler always fails")
+
+
+async def test_failed_workflow_exits_1_with_the_reason(mesh: Mesh, echo_agent: Agent,
+                                                      tmp_path: Path) -> None:
+    spec = tmp_path / "doomed.yaml"
+    spec.write_text("name: doomed\nsteps:\n"
+                    "  - {id: first, capability: echo, input: 1}\n"
+                    "  - {id: second, capability: fail, depends_on: [first]}\n"
+                    "  - {id: third, capability: echo, depends_on: [second]}\n")
+    status, out, err = await cli_process("--server", mesh.address, "workflow", "run",
+                                         str(spec), "--wait")
+    assert status == 1
+    assert "[second] fail: FAILED - Broken: this handler always fails" in out
+    assert "[third] echo: CANCELLED" in out
+    assert_one_error_line(err, "FAILED")
+
+
+# ------------------------------------------------------------------ error paths
+
+
+async def test_unknown_task_is_one_line_exit_1(mesh: Mesh) -> None:
+    status, out, err = await cli_process("--server", mesh.address, "tasks", "get", "no-such")
+    assert status == 1
+    assert out == ""
+    assert_one_error_line(err, "NOT_FOUND")
+
+
+async def test_unreachable_server_is_one_line(mesh: Mesh) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    status, _, err = await cli_process("--server", address, "--timeout", "2", "tasks", "list")
+    assert status == 1
+    assert_one_error_line(err, "UNAVAILABLE", address)
+
+
+async def test_bad_json_input_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = await cli(capsys, "--server", f"127.0.0.1:{free_port()}", "tasks",
+                                 "submit", "echo", "--input", "{not json")
+    assert (status, out) == (2, "")
+    assert_one_error_line(err, "invalid JSON for --input")
+
+
+async def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str],
+                                         tmp_path: Path) -> None:
+    status, _, err = await cli(capsys, "tasks", "frobnicate")
+    assert status == 2
+    assert_one_error_line(err, "invalid choice")
+
+    status, _, err = await cli(capsys, "workflow", "run", str(tmp_path / "missing.yaml"))
+    assert status == 2
+    assert_one_error_line(err, "missing.yaml")
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nsteps: [\n  - {id: a\n")
+    status, _, err = await cli(capsys, "workflow", "run", str(bad))
+    assert status == 2
+    assert_one_error_line(err, "bad.yaml")
+
+    shapeless = tmp_path / "shapeless.yaml"
+    shapeless.write_text("name: x\nsteps:\n  - {id: a, capability: c, depends_on: [zz]}\n")
+    status, _, err = await cli(capsys, "workflow", "run", str(shapeless))
+    assert status == 2
+    assert_one_error_line(err, "unknown step 'zz'")
+
+
+def test_serve_rejects_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--port", "70000"]) == 2
+    assert_one_error_line(capsys.readouterr().err, "port")
+
+
+# ------------------------------------------------------------------ examples/run.py
+
+
+async def test_example_run_once() -> None:
+    # The checkout first on the path, so the example runs against this tree
+    # whatever the state of the editable install.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(EXAMPLES / "run.py"), "--port", str(free_port()), "--once",
+        cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(30):
+        out_bytes, err_bytes = await proc.communicate()
+    out, err = out_bytes.decode(), err_bytes.decode()
+    assert proc.returncode == 0, err
+    assert "verdict: approved" in out
+    assert "Reviewed: approved for publication." in out
+    assert "## History" in out and "## Applications" in out
+    assert "Traceback" not in err
