@@ -8,7 +8,7 @@ Every value returned is a frozen dataclass; no protobuf message leaks out.
 """
 
 from agent_sdk._agent import Agent, Handler, TaskContext
-from agent_sdk._client import UNSET, MeshClient
+from agent_sdk._client import UNSET, ChannelConfig, MeshClient
 from agent_sdk._payload import decode_payload, encode_payload
 from agent_sdk._sync import SyncMeshClient
 from agent_sdk._types import (
@@ -56,6 +56,7 @@ __all__ = [
     "AlreadyExistsError",
     "AttemptInfo",
     "BusMessage",
+    "ChannelConfig",
     "FailedPreconditionError",
     "FailureInfo",
     "Handler",

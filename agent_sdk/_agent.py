@@ -24,7 +24,7 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from agentmesh.v1 import discovery_pb2, task_pb2
 
-from agent_sdk._client import _Conn, _Targets
+from agent_sdk._client import ChannelConfig, _Conn, _Targets
 from agent_sdk._payload import decode_payload, encode_payload
 from agent_sdk._retry import backoff_delay
 from agent_sdk.errors import NonRetryableError, RetryableError, rpc_error_from
@@ -141,12 +141,16 @@ class Agent:
 
     def __init__(self, name: str, *, target: str | Sequence[str] = "127.0.0.1:50051",
                  namespace: str = "default", max_concurrency: int = 4,
-                 labels: Mapping[str, str] | None = None, version: str = "") -> None:
-        """Configure the agent; nothing connects until :meth:`run`."""
+                 labels: Mapping[str, str] | None = None, version: str = "",
+                 channel: ChannelConfig | None = None) -> None:
+        """Configure the agent; nothing connects until :meth:`run`.
+
+        ``channel`` sets TLS credentials, call interceptors and channel options.
+        """
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
         self._display_name = name
-        self._targets = _Targets(target)
+        self._targets = _Targets(target, channel)
         self._namespace = namespace
         self._max_concurrency = max_concurrency
         self._labels = dict(labels or {})

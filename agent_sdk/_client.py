@@ -7,6 +7,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
@@ -58,7 +59,7 @@ from agent_sdk.errors import (
     rpc_error_from,
 )
 
-__all__ = ["UNSET", "MeshClient"]
+__all__ = ["UNSET", "ChannelConfig", "MeshClient"]
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +106,36 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
+@dataclass(frozen=True, slots=True)
+class ChannelConfig:
+    """How channels to the mesh are made (shared by MeshClient and Agent).
+
+    ``credentials`` switches to TLS (``grpc.ssl_channel_credentials``, with a
+    client certificate for mTLS); ``interceptors`` run on every call (auth
+    metadata, tracing); ``options`` are extra gRPC channel arguments.
+    """
+
+    credentials: grpc.ChannelCredentials | None = None
+    interceptors: tuple[grpc.aio.ClientInterceptor, ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()
+
+
 class _Conn:
     """A channel to one target and the stubs on it."""
 
     __slots__ = ("bus", "channel", "discovery", "state", "target", "tasks")
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, config: ChannelConfig | None = None) -> None:
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        config = config or ChannelConfig()
+        options = [*_CHANNEL_OPTIONS, *config.options]
+        interceptors = list(config.interceptors) or None
+        if config.credentials is not None:
+            self.channel = grpc.aio.secure_channel(target, config.credentials, options=options,
+                                                   interceptors=interceptors)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=options,
+                                                     interceptors=interceptors)
         self.tasks = task_pb2_grpc.TaskServiceStub(self.channel)
         self.discovery = discovery_pb2_grpc.DiscoveryServiceStub(self.channel)
         self.state = state_pb2_grpc.StateServiceStub(self.channel)
@@ -125,7 +148,8 @@ class _Targets:
     Channels are created lazily, one per target, and all closed by ``aclose``.
     """
 
-    def __init__(self, target: str | Sequence[str]) -> None:
+    def __init__(self, target: str | Sequence[str], config: ChannelConfig | None = None) -> None:
+        self._config = config
         targets = [target] if isinstance(target, str) else list(target)
         if not targets or not all(isinstance(t, str) and t for t in targets):
             raise ValueError("target must be a non-empty address or list of addresses")
@@ -138,7 +162,7 @@ class _Targets:
         target = self.targets[self._index]
         conn = self._conns.get(target)
         if conn is None:
-            conn = self._conns[target] = _Conn(target)
+            conn = self._conns[target] = _Conn(target, self._config)
         return conn
 
     def failover(self, conn: _Conn) -> None:
@@ -169,7 +193,7 @@ class MeshClient:
 
     def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *,
                  namespace: str = "default", timeout: float = 10.0,
-                 batch_submits: bool = True) -> None:
+                 batch_submits: bool = True, channel: ChannelConfig | None = None) -> None:
         """Configure the client; channels open lazily on the first call.
 
         With ``batch_submits`` (the default), ``submit_task`` calls made in the
@@ -179,7 +203,7 @@ class MeshClient:
         """
         if timeout <= 0:
             raise ValueError("timeout must be positive")
-        self._targets = _Targets(target)
+        self._targets = _Targets(target, channel)
         self._namespace = namespace
         self._timeout = timeout
         self._attempts = 2 + len(self._targets.targets)

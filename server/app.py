@@ -173,7 +173,10 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
 
             stack.push_async_callback(stop_snapshotter)
 
-        server = grpc.aio.server(options=[
+        # Server interceptors, outermost first: observability (metrics, tracing,
+        # log context) wraps authentication, so refused calls are measured too.
+        interceptors: list[grpc.aio.ServerInterceptor] = []
+        server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.keepalive_time_ms", 20_000),

@@ -17,6 +17,7 @@ EXPECTED = {
     "AlreadyExistsError",
     "AttemptInfo",
     "BusMessage",
+    "ChannelConfig",
     "FailedPreconditionError",
     "FailureInfo",
     "Handler",
