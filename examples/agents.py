@@ -46,7 +46,7 @@ ANGLES = ("history", "applications")
 _FINDINGS: dict[str, tuple[str, ...]] = {
     "history": (
         "The first ideas behind {topic} came out of university research labs.",
-        "Early {topic} systems were hand-built and ran on a single machine.",
+        "Early {topic} deployments were hand-built and ran on a single machine.",
         "Open standards in the 2000s let different {topic} implementations interoperate.",
         "Cheap commodity hardware turned {topic} from a niche into an everyday tool.",
         "Each generation of {topic} traded some simplicity for scale.",

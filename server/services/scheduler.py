@@ -237,9 +237,11 @@ class Scheduler:
     async def submit(self, task: Task, *, request_id: str = "") -> Task:
         """Queue a task (idempotent on request_id)."""
         now = self._clock.now()
+        chosen = bool(task.id)
         task = replace(task, id=task.id or uuid.uuid4().hex, state=TaskState.QUEUED,
                        create_time=now, update_time=now)
-        if task.id and await self._tasks.get_task(task.id) is not None and not request_id:
+        # Only a client-chosen id can collide; generated ids are random.
+        if chosen and not request_id and await self._tasks.get_task(task.id) is not None:
             raise AlreadyExistsError(f"tasks/{task.id} already exists")
         stored, created, transition = await self._tasks.create_task(
             task, request_id=request_id, max_queued=self.config.max_queued_per_namespace)
