@@ -42,9 +42,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def wait_port(port: int, timeout: float = 20.0) -> None:
+async def wait_port(port: int, limit: float = 20.0) -> None:
     """Until something listens on the port."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         try:
             _, w = await asyncio.open_connection("127.0.0.1", port)
@@ -64,22 +64,22 @@ def start_servers(args: argparse.Namespace) -> tuple[list[subprocess.Popen[bytes
         env = {**os.environ, "AGENTMESH_KEY_PREFIX": prefix, "AGENTMESH_LOG_LEVEL": "WARNING"}
         cmd = [PY, "-m", "server.cli", "serve", "--port", str(port), "--metrics-port", "0",
                "--store", args.store, "--bus", args.bus]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env))  # noqa: S603
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env))
         targets.append(f"127.0.0.1:{port}")
     return procs, targets
 
 
 def start_agents(targets: list[str], n: int, concurrency: int) -> list[subprocess.Popen[bytes]]:
     """Start n agent processes, spread over the replicas."""
-    return [subprocess.Popen(  # noqa: S603
+    return [subprocess.Popen(
         [PY, str(ROOT / "loadtests" / "noop_agent.py"), "--target", targets[i % len(targets)],
          "--name", f"noop-{i}", "--concurrency", str(concurrency)], cwd=ROOT)
         for i in range(n)]
 
 
-async def wait_agents(client: MeshClient, n: int, timeout: float = 20.0) -> None:
+async def wait_agents(client: MeshClient, n: int, limit: float = 20.0) -> None:
     """Until n agents offer the capability."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if len(await client.list_agents(capability="noop")) >= n:
             return

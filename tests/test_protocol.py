@@ -65,9 +65,9 @@ class RawAgent:
 
 
 async def until_state(tasks: task_pb2_grpc.TaskServiceStub, name: str, state: int,
-                      timeout: float = 5.0) -> task_pb2.Task:
+                      limit: float = 5.0) -> task_pb2.Task:
     """Poll GetTask until the task reaches ``state`` (accepted results are not acked)."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(limit):
         while True:
             task = (await tasks.GetTask(task_pb2.GetTaskRequest(name=name))).task
             if task.state == state:
