@@ -1,0 +1,194 @@
+"""Processes for the chaos suite: servers and agents as subprocesses, their logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from agentmesh.v1 import common_pb2, task_pb2, task_pb2_grpc
+
+from tests._services import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+AGENT = Path(__file__).with_name("agent.py")
+SERVE = ("import asyncio; from server.app import serve; from server.settings import Settings; "
+         "asyncio.run(serve(Settings()))")
+FAST = {"AGENTMESH_HEARTBEAT_INTERVAL": "0.2", "AGENTMESH_HEARTBEAT_MISSES": "3",
+        "AGENTMESH_TICK": "0.02", "AGENTMESH_DRAIN_GRACE": "0.2"}
+
+
+class Server:
+    """One ``agentmesh serve`` process."""
+
+    def __init__(self, env: dict[str, str], port: int = 0, log: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.env = {**os.environ, **FAST, **env, "AGENTMESH_PORT": str(self.port),
+                    "AGENTMESH_METRICS_PORT": "0", "AGENTMESH_LOG_LEVEL": "WARNING",
+                    "PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}"}
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        """host:port."""
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> Server:
+        """Spawn and wait until the gRPC port answers."""
+        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: ASYNC230
+        self.proc = subprocess.Popen(  # noqa: ASYNC220 - spawning is instant
+            [sys.executable, "-c", SERVE], cwd=ROOT, env=self.env, stdout=out, stderr=out)
+        async with grpc.aio.insecure_channel(self.address) as ch:
+            await asyncio.wait_for(ch.channel_ready(), 20)
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send a signal."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        """SIGKILL and reap."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(10)
+
+
+class AgentProc:
+    """One chaos agent process and its JSON-lines log."""
+
+    def __init__(self, tmp: Path, name: str, targets: list[str], cap: str, **opts: Any) -> None:
+        self.name = name
+        self.log = tmp / f"{name}.jsonl"
+        args = [sys.executable, str(AGENT), "--targets", ",".join(targets), "--cap", cap,
+                "--name", name, "--log", str(self.log)]
+        for k, v in opts.items():
+            args += [f"--{k.replace('_', '-')}", str(v)]
+        self.proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+
+    def events(self, ev: str | None = None) -> list[dict[str, Any]]:
+        """Events logged so far."""
+        if not self.log.exists():
+            return []
+        out = []
+        for line in self.log.read_text().splitlines():
+            with_ev = json.loads(line)
+            if ev is None or with_ev["ev"] == ev:
+                out.append(with_ev)
+        return out
+
+    def signal(self, sig: int) -> float:
+        """Send a signal; returns the time it was sent."""
+        t = time.time()
+        self.proc.send_signal(sig)
+        return t
+
+    def stop(self) -> None:
+        """SIGKILL and reap."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+async def until(cond: Callable[[], Any], timeout: float = 20.0,  # noqa: ASYNC109
+                what: str = "") -> Any:
+    """Poll a condition on other processes' output (files, RPCs) until it holds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        value = cond()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > end:
+            raise TimeoutError(f"timed out waiting for {what or cond}")
+        await asyncio.sleep(0.02)
+
+
+def js(value: object) -> common_pb2.Payload:
+    """A JSON payload."""
+    return common_pb2.Payload(data=json.dumps(value).encode(),
+                              metadata={"encoding": b"json/plain"})
+
+
+class Client:
+    """Submit and read tasks on any of several servers."""
+
+    def __init__(self, targets: list[str]) -> None:
+        self.targets = targets
+        self._i = 0
+
+    async def _call(self, fn: Callable[[task_pb2_grpc.TaskServiceStub], Any]) -> Any:
+        last: Exception | None = None
+        for _ in range(40):
+            target = self.targets[self._i % len(self.targets)]
+            try:
+                async with grpc.aio.insecure_channel(target) as ch:
+                    return await fn(task_pb2_grpc.TaskServiceStub(ch))
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                      grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                last = err
+                self._i += 1
+                await asyncio.sleep(0.1)
+        raise AssertionError(f"no server answered: {last}")
+
+    async def submit(self, cap: str, **task: Any) -> str:
+        """Queue a task; returns its name."""
+        resp = await self._call(lambda s: s.SubmitTask(task_pb2.SubmitTaskRequest(
+            task=task_pb2.Task(capability=cap, input=js(1), **task)), timeout=5))
+        return str(resp.task.name)
+
+    async def get(self, name: str) -> task_pb2.Task:
+        """One task."""
+        resp = await self._call(lambda s: s.GetTask(task_pb2.GetTaskRequest(name=name),
+                                                    timeout=5))
+        return resp.task
+
+    async def all_ended(self, names: list[str]) -> bool:
+        """True when every task ended."""
+        for n in names:
+            t = await self.get(n)
+            if t.state not in (task_pb2.TASK_STATE_SUCCEEDED, task_pb2.TASK_STATE_FAILED,
+                               task_pb2.TASK_STATE_DEAD_LETTERED,
+                               task_pb2.TASK_STATE_CANCELLED):
+                return False
+        return True
+
+
+async def assert_invariants(client: Client, names: list[str], agents: list[AgentProc]) -> dict[
+        str, int]:
+    """No task lost, exactly one accepted result per task, refusals counted."""
+    for n in names:
+        t = await client.get(n)
+        assert t.state == task_pb2.TASK_STATE_SUCCEEDED, (n, t.state, t.failure)
+    accepted: Counter[str] = Counter()
+    refused = 0
+    for a in agents:
+        for e in a.events("accepted"):
+            accepted[e["task"]] += 1
+        refused += len(a.events("refused"))
+    dupes = {k: v for k, v in accepted.items() if v > 1}
+    assert not dupes, f"duplicate accepted results: {dupes}"
+    missing = [n for n in names if accepted[n] != 1]
+    assert not missing, f"tasks without exactly one accepted result: {missing}"
+    return {"tasks": len(names), "refused": refused}
+
+
+PY_RETRY = common_pb2.RetryPolicy(max_attempts=20, initial_backoff={"nanos": 10_000_000},
+                                  max_backoff={"nanos": 50_000_000})
