@@ -24,9 +24,11 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from agentmesh.v1 import discovery_pb2, task_pb2
 
+from agent_sdk._auth import PemSource
 from agent_sdk._client import ChannelConfig, _Conn, _Targets
 from agent_sdk._payload import decode_payload, encode_payload
 from agent_sdk._retry import backoff_delay
+from agent_sdk._tracing import configure_tracing, handler_span, task_log_context
 from agent_sdk.errors import NonRetryableError, RetryableError, rpc_error_from
 
 __all__ = ["Agent", "Handler", "TaskContext"]
@@ -142,14 +144,23 @@ class Agent:
     def __init__(self, name: str, *, target: str | Sequence[str] = "127.0.0.1:50051",
                  namespace: str = "default", max_concurrency: int = 4,
                  labels: Mapping[str, str] | None = None, version: str = "",
-                 channel: ChannelConfig | None = None) -> None:
+                 channel: ChannelConfig | None = None, token: str | None = None,
+                 tls_ca: PemSource | None = None, tls_cert: PemSource | None = None,
+                 tls_key: PemSource | None = None) -> None:
         """Configure the agent; nothing connects until :meth:`run`.
 
         ``channel`` sets TLS credentials, call interceptors and channel options.
+        ``token`` (bearer token of an ``agent`` principal) and ``tls_ca`` /
+        ``tls_cert`` / ``tls_key`` (TLS, mTLS) are shortcuts for
+        :meth:`ChannelConfig.secure`.
         """
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
         self._display_name = name
+        if token or tls_ca is not None or tls_cert is not None or tls_key is not None:
+            channel = ChannelConfig.secure(token=token, tls_ca=tls_ca, tls_cert=tls_cert,
+                                           tls_key=tls_key, base=channel)
+        configure_tracing("agentmesh-agent")  # no-op unless OTEL_* asks for tracing
         self._targets = _Targets(target, channel)
         self._namespace = namespace
         self._max_concurrency = max_concurrency
@@ -461,7 +472,9 @@ class Agent:
             return
         task = assignment.task
         context = TaskContext(task, assignment.fencing_token, session)
-        job = asyncio.create_task(self._run_handler(context, session))
+        with task_log_context(context.task_id, context.workflow,
+                              self._agent_name.removeprefix("agents/"), task.trace_context):
+            job = asyncio.create_task(self._run_handler(context, session))
         self._running[task.name] = _Running(job, context)
 
     async def _run_handler(self, context: TaskContext, session: _Session) -> None:
@@ -473,12 +486,16 @@ class Agent:
                 raise NonRetryableError(f"no handler for capability {context.capability!r}",
                                         "UnknownCapability")
             fn, is_async = entry
-            if is_async:
-                output = await fn(context)
-            else:
-                output = await asyncio.to_thread(fn, context)
-                if inspect.isawaitable(output):
-                    output = await output
+            with handler_span(context.capability, context.task_id, workflow=context.workflow,
+                              attempt=context.attempt,
+                              agent_id=self._agent_name.removeprefix("agents/"),
+                              trace_context=context._task.trace_context):
+                if is_async:
+                    output = await fn(context)
+                else:
+                    output = await asyncio.to_thread(fn, context)
+                    if inspect.isawaitable(output):
+                        output = await output
             if not context.cancelled.is_set():
                 message = task_pb2.ProcessTasksRequest(result=task_pb2.TaskResult(
                     task=name, fencing_token=context.fencing_token,

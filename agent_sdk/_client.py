@@ -23,8 +23,10 @@ from agentmesh.v1 import (
     task_pb2_grpc,
 )
 
+from agent_sdk._auth import PemSource, bearer_token_interceptors, tls_credentials
 from agent_sdk._payload import encode_payload
 from agent_sdk._retry import IDEMPOTENT_RETRYABLE_CODES, backoff_delay
+from agent_sdk._tracing import client_interceptors as _tracing_interceptors
 from agent_sdk._types import (
     AgentEvent,
     AgentInfo,
@@ -119,6 +121,26 @@ class ChannelConfig:
     interceptors: tuple[grpc.aio.ClientInterceptor, ...] = ()
     options: tuple[tuple[str, Any], ...] = ()
 
+    @classmethod
+    def secure(cls, *, token: str | None = None, tls_ca: PemSource | None = None,
+               tls_cert: PemSource | None = None, tls_key: PemSource | None = None,
+               base: ChannelConfig | None = None) -> ChannelConfig:
+        """A config that sends ``token`` as a bearer token and/or uses TLS.
+
+        TLS is on when any of ``tls_ca`` (CA that signed the server
+        certificate), ``tls_cert``/``tls_key`` (client certificate for mTLS)
+        is given. ``base`` keeps its interceptors and options (and its
+        credentials when no TLS option is given).
+        """
+        base = base or cls()
+        credentials = base.credentials
+        if tls_ca is not None or tls_cert is not None or tls_key is not None:
+            credentials = tls_credentials(tls_ca, tls_cert, tls_key)
+        interceptors = base.interceptors
+        if token:
+            interceptors = (*bearer_token_interceptors(token), *interceptors)
+        return cls(credentials, interceptors, base.options)
+
 
 class _Conn:
     """A channel to one target and the stubs on it."""
@@ -129,7 +151,9 @@ class _Conn:
         self.target = target
         config = config or ChannelConfig()
         options = [*_CHANNEL_OPTIONS, *config.options]
-        interceptors = list(config.interceptors) or None
+        # Tracing (only when OTEL_* asks for it) runs outermost, so its span covers
+        # the caller's own interceptors (auth metadata...).
+        interceptors = [*_tracing_interceptors(), *config.interceptors] or None
         if config.credentials is not None:
             self.channel = grpc.aio.secure_channel(target, config.credentials, options=options,
                                                    interceptors=interceptors)
@@ -193,8 +217,15 @@ class MeshClient:
 
     def __init__(self, target: str | Sequence[str] = "127.0.0.1:50051", *,
                  namespace: str = "default", timeout: float = 10.0,
-                 batch_submits: bool = True, channel: ChannelConfig | None = None) -> None:
+                 batch_submits: bool = True, channel: ChannelConfig | None = None,
+                 token: str | None = None, tls_ca: PemSource | None = None,
+                 tls_cert: PemSource | None = None, tls_key: PemSource | None = None) -> None:
         """Configure the client; channels open lazily on the first call.
+
+        ``token`` is sent as ``authorization: Bearer <token>`` on every call;
+        ``tls_ca`` turns TLS on (verifying the server against that CA) and
+        ``tls_cert``/``tls_key`` add a client certificate (mTLS); see
+        :meth:`ChannelConfig.secure`.
 
         With ``batch_submits`` (the default), ``submit_task`` calls made in the
         same event-loop iteration travel together in one BatchSubmitTasks call
@@ -203,6 +234,9 @@ class MeshClient:
         """
         if timeout <= 0:
             raise ValueError("timeout must be positive")
+        if token or tls_ca is not None or tls_cert is not None or tls_key is not None:
+            channel = ChannelConfig.secure(token=token, tls_ca=tls_ca, tls_cert=tls_cert,
+                                           tls_key=tls_key, base=channel)
         self._targets = _Targets(target, channel)
         self._namespace = namespace
         self._timeout = timeout

@@ -25,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -55,6 +56,19 @@ async def wait_port(port: int, limit: float = 20.0) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
+def write_auth_file(directory: Path) -> dict[str, str]:
+    """--auth: a token file with a client and an agent principal; returns their tokens."""
+    from server.api.auth import generate_token, hash_token  # noqa: PLC0415
+
+    tokens = {"client": generate_token(), "agent": generate_token()}
+    lines = ["principals:"]
+    for role, token in tokens.items():
+        lines += [f"  - name: bench-{role}", f"    role: {role}", "    namespaces: [default]",
+                  f"    token_sha256: {hash_token(token)}"]
+    (directory / "tokens.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return tokens
+
+
 def start_servers(args: argparse.Namespace) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     """Start --replicas server processes."""
     procs, targets = [], []
@@ -62,18 +76,23 @@ def start_servers(args: argparse.Namespace) -> tuple[list[subprocess.Popen[bytes
     for _ in range(args.replicas):
         port = free_port()
         env = {**os.environ, "AGENTMESH_KEY_PREFIX": prefix, "AGENTMESH_LOG_LEVEL": "WARNING"}
-        cmd = [PY, "-m", "server.cli", "serve", "--port", str(port), "--metrics-port", "0",
+        if args.auth_file:
+            env["AGENTMESH_AUTH_FILE"] = args.auth_file
+        metrics_port = str(free_port()) if args.observability else "0"
+        cmd = [PY, "-m", "server.cli", "serve", "--port", str(port), "--metrics-port", metrics_port,
                "--store", args.store, "--bus", args.bus]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env))
         targets.append(f"127.0.0.1:{port}")
     return procs, targets
 
 
-def start_agents(targets: list[str], n: int, concurrency: int) -> list[subprocess.Popen[bytes]]:
-    """Start n agent processes, spread over the replicas."""
+def start_agents(targets: list[str], n: int, concurrency: int,
+                 token: str | None = None) -> list[subprocess.Popen[bytes]]:
+    """Start n agent processes, spread over the replicas (with AGENTMESH_TOKEN when given)."""
+    env = {**os.environ, "AGENTMESH_TOKEN": token} if token else None
     return [subprocess.Popen(
         [PY, str(ROOT / "loadtests" / "noop_agent.py"), "--target", targets[i % len(targets)],
-         "--name", f"noop-{i}", "--concurrency", str(concurrency)], cwd=ROOT)
+         "--name", f"noop-{i}", "--concurrency", str(concurrency)], cwd=ROOT, env=env)
         for i in range(n)]
 
 
@@ -195,7 +214,22 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--only", choices=["w1", "w2"], default=None)
+    parser.add_argument("--observability", action="store_true",
+                        help="metrics endpoint on, and tracing on in every process (spans "
+                             "written as JSON lines to a temp file, like an exporter would)")
+    parser.add_argument("--auth", action="store_true",
+                        help="run the server with a generated token file; clients and "
+                             "agents send tokens")
     args = parser.parse_args()
+    if args.observability:  # inherited by the servers and agents; read here by MeshClient
+        os.environ["OTEL_TRACES_EXPORTER"] = "agentmesh_jsonl"
+        os.environ["AGENTMESH_TRACES_FILE"] = f"/tmp/agentmesh-bench-{os.getpid()}.spans.jsonl"
+    tokens: dict[str, str] = {}
+    args.auth_file = None
+    if args.auth:
+        tmp = Path(tempfile.mkdtemp(prefix="agentmesh-bench-"))
+        tokens = write_auth_file(tmp)
+        args.auth_file = str(tmp / "tokens.yaml")
     if args.replicas > 1 and args.store.startswith("memory"):
         parser.error("--replicas > 1 needs a shared store (--store redis://...) and bus")
     servers, targets = start_servers(args)
@@ -203,11 +237,12 @@ async def main() -> None:
     try:
         for t in targets:
             await wait_port(int(t.rsplit(":", 1)[1]))
-        agents = start_agents(targets, args.agents, args.concurrency)
-        async with MeshClient(targets[0]) as client:
+        agents = start_agents(targets, args.agents, args.concurrency, tokens.get("agent"))
+        async with MeshClient(targets[0], token=tokens.get("client")) as client:
             await wait_agents(client, args.agents)
             setup = {"store": args.store, "bus": args.bus, "replicas": args.replicas,
-                     "agents": args.agents}
+                     "agents": args.agents, "auth": args.auth,
+                     "observability": args.observability}
             if args.only in (None, "w1"):
                 print(json.dumps({"workload": "W1", **setup,
                                   **await w1(client, args.tasks, args.inflight)}), flush=True)

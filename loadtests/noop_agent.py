@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 
 from agent_sdk import Agent, TaskContext
 
@@ -17,7 +18,8 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    agent = Agent(args.name, target=args.target.split(","), max_concurrency=args.concurrency)
+    agent = Agent(args.name, target=args.target.split(","), max_concurrency=args.concurrency,
+                  token=os.environ.get("AGENTMESH_TOKEN") or None)
 
     @agent.handler("noop")
     async def noop(task: TaskContext) -> object:

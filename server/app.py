@@ -21,12 +21,14 @@ from agentmesh.v1 import bus_pb2, discovery_pb2, state_pb2, task_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server.api.auth import AccessInterceptor, StreamLimits, TokenTable
 from server.api.bus import BusServicer
 from server.api.convert import Limits
 from server.api.discovery import DiscoveryServicer
 from server.api.handlers import generic_handler
 from server.api.state import StateServicer
 from server.api.tasks import TaskServicer
+from server.api.tls import server_credentials
 from server.backends.memory import InMemoryAgentRegistry, InMemoryStateStore, InMemoryTaskStore
 from server.backends.redis import RedisStores
 from server.blob import open_blob_store
@@ -34,8 +36,12 @@ from server.bus import open_bus
 from server.domain.errors import NotFoundError
 from server.domain.limits import DispatchLimits
 from server.domain.models import AgentState
+from server.observability.bus import MeteredBus
+from server.observability.grpc_interceptors import ObservabilityInterceptor
 from server.observability.metrics import MeshMetrics
-from server.observability.observer import MetricsObserver
+from server.observability.observer import CompositeObserver, MetricsObserver
+from server.observability.sampler import GaugeSampler
+from server.observability.tracing import TracingObserver, server_interceptors, setup_tracing
 from server.ports import AgentRegistry, SnapshotSource, StateStore, TaskStore
 from server.services.breakers import BreakerConfig
 from server.services.clock import Clock, SystemClock
@@ -107,9 +113,12 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
     metrics = metrics or MeshMetrics()
     async with AsyncExitStack() as stack:
         tasks, agents, state_store = await open_stores(settings, stack)
-        bus = await open_bus(settings.bus, prefix=settings.key_prefix)
+        tracing = setup_tracing()  # off (and free) unless OTEL_* env vars ask for it
+        bus = MeteredBus(await open_bus(settings.bus, prefix=settings.key_prefix), metrics,
+                         inject_trace=tracing)
         stack.push_async_callback(bus.aclose)
         stack.push_async_callback(bus.drain)
+        metrics_observer = MetricsObserver(metrics)
 
         scheduler = Scheduler(
             tasks, agents, bus, clock,
@@ -126,7 +135,8 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
                             breaker=BreakerConfig(
                                 fail_max=settings.breaker_fail_max,
                                 reset_timeout=settings.breaker_reset_timeout)),
-            observer=MetricsObserver(metrics))
+            observer=CompositeObserver([metrics_observer, TracingObserver()]) if tracing
+            else metrics_observer)
         registry = Registry(agents, bus, clock, RegistryConfig(
             heartbeat_interval=settings.heartbeat_interval,
             heartbeat_misses=settings.heartbeat_misses))
@@ -151,7 +161,8 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
         stack.push_async_callback(blob.aclose)
         snapshots = SnapshotService(state_store, tasks, blob, bus, clock)
         messaging = Messaging(bus, max_pending=settings.max_watch_pending)
-        limits = Limits(max_payload_bytes=settings.max_payload_bytes)
+        limits = Limits(max_payload_bytes=settings.max_payload_bytes,
+                        max_watch_pending=settings.max_watch_pending)
 
         await scheduler.start()
         stack.push_async_callback(scheduler.stop)
@@ -163,6 +174,16 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
                 await expirer
 
         stack.push_async_callback(stop_expirer)
+        gauges = asyncio.create_task(GaugeSampler(
+            metrics, scheduler, registry, lambda: metrics_observer.namespaces,
+        ).run(settings.gauge_interval), name="metrics-gauges")
+
+        async def stop_gauges() -> None:
+            gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gauges
+
+        stack.push_async_callback(stop_gauges)
         if settings.snapshot_interval > 0:
             snapshotter = asyncio.create_task(snapshots.run_periodic(settings.snapshot_interval))
 
@@ -175,7 +196,15 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
 
         # Server interceptors, outermost first: observability (metrics, tracing,
         # log context) wraps authentication, so refused calls are measured too.
-        interceptors: list[grpc.aio.ServerInterceptor] = []
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            ObservabilityInterceptor(metrics), *server_interceptors(tracing)]
+        # Security (auth, roles, namespaces, stream quotas) stays innermost: last.
+        tokens = TokenTable.load(settings.auth_file) if settings.auth_file else None
+        credentials = server_credentials(settings.tls_cert, settings.tls_key,
+                                         settings.tls_client_ca)
+        interceptors.append(AccessInterceptor(tokens, StreamLimits(
+            max_watch_streams=settings.max_watch_streams,
+            max_streams_per_principal=settings.max_streams_per_principal)))
         server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -198,7 +227,11 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        bind = f"{settings.host}:{settings.port}"
+        port = (server.add_secure_port(bind, credentials) if credentials is not None
+                else server.add_insecure_port(bind))
+        _warn_if_exposed(settings, authenticated=tokens is not None,
+                         encrypted=credentials is not None)
         if port == 0:
             raise OSError(f"cannot bind {settings.host}:{settings.port}")
         await server.start()
@@ -225,6 +258,19 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
             if metrics_server is not None:
                 metrics_server.close()
             log.info("agentmesh stopped")
+
+
+def _warn_if_exposed(settings: Settings, *, authenticated: bool, encrypted: bool) -> None:
+    """Say loudly when a non-loopback listener lacks auth (or sends tokens in clear)."""
+    if settings.host in ("127.0.0.1", "::1", "localhost") or settings.host.startswith("127."):
+        return
+    if not authenticated:
+        log.warning("SECURITY: listening on %s without authentication: anyone who can reach "
+                    "this address controls the mesh; use --auth-file (and --tls-cert/--tls-key)",
+                    settings.host)
+    elif not encrypted:
+        log.warning("SECURITY: listening on %s with tokens but without TLS: bearer tokens "
+                    "travel in clear; use --tls-cert/--tls-key", settings.host)
 
 
 async def _expire_loop(registry: Registry, period: float) -> None:

@@ -602,11 +602,24 @@ _SERVE_FLAGS: tuple[tuple[str, str, type[Any], str], ...] = (
     ("--s3-endpoint", "s3_endpoint", str, "S3-compatible endpoint URL (AGENTMESH_S3_ENDPOINT)"),
     ("--metrics-port", "metrics_port", int,
      "Prometheus /metrics port, 0 disables it (AGENTMESH_METRICS_PORT)"),
+    ("--metrics-host", "metrics_host", str,
+     "address of the /metrics endpoint, 0.0.0.0 in a container (AGENTMESH_METRICS_HOST)"),
+    ("--gauge-interval", "gauge_interval", float,
+     "seconds between queue/agent gauge refreshes (AGENTMESH_GAUGE_INTERVAL)"),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING... (AGENTMESH_LOG_LEVEL)"),
     ("--heartbeat-interval", "heartbeat_interval", float,
      "seconds between agent heartbeats (AGENTMESH_HEARTBEAT_INTERVAL)"),
     ("--drain-grace", "drain_grace", float,
      "seconds to wait for in-flight work on shutdown (AGENTMESH_DRAIN_GRACE)"),
+    ("--auth-file", "auth_file", str,
+     "YAML file of principals with hashed tokens; enables authentication "
+     "(AGENTMESH_AUTH_FILE)"),
+    ("--tls-cert", "tls_cert", str, "PEM server certificate chain; enables TLS "
+     "(AGENTMESH_TLS_CERT)"),
+    ("--tls-key", "tls_key", str, "PEM server private key (AGENTMESH_TLS_KEY)"),
+    ("--tls-client-ca", "tls_client_ca", str,
+     "PEM CA of client certificates; requires and verifies them, mTLS "
+     "(AGENTMESH_TLS_CLIENT_CA)"),
 )
 
 
@@ -640,8 +653,41 @@ def run_serve(args: argparse.Namespace) -> int:
         asyncio.run(serve(settings))
     except OSError as exc:
         raise CLIError(f"cannot serve on {settings.host}:{settings.port}: {exc}") from None
-    except ValueError as exc:  # e.g. an unknown --store or --bus scheme
+    except ValueError as exc:  # e.g. an unknown --store or --bus scheme, a bad auth file
         raise CLIError(str(exc), EXIT_USAGE) from None
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- auth
+
+
+def run_auth(args: argparse.Namespace) -> int:
+    """``auth hash-token``: print the SHA-256 of a token (read from stdin) for the auth file.
+
+    With ``--generate`` a new random token is made and printed once, with the
+    auth-file entry; the server only ever stores the hash.
+    """
+    from server.api.auth import MIN_TOKEN_LENGTH, generate_token, hash_token  # noqa: PLC0415
+
+    if args.generate:
+        token = generate_token()
+    else:
+        token = sys.stdin.readline().strip()
+        if len(token) < MIN_TOKEN_LENGTH:
+            raise CLIError(f"a token needs at least {MIN_TOKEN_LENGTH} characters; use "
+                           "--generate for a random one", EXIT_USAGE)
+    digest = hash_token(token)
+    if args.json:
+        out: dict[str, Any] = {"token_sha256": digest}
+        if args.generate:
+            out["token"] = token
+        print_json(out)
+        return EXIT_OK
+    if args.generate:
+        print(f"token (shown once; give it to the caller): {token}")
+    entry = {"name": args.name or "CHANGE-ME", "role": args.role,
+             "namespaces": args.namespaces or ["default"], "token_sha256": digest}
+    print(yaml.safe_dump({"principals": [entry]}, sort_keys=False).rstrip())
     return EXIT_OK
 
 
@@ -664,6 +710,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
     parser.add_argument("--timeout", type=float, default=10.0,
                         help="deadline of each call in seconds (default 10)")
+    parser.add_argument("--token", default=os.environ.get("AGENTMESH_TOKEN"),
+                        help="bearer token of the caller (env AGENTMESH_TOKEN)")
+    parser.add_argument("--tls-ca", dest="client_tls_ca",
+                        default=os.environ.get("AGENTMESH_TLS_CA"),
+                        help="PEM CA that signed the server certificate; enables TLS "
+                             "(env AGENTMESH_TLS_CA)")
+    parser.add_argument("--tls-cert", dest="client_tls_cert",
+                        default=os.environ.get("AGENTMESH_CLIENT_TLS_CERT"),
+                        help="PEM client certificate for mTLS (env AGENTMESH_CLIENT_TLS_CERT)")
+    parser.add_argument("--tls-key", dest="client_tls_key",
+                        default=os.environ.get("AGENTMESH_CLIENT_TLS_KEY"),
+                        help="PEM client key for mTLS (env AGENTMESH_CLIENT_TLS_KEY)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     serve = commands.add_parser("serve", help="run the control plane")
@@ -671,6 +729,14 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_argument(flag, dest=dest, type=kind, default=None, help=text)
     serve.add_argument("--log-format", choices=["json", "console"], default=None,
                        help="log format (AGENTMESH_LOG_FORMAT)")
+
+    auth = _group(commands, "auth", "manage tokens of the auth file (offline)")
+    p = auth.add_parser("hash-token", help="hash a token read from stdin (or --generate one)")
+    p.add_argument("--generate", action="store_true", help="generate a random token")
+    p.add_argument("--name", help="principal name for the printed entry")
+    p.add_argument("--role", choices=["agent", "client", "admin"], default="client")
+    p.add_argument("--namespace", dest="namespaces", action="append",
+                   help="namespace of the principal (repeatable; \"*\" for all)")
 
     _add_agents(commands)
     _add_tasks(commands)
@@ -815,8 +881,10 @@ async def run_command(args: argparse.Namespace) -> int:
         if args.timeout <= 0:
             raise CLIError("--timeout must be positive", EXIT_USAGE)
         handler: Command = args.handler
-        async with MeshClient(args.server, namespace=args.namespace,
-                              timeout=args.timeout) as client:
+        async with MeshClient(args.server, namespace=args.namespace, timeout=args.timeout,
+                              token=args.token or None, tls_ca=args.client_tls_ca,
+                              tls_cert=args.client_tls_cert,
+                              tls_key=args.client_tls_key) as client:
             return await handler(client, args)
     except Exception as exc:  # noqa: BLE001 - the CLI promises one line, never a traceback
         return report_error(exc, args.server)
@@ -837,6 +905,8 @@ async def main_async(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "serve":
             raise CLIError("serve runs its own event loop: use main()", EXIT_USAGE)
+        if args.command == "auth":
+            return run_auth(args)
     except SystemExit as exc:
         return _exit_status(exc)
     except CLIError as exc:
@@ -850,6 +920,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "serve":
             return run_serve(args)
+        if args.command == "auth":
+            return run_auth(args)
         return asyncio.run(run_command(args))
     except SystemExit as exc:
         return _exit_status(exc)

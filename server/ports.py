@@ -99,6 +99,17 @@ class TaskStore(Protocol):
         """
         ...
 
+    async def create_tasks(
+        self, items: Sequence[tuple[Task, str]], *, max_queued: int = 0,
+    ) -> tuple[list[tuple[Task, bool, Transition]], bool]:
+        """Several ``create_task`` calls (task, request_id) in order, in one step.
+
+        Each item is atomic on its own, as ``create_task``. Stops at the first
+        item that would exceed ``max_queued``: returns the results before it and
+        ``True`` (the batch was cut short); otherwise all results and ``False``.
+        """
+        ...
+
     async def create_workflow(
         self, workflow: Workflow, tasks: Sequence[Task], *, request_id: str = "",
         max_queued: int = 0,
@@ -148,6 +159,15 @@ class TaskStore(Protocol):
         key limit is skipped for the next one in its queue (scan depth
         ``server.domain.limits.KEY_SCAN``).
         """
+        ...
+
+    async def lease_batch(
+        self, namespace: str, capabilities: Sequence[str], agent_id: str, *,
+        now: float, default_timeout: float, count: int, scope: LeaseScope = NO_FALLBACK,
+        limits: DispatchLimits = NO_LIMITS,
+    ) -> list[Lease]:
+        """Up to ``count`` leases in one atomic step, as ``count`` calls of
+        ``lease_next`` would give them (same order, limits re-checked each time)."""
         ...
 
     async def expire_queued(self, now: float, limit: int) -> Transition:

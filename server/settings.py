@@ -66,3 +66,20 @@ class Settings(BaseSettings):
         default_factory=dict, description="Leases per second per capability (token bucket).")
     snapshot_interval: float = Field(
         0.0, ge=0, description="Seconds between periodic snapshots to the blob store; 0 = off.")
+    gauge_interval: float = Field(
+        2.0, gt=0, description="Seconds between refreshes of the store-mirroring metrics "
+        "(queue depth, agents, in-flight, autonomy).")
+
+    auth_file: str | None = Field(
+        None, description="YAML file of principals (hashed tokens, role, namespaces); "
+        "unset: no authentication (local use only).")
+    tls_cert: str | None = Field(None, description="PEM certificate chain of the server (TLS).")
+    tls_key: str | None = Field(None, description="PEM private key of the server (TLS).")
+    tls_client_ca: str | None = Field(
+        None, description="PEM CA that client certificates must chain to (mTLS, required).")
+    max_watch_streams: int = Field(
+        1024, ge=1, description="Watch/subscribe streams open at once, server-wide; "
+        "RESOURCE_EXHAUSTED past it.")
+    max_streams_per_principal: int = Field(
+        4096, ge=1, description="Streams (watch, heartbeat, work) open at once per "
+        "authenticated principal; RESOURCE_EXHAUSTED past it.")

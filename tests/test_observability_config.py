@@ -48,6 +48,7 @@ EXPECTED_METRICS: dict[str, set[str]] = {
     "agentmesh_queue_depth": {"namespace", "capability", "state"},
     "agentmesh_agents": {"namespace", "state"},
     "agentmesh_agent_in_flight": {"agent"},
+    "agentmesh_capability_agents": {"namespace", "capability"},
     "agentmesh_task_retries_total": {"capability"},
     "agentmesh_dead_letters_total": {"capability"},
     "agentmesh_stale_results_total": {"capability"},
@@ -396,6 +397,7 @@ def _exercise(m: MeshMetrics) -> None:
     m.set_queue_depth("default", "summarize", "queued", 3)
     m.set_agents("default", "active", 2)
     m.set_in_flight("agent-a", 1)
+    m.set_capability_agents("default", "summarize", 2)
     m.retry_scheduled("summarize")
     m.dead_lettered("summarize")
     m.stale_result("summarize")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -17,6 +18,8 @@ from agentmesh.v1 import (
 )
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+from server.domain.models import Task
 
 
 def js(value: object) -> common_pb2.Payload:
@@ -208,3 +211,32 @@ async def test_cycle_is_refused_with_its_path(channel: grpc.aio.Channel) -> None
                    task_pb2.WorkflowStep(id="c", capability="x", depends_on=["b"])])))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "a -> c -> b -> a" in (err.value.details() or "")
+
+
+async def test_orphaned_lease_is_handed_over(mesh: object, channel: grpc.aio.Channel) -> None:
+    """A lease committed in the store whose reply was lost still reaches the agent."""
+    from server.app import Mesh  # noqa: PLC0415
+
+    assert isinstance(mesh, Mesh)
+    agent = RawAgent(channel, "orphan-host", ["orph"], concurrency=2)
+    await agent.register()
+    work = agent.open_work()
+    await next_kind(work, "opened")
+    tasks = task_pb2_grpc.TaskServiceStub(channel)
+    # Lease straight in the store, as a retried script whose first reply was lost would.
+    store = mesh.scheduler._tasks
+    await store.create_task(Task(id="orphan-1", capability="orph", create_time=time.time()))
+    agent_id = agent.agent.removeprefix("agents/")
+    lease = await store.lease_next("default", ["orph"], agent_id, now=time.time(),
+                                   default_timeout=300)
+    assert lease is not None
+    found = await mesh.scheduler.reconcile(time.time() + 5)
+    assert found == 1
+    got = (await next_kind(work, "assignment")).assignment
+    assert got.task.name == "tasks/orphan-1" and got.fencing_token == lease.fencing_token
+    agent.out.put_nowait(task_pb2.ProcessTasksRequest(result=task_pb2.TaskResult(
+        task=got.task.name, fencing_token=got.fencing_token, output=js("ok"))))
+    done = await until_state(tasks, "tasks/orphan-1", task_pb2.TASK_STATE_SUCCEEDED)
+    assert done.attempt == 1, "handed over, not re-run"
+    agent.out.put_nowait(None)
+    agent.hb_out.put_nowait(None)

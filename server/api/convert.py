@@ -65,6 +65,8 @@ class Limits:
     max_key_bytes: int = 512
     max_request_id_bytes: int = 128
     max_attempts: int = 100
+    max_watch_pending: int = 10_000
+    """Events buffered per watch stream before the watcher is cut off (RESOURCE_EXHAUSTED)."""
 
 
 def _bad(field: str, description: str) -> InvalidArgumentError:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import grpc
 from agentmesh.v1 import discovery_pb2, discovery_pb2_grpc
 
-from server.api import convert, errors
+from server.api import auth, convert, errors
 from server.api.convert import Limits
 from server.api.streams import Duplex, first_message
 from server.domain.errors import InvalidArgumentError
@@ -32,6 +33,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
                             context: Ctx) -> discovery_pb2.RegisterAgentResponse:
         """See the proto."""
         card = convert.agent_from_register(request, self._limits)
+        card = replace(card, labels=auth.agent_labels(card.labels))
         agent = await self._registry.register(card)
         return discovery_pb2.RegisterAgentResponse(
             agent=convert.agent_to_proto(agent), session_token=agent.session_token,
@@ -43,6 +45,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
                        context: Ctx) -> discovery_pb2.GetAgentResponse:
         """See the proto."""
         agent = await self._registry.get(convert.resource_id(request.name, "agents"))
+        auth.require_visible(agent.namespace, "agent", f"agents/{agent.id}")
         return discovery_pb2.GetAgentResponse(agent=convert.agent_to_proto(agent))
 
     @errors.unary
@@ -66,8 +69,18 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     async def DeregisterAgent(self, request: discovery_pb2.DeregisterAgentRequest,
                               context: Ctx) -> discovery_pb2.DeregisterAgentResponse:
         """See the proto."""
-        await self._registry.deregister(convert.resource_id(request.name, "agents"),
-                                        request.session_token)
+        agent_id = convert.resource_id(request.name, "agents")
+        who = auth.caller()
+        if who is not None:
+            agent = await self._registry.get(agent_id)
+            auth.require_visible(agent.namespace, "agent", f"agents/{agent_id}")
+            if who.is_admin and agent.labels.get(auth.PRINCIPAL_LABEL) != who.name:
+                # An admin ends another principal's agent session without its token.
+                with auth.audited("deregister", f"agents/{agent_id}", agent.namespace):
+                    await self._registry.mark_gone(agent_id, f"deregistered by {who.name}")
+                return discovery_pb2.DeregisterAgentResponse()
+            auth.check_agent_identity(agent.labels, f"agents/{agent_id}")
+        await self._registry.deregister(agent_id, request.session_token)
         return discovery_pb2.DeregisterAgentResponse()
 
     @errors.streaming
@@ -77,6 +90,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         first = await first_message(request_iterator, "open", "open")
         agent_id = convert.resource_id(first.open.agent, "agents", "open.agent")
         agent = await self._registry.authenticate(agent_id, first.open.session_token)
+        auth.check_agent_identity(agent.labels, f"agents/{agent.id}")
         interval = convert.to_duration(self._registry.config.heartbeat_interval)
 
         async def handle(req: discovery_pb2.HeartbeatRequest) -> None:
@@ -110,7 +124,8 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         ns = convert.namespace(request.namespace)
         cap = convert.capability(request.capability, "capability", required=False)
         async for event in self._registry.watch(ns, cap,
-                                                include_existing=request.include_existing):
+                                                include_existing=request.include_existing,
+                                                max_pending=self._limits.max_watch_pending):
             yield discovery_pb2.WatchAgentsResponse(
                 type=int(event.type), agent=convert.agent_to_proto(event.agent),  # type: ignore[arg-type]
                 event_time=convert.to_timestamp(event.time))

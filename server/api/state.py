@@ -9,7 +9,7 @@ import grpc
 from agentmesh.v1 import state_pb2, state_pb2_grpc
 from google.protobuf import duration_pb2
 
-from server.api import convert, errors
+from server.api import auth, convert, errors
 from server.api.convert import Limits
 from server.domain.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from server.domain.models import StateEventType
@@ -169,7 +169,8 @@ class StateServicer(state_pb2_grpc.StateServiceServicer):
                              context: Ctx) -> state_pb2.CreateSnapshotResponse:
         """See the proto."""
         ns = convert.namespace(request.namespace) if request.namespace else None
-        info = await self._snapshot_service().create(ns)
+        with auth.audited("snapshot", "snapshots", ns or auth.ALL_NAMESPACES):
+            info = await self._snapshot_service().create(ns)
         return state_pb2.CreateSnapshotResponse(snapshot=_snapshot_to_proto(info))
 
     @errors.unary
@@ -191,7 +192,8 @@ class StateServicer(state_pb2_grpc.StateServiceServicer):
         """See the proto."""
         if not request.name:
             raise InvalidArgumentError.field("name", "required (snapshots/{snapshot})")
-        info = await self._snapshot_service().restore(request.name)
+        with auth.audited("restore", request.name[:256], auth.ALL_NAMESPACES):
+            info = await self._snapshot_service().restore(request.name)
         return state_pb2.RestoreSnapshotResponse(snapshot=_snapshot_to_proto(info))
 
 

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import grpc
 from agentmesh.v1 import task_pb2, task_pb2_grpc
 
-from server.api import convert, errors
+from server.api import auth, convert, errors
 from server.api.convert import Limits
 from server.api.streams import Duplex, first_message
 from server.domain.errors import (
     FieldViolation,
     InvalidArgumentError,
+    NotFoundError,
     PermissionDeniedError,
-    ResourceExhaustedError,
 )
 from server.domain.models import AgentState, TaskState
 from server.ports import AgentFilter, TaskFilter
@@ -51,6 +52,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
 
     async def _task_msg(self, task_id: str) -> task_pb2.Task:
         task = await self._scheduler.get_task(task_id)
+        auth.require_visible(task.namespace, "task", f"tasks/{task_id}")
         live = await self._scheduler.live_capabilities(task.namespace)
         return convert.task_to_proto(task, live=live)
 
@@ -59,6 +61,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                          context: Ctx) -> task_pb2.SubmitTaskResponse:
         """See the proto."""
         task = convert.task_from_submit(request, self._limits, trace_context(context))
+        task = replace(task, labels=auth.owner_labels(task.labels))
         stored = await self._scheduler.submit(
             task, request_id=convert.request_id(request.request_id, self._limits))
         return task_pb2.SubmitTaskResponse(task=convert.task_to_proto(stored))
@@ -75,22 +78,16 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         parsed = []
         for i, item in enumerate(request.requests):
             try:
-                parsed.append((convert.task_from_submit(item, self._limits, trace),
+                task = convert.task_from_submit(item, self._limits, trace)
+                parsed.append((replace(task, labels=auth.owner_labels(task.labels)),
                                convert.request_id(item.request_id, self._limits)))
             except InvalidArgumentError as exc:
                 raise InvalidArgumentError(
                     f"requests[{i}].{exc.message}",
                     [FieldViolation(f"requests[{i}].{v.field}", v.description)
                      for v in exc.violations]) from exc
-        out: list[task_pb2.Task] = []
-        for task, rid in parsed:
-            try:
-                stored = await self._scheduler.submit(task, request_id=rid)
-            except ResourceExhaustedError as exc:
-                exc.metadata["queued"] = ",".join(t.name for t in out)[:4000]
-                raise
-            out.append(convert.task_to_proto(stored))
-        return task_pb2.BatchSubmitTasksResponse(tasks=out)
+        stored = await self._scheduler.submit_many(parsed)
+        return task_pb2.BatchSubmitTasksResponse(tasks=[convert.task_to_proto(t) for t in stored])
 
     @errors.unary
     async def GetTask(self, request: task_pb2.GetTaskRequest,
@@ -124,8 +121,12 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     async def CancelTask(self, request: task_pb2.CancelTaskRequest,
                          context: Ctx) -> task_pb2.CancelTaskResponse:
         """See the proto."""
-        task = await self._scheduler.cancel(convert.resource_id(request.name, "tasks"),
-                                            request.reason[:1024])
+        task_id = convert.resource_id(request.name, "tasks")
+        if auth.caller() is not None:
+            before = await self._scheduler.get_task(task_id)
+            auth.require_visible(before.namespace, "task", f"tasks/{task_id}")
+            auth.check_owner(before.labels, "cancel", f"tasks/{task_id}", before.namespace)
+        task = await self._scheduler.cancel(task_id, request.reason[:1024])
         return task_pb2.CancelTaskResponse(task=convert.task_to_proto(task))
 
     @errors.unary
@@ -134,7 +135,11 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         """See the proto."""
         new_input = (convert.payload(request.input, "input", self._limits)
                      if request.HasField("input") else None)
-        task = await self._scheduler.retry(convert.resource_id(request.name, "tasks"), new_input)
+        task_id = convert.resource_id(request.name, "tasks")
+        before = await self._scheduler.get_task(task_id)
+        auth.require_visible(before.namespace, "task", f"tasks/{task_id}")
+        with auth.audited("redrive", f"tasks/{task_id}", before.namespace):
+            task = await self._scheduler.retry(task_id, new_input)
         return task_pb2.RetryTaskResponse(task=convert.task_to_proto(task))
 
     @errors.streaming
@@ -148,8 +153,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         cap = convert.capability(request.capability, "capability", required=False)
         states = frozenset(int(s) for s in (convert.task_state(v, f"states[{i}]")
                                             for i, v in enumerate(request.states)) if s)
-        async for task in self._scheduler.watch_tasks(ns, names=names, capability=cap,
-                                                      workflow_id=wf, states=states):
+        async for task in self._scheduler.watch_tasks(
+                ns, names=names, capability=cap, workflow_id=wf, states=states,
+                max_pending=self._limits.max_watch_pending):
             yield task_pb2.WatchTasksResponse(task=convert.task_to_proto(task))
 
     @errors.unary
@@ -157,6 +163,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                              context: Ctx) -> task_pb2.SubmitWorkflowResponse:
         """See the proto."""
         wf = convert.workflow_from_submit(request, self._limits, trace_context(context))
+        wf = replace(wf, labels=auth.owner_labels(wf.labels))
         stored = await self._scheduler.submit_workflow(
             wf, request_id=convert.request_id(request.request_id, self._limits))
         wf2, steps = await self._scheduler.get_workflow(stored.id)
@@ -168,6 +175,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         """See the proto."""
         wf, steps = await self._scheduler.get_workflow(
             convert.resource_id(request.name, "workflows"))
+        auth.require_visible(wf.namespace, "workflow", f"workflows/{wf.id}")
         live = await self._scheduler.live_capabilities(wf.namespace)
         return task_pb2.GetWorkflowResponse(workflow=convert.workflow_to_proto(wf, steps,
                                                                                live=live))
@@ -191,8 +199,12 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     async def CancelWorkflow(self, request: task_pb2.CancelWorkflowRequest,
                              context: Ctx) -> task_pb2.CancelWorkflowResponse:
         """See the proto."""
-        wf = await self._scheduler.cancel_workflow(
-            convert.resource_id(request.name, "workflows"), request.reason[:1024])
+        wf_id = convert.resource_id(request.name, "workflows")
+        if auth.caller() is not None:
+            before, _ = await self._scheduler.get_workflow(wf_id)
+            auth.require_visible(before.namespace, "workflow", f"workflows/{wf_id}")
+            auth.check_owner(before.labels, "cancel", f"workflows/{wf_id}", before.namespace)
+        wf = await self._scheduler.cancel_workflow(wf_id, request.reason[:1024])
         wf2, steps = await self._scheduler.get_workflow(wf.id)
         return task_pb2.CancelWorkflowResponse(workflow=convert.workflow_to_proto(wf2, steps))
 
@@ -201,7 +213,11 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                             context: Ctx) -> AsyncIterator[task_pb2.WatchWorkflowResponse]:
         """See the proto."""
         wf_id = convert.resource_id(request.name, "workflows")
-        async for wf, steps in self._scheduler.watch_workflow(wf_id):
+        if auth.caller() is not None:
+            before, _ = await self._scheduler.get_workflow(wf_id)
+            auth.require_visible(before.namespace, "workflow", f"workflows/{wf_id}")
+        async for wf, steps in self._scheduler.watch_workflow(
+                wf_id, max_pending=self._limits.max_watch_pending):
             live = await self._scheduler.live_capabilities(wf.namespace)
             yield task_pb2.WatchWorkflowResponse(
                 workflow=convert.workflow_to_proto(wf, steps, live=live))
@@ -213,6 +229,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         first = await first_message(request_iterator, "open", "open")
         agent_id = convert.resource_id(first.open.agent, "agents", "open.agent")
         agent = await self._registry.authenticate(agent_id, first.open.session_token)
+        auth.check_agent_identity(agent.labels, f"agents/{agent.id}")
         scheduler = self._scheduler
 
         def send(item: Outbound) -> None:
@@ -286,9 +303,23 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         output = (convert.payload(request.output, "output", self._limits)
                   if kind == "output" else None)
         failure = convert.failure(request.failure, "failure") if kind == "failure" else None
+        if auth.caller() is not None:
+            await self._check_leased_to_caller(task_id)
         task = await self._scheduler.complete_unary(task_id, request.fencing_token, output,
                                                     failure)
         return task_pb2.CompleteTaskResponse(task=convert.task_to_proto(task))
+
+    async def _check_leased_to_caller(self, task_id: str) -> None:
+        """PERMISSION_DENIED unless the task is leased to an agent of the caller."""
+        task = await self._scheduler.get_task(task_id)
+        auth.require_visible(task.namespace, "task", f"tasks/{task_id}")
+        labels: Mapping[str, str] = {}
+        if task.agent_id:
+            try:
+                labels = (await self._registry.get(task.agent_id)).labels
+            except NotFoundError:
+                labels = {}
+        auth.check_agent_identity(labels, f"tasks/{task_id}")
 
     @errors.unary
     async def GetStats(self, request: task_pb2.GetStatsRequest,

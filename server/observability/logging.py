@@ -25,9 +25,10 @@ from collections.abc import Iterator
 from typing import Final, Literal, TextIO
 
 import structlog
-from structlog.typing import Processor
+from opentelemetry import trace as otel_trace
+from structlog.typing import EventDict, Processor
 
-__all__ = ["LogFormat", "bind_context", "configure_logging"]
+__all__ = ["LogFormat", "add_trace_ids", "bind_context", "configure_logging"]
 
 LogFormat = Literal["json", "console"]
 """The output formats `configure_logging` accepts."""
@@ -54,10 +55,25 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         return
 
 
+def add_trace_ids(_logger: object, _method: str, event: EventDict) -> EventDict:
+    """Add ``trace_id``/``span_id`` of the current OpenTelemetry span, if any.
+
+    Values bound explicitly win. With tracing off the current span is the
+    invalid one and nothing is added.
+    """
+    if "span_id" not in event:
+        ctx = otel_trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            event.setdefault("trace_id", format(ctx.trace_id, "032x"))
+            event["span_id"] = format(ctx.span_id, "016x")
+    return event
+
+
 def _shared_processors() -> list[Processor]:
     """Processors applied to stdlib and structlog records alike."""
     return [
         structlog.contextvars.merge_contextvars,
+        add_trace_ids,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.stdlib.ExtraAdder(),

@@ -208,6 +208,12 @@ class MeshMetrics:
             ["namespace", "state"],
             registry=r,
         )
+        self.capability_agents: Final = Gauge(
+            "agentmesh_capability_agents",
+            "Live (active) agents offering a capability (mirrors the shared store).",
+            ["namespace", "capability"],
+            registry=r,
+        )
         self.agent_in_flight: Final = Gauge(
             "agentmesh_agent_in_flight",
             "Tasks currently leased to an agent (by display name).",
@@ -314,7 +320,11 @@ class MeshMetrics:
         self._child(self.dispatch_latency_seconds, capability).observe(max(wait_seconds, 0.0))
 
     def set_queue_depth(self, namespace: str, capability: str, state: QueueState, n: int) -> None:
-        """Set how many tasks of a namespace and capability are in ``state``."""
+        """Set how many tasks of a namespace and capability are in ``state``.
+
+        The server's periodic gauges pass ``capability=""`` (the label is then
+        absent): the stores count per namespace and state only.
+        """
         _check(state, _QUEUE_STATES, "queue state")
         self.queue_depth.labels(namespace, capability, state).set(n)
 
@@ -347,6 +357,10 @@ class MeshMetrics:
         """Set how many agents of a namespace are in ``state``."""
         _check(state, _AGENT_STATES, "agent state")
         self.agents.labels(namespace, state).set(n)
+
+    def set_capability_agents(self, namespace: str, capability: str, n: int) -> None:
+        """Set how many live agents of a namespace offer ``capability``."""
+        self.capability_agents.labels(namespace, capability).set(n)
 
     def set_in_flight(self, agent: str, n: int) -> None:
         """Set how many tasks are leased to ``agent`` (its display name)."""

@@ -59,6 +59,12 @@ from server.services.clock import Clock
 log = logging.getLogger(__name__)
 
 LEASE_EXPIRED = "LEASE_EXPIRED"
+DISPATCH_BATCH = 16
+RECONCILE_PERIOD = 1.0
+"""Seconds between checks for leases that never reached their agent."""
+ORPHAN_AGE = 2.0
+"""A lease this old that its local agent does not hold is an orphan."""
+"""Most leases one agent gets per dispatch pass (one store call); keeps rounds fair."""
 AGENT_GONE = "AGENT_GONE"
 
 
@@ -188,6 +194,7 @@ class Scheduler:
         self._group: asyncio.TaskGroup | None = None
         self._runner: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
+        self._last_reconcile = 0.0
         self.draining = False
         self.breakers = BreakerBoard(bus, self.config.breaker, on_change=self._breaker_changed,
                                      replica=self._replica)
@@ -248,6 +255,31 @@ class Scheduler:
         if created:
             await self._after(transition, now)
         return stored
+
+    async def submit_many(self, items: Sequence[tuple[Task, str]]) -> list[Task]:
+        """Queue several tasks (task, request_id) in one store step, in order.
+
+        Tasks with a client-chosen id go one by one (their ids can collide).
+        A full queue raises ResourceExhaustedError after the tasks before the
+        one that did not fit were queued; the error's metadata names them.
+        """
+        now = self._clock.now()
+        if any(task.id for task, _ in items):
+            return [await self.submit(task, request_id=rid) for task, rid in items]
+        prepared = [(replace(task, id=uuid.uuid4().hex, state=TaskState.QUEUED,
+                             create_time=now, update_time=now), rid) for task, rid in items]
+        results, full = await self._tasks.create_tasks(
+            prepared, max_queued=self.config.max_queued_per_namespace)
+        changes = tuple(c for _, created, tr in results if created for c in tr.tasks)
+        if changes:
+            await self._after(Transition(changes), now)
+        if full:
+            error = ResourceExhaustedError(
+                f"the namespace's queue is full after {len(results)} of {len(items)} tasks",
+                retry_after=1.0, reason="QUEUE_FULL")
+            error.metadata["queued"] = ",".join(f"tasks/{t.id}" for t, _, _ in results)[:4000]
+            raise error
+        return [t for t, _, _ in results]
 
     async def submit_workflow(self, workflow: Workflow, *, request_id: str = "") -> Workflow:
         """Validate a DAG (cycles are refused) and start it."""
@@ -687,34 +719,41 @@ class Scheduler:
                 if not caps or key in empty:
                     continue
                 now = self._clock.now()
-                lease = await self._tasks.lease_next(
+                # A breaker that is not closed (half-open) lets exactly one probe through.
+                probing = any(self.breakers.state(session.agent_id, c) != "closed"
+                              for c in caps)
+                want = 1 if probing else min(session.credits, DISPATCH_BATCH)
+                leases = await self._tasks.lease_batch(
                     session.namespace, caps, session.agent_id, now=now,
-                    default_timeout=self.config.default_execution_timeout, scope=scope,
-                    limits=self.config.limits)
-                if lease is None:
+                    default_timeout=self.config.default_execution_timeout, count=want,
+                    scope=scope, limits=self.config.limits)
+                if len(leases) < want:
                     empty.add(key)
+                if not leases:
                     continue
                 progressed = True
-                if _closed(session):  # re-read: the stream may have ended during the await
-                    # The stream ended while we leased: give the task straight back.
-                    with contextlib.suppress(StaleLeaseError):
-                        await self._fail(lease.task, lease.fencing_token,
-                                         TaskFailure(AGENT_GONE, "work stream closed"),
-                                         immediate=True)
-                    continue
-                session.credits -= 1
-                session.in_flight[lease.task.id] = lease.fencing_token
-                self.breakers.dispatched(session.agent_id, served_capability(lease.task),
-                                         lease.task.id)
-                self._observer.dispatched(lease, now)
-                await events.announce(self._bus, events.task_subject(lease.task.namespace,
-                                                            int(TaskState.RUNNING)),
-                                        events.task_event(lease.task.id, int(TaskState.RUNNING),
-                                                          lease.task.workflow_id,
-                                                          lease.task.capability))
-                session.send(Assignment(lease))
+                for lease in leases:
+                    await self._hand_over(session, lease, now)
             if not progressed:
                 return
+
+    async def _hand_over(self, session: WorkerSession, lease: Lease, now: float) -> None:
+        """Send a fresh lease to its session (or give it back if the stream ended)."""
+        if _closed(session):  # re-read: the stream may have ended during the await
+            with contextlib.suppress(StaleLeaseError):
+                await self._fail(lease.task, lease.fencing_token,
+                                 TaskFailure(AGENT_GONE, "work stream closed"), immediate=True)
+            return
+        session.credits -= 1
+        session.in_flight[lease.task.id] = lease.fencing_token
+        self.breakers.dispatched(session.agent_id, served_capability(lease.task),
+                                 lease.task.id)
+        self._observer.dispatched(lease, now)
+        await events.announce(self._bus, events.task_subject(lease.task.namespace,
+                                                             int(TaskState.RUNNING)),
+                              events.task_event(lease.task.id, int(TaskState.RUNNING),
+                                                lease.task.workflow_id, lease.task.capability))
+        session.send(Assignment(lease))
 
     # -- maintenance -----------------------------------------------------------------
 
@@ -745,6 +784,38 @@ class Scheduler:
             await self._after(promoted, now)
         if self.config.limits.active or self.breakers.any_open():
             self._wake.set()  # limits and half-open breakers free up with time alone
+        if now - self._last_reconcile >= RECONCILE_PERIOD:
+            self._last_reconcile = now
+            await self.reconcile(now)
+
+    async def reconcile(self, now: float) -> int:
+        """Find leases the store holds for local agents that never reached them.
+
+        A lease whose store reply was lost (a connection reset after the script
+        committed, then a retry) is RUNNING for the agent but was never sent.
+        Each such lease older than ``ORPHAN_AGE`` is handed over when the agent
+        has a free credit, otherwise given straight back to the queue.
+        Returns how many were found.
+        """
+        found = 0
+        for session in list(self._sessions.values()):
+            if session.closed:
+                continue
+            for task in await self._tasks.leases_of(session.agent_id):
+                if task.id in session.in_flight or now - task.start_time < ORPHAN_AGE:
+                    continue
+                found += 1
+                lease = Lease(task, task.fencing_token, task.lease_deadline)
+                if session.credits > 0 and not session.draining:
+                    log.warning("handing over orphaned lease of tasks/%s to agents/%s",
+                                task.id, session.agent_id)
+                    await self._hand_over(session, lease, now)
+                else:
+                    log.warning("requeueing orphaned lease of tasks/%s", task.id)
+                    with contextlib.suppress(StaleLeaseError):
+                        await self._fail(task, task.fencing_token, TaskFailure(
+                            AGENT_GONE, "lease was never delivered"), immediate=True)
+        return found
 
     def _expiry_failure(self, task: Task) -> TaskFailure:
         """HEARTBEAT_TIMEOUT when the lease ended before start-to-close, else LEASE_EXPIRED."""

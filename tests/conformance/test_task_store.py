@@ -777,3 +777,37 @@ async def test_capability_rate_limit_token_bucket(store: TaskStore) -> None:
     assert await take(T0 + 0.5) == "r2"
     assert await take(T0 + 0.5) is None
     assert [await take(T0 + 10), await take(T0 + 10)] == ["r3", "r4"]
+
+
+async def test_create_tasks_batch(store: TaskStore) -> None:
+    """Several creates in one step: in order, idempotent per item, cut at a full queue."""
+    first, _, _ = await store.create_task(mk("pre"), request_id="r-pre")
+    results, full = await store.create_tasks(
+        [(mk("b1"), "r1"), (mk("b2"), ""), (mk("dup"), "r-pre"), (mk("b3"), "r3")],
+        max_queued=10)
+    assert not full
+    assert [(t.id, created) for t, created, _ in results] == [
+        ("b1", True), ("b2", True), ("pre", False), ("b3", True)]
+    assert results[2][0] == first and results[2][2].tasks == ()
+    seqs = [t.seq for t, created, _ in results if created]
+    assert seqs == sorted(seqs), "FIFO order is the batch order"
+    assert all(tr.tasks[0].task.state is TaskState.QUEUED
+               for _, created, tr in results if created)
+    # Cut short at the queue limit: the items before it are queued, the rest not.
+    results, full = await store.create_tasks([(mk("c1"), ""), (mk("c2"), ""), (mk("c3"), "")],
+                                             max_queued=6)
+    assert full and [t.id for t, _, _ in results] == ["c1", "c2"]
+    assert await store.get_task("c3") is None
+
+
+async def test_lease_batch_in_order(store: TaskStore) -> None:
+    for i in range(5):
+        await store.create_task(mk(f"q{i}", priority=1 if i == 3 else 0))
+    leases = await store.lease_batch(NS, ["cap"], "a", now=T0, default_timeout=10, count=3)
+    assert [lease.task.id for lease in leases] == ["q3", "q0", "q1"]
+    assert all(lease.task.state is TaskState.RUNNING and lease.task.agent_id == "a"
+               for lease in leases)
+    rest = await store.lease_batch(NS, ["cap"], "b", now=T0, default_timeout=10, count=10)
+    assert [lease.task.id for lease in rest] == ["q2", "q4"]
+    assert await store.lease_batch(NS, ["cap"], "b", now=T0, default_timeout=10,
+                                   count=10) == []

@@ -159,6 +159,19 @@ class InMemoryTaskStore:
             self._idempotency[(task.namespace, request_id)] = task.id
         return stored, True, Transition(tuple(changes))
 
+    async def create_tasks(
+        self, items: Sequence[tuple[Task, str]], *, max_queued: int = 0,
+    ) -> tuple[list[tuple[Task, bool, Transition]], bool]:
+        """See TaskStore.create_tasks (no await inside: atomic per item and in order)."""
+        out: list[tuple[Task, bool, Transition]] = []
+        for task, request_id in items:
+            try:
+                out.append(await self.create_task(task, request_id=request_id,
+                                                  max_queued=max_queued))
+            except ResourceExhaustedError:
+                return out, True
+        return out, False
+
     async def create_workflow(
         self, workflow: Workflow, tasks: Sequence[Task], *, request_id: str = "",
         max_queued: int = 0,
@@ -333,6 +346,22 @@ class InMemoryTaskStore:
         while heap and not self._valid(heap[0]):
             heapq.heappop(heap)
         return bool(heap)
+
+    async def lease_batch(
+        self, namespace: str, capabilities: Sequence[str], agent_id: str, *,
+        now: float, default_timeout: float, count: int, scope: LeaseScope = NO_FALLBACK,
+        limits: DispatchLimits = NO_LIMITS,
+    ) -> list[Lease]:
+        """See TaskStore.lease_batch (no await inside, so the loop is atomic)."""
+        leases: list[Lease] = []
+        while len(leases) < count:
+            lease = await self.lease_next(namespace, capabilities, agent_id, now=now,
+                                          default_timeout=default_timeout, scope=scope,
+                                          limits=limits)
+            if lease is None:
+                break
+            leases.append(lease)
+        return leases
 
     async def renew_lease(self, task_id: str, fencing_token: int, deadline: float) -> Task:
         """See TaskStore.renew_lease."""

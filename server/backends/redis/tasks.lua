@@ -273,21 +273,47 @@ end
 
 local OPS = {}
 
-function OPS.create_task()
-  local t = cjson.decode(ARGV[2])
-  local rid, maxq = ARGV[3], tonumber(ARGV[4])
+-- Create one QUEUED task: 'dup' + existing raw, 'full', or 'ok' (R gets prev, raw).
+local function create_one(t, rid, maxq, R)
   local ikey = B .. ':idem:' .. t.namespace
   if rid ~= '' then
     local existing = redis.call('HGET', ikey, rid)
-    if existing then return {'dup', redis.call('GET', tkey(existing))} end
+    if existing then return 'dup', redis.call('GET', tkey(existing)) end
   end
-  if maxq > 0 and backlog(t.namespace) >= maxq then return {'full'} end
+  if maxq > 0 and backlog(t.namespace) >= maxq then return 'full' end
   t.seq = redis.call('INCR', SEQ_KEY)
   t.state = QUEUED
-  local R = {'ok', ''}
   put_task(t, load(t.id), R)
   if rid ~= '' then redis.call('HSET', ikey, rid, t.id) end
+  return 'ok'
+end
+
+function OPS.create_task()
+  local R = {'ok', ''}
+  local status, raw = create_one(cjson.decode(ARGV[2]), ARGV[3], tonumber(ARGV[4]), R)
+  if status == 'dup' then return {'dup', raw} end
+  if status == 'full' then return {'full'} end
   return R
+end
+
+-- Several creates in one call, each as create_task; stops at the first 'full'.
+-- Reply: per item 'dup', raw | 'ok', prev, raw | 'full' (last).
+function OPS.create_tasks()
+  local items, maxq = cjson.decode(ARGV[2]), tonumber(ARGV[3])
+  local out = {}
+  for _, item in ipairs(items) do
+    local R = {}
+    local status, raw = create_one(item[1], item[2], maxq, R)
+    out[#out + 1] = status
+    if status == 'full' then break end
+    if status == 'dup' then
+      out[#out + 1] = raw
+    else
+      out[#out + 1] = R[1]
+      out[#out + 1] = R[2]
+    end
+  end
+  return out
 end
 
 function OPS.create_workflow()
@@ -366,15 +392,14 @@ local function eligible(q, ns, L)
   end
 end
 
-function OPS.lease_next()
-  local ns, agent, now, dflt = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-  local scope, L = cjson.decode(ARGV[6]), cjson.decode(ARGV[7])
+-- Lease the best eligible task (or nil); limits are re-checked on every call.
+local function lease_one(ns, agent, now, dflt, scope, L, caps)
   local nnow = tonumber(now)
   local own, avail = {}, {}
   local queues = {}
-  for i = 8, #ARGV do
-    own[ARGV[i]] = true
-    if cap_allows(ns, ARGV[i], L, nnow) then queues[#queues + 1] = {qkey(ns, ARGV[i]), false} end
+  for _, c in ipairs(caps) do
+    own[c] = true
+    if cap_allows(ns, c, L, nnow) then queues[#queues + 1] = {qkey(ns, c), false} end
   end
   for _, c in ipairs(scope.avail) do avail[c] = true end
   for _, fb in ipairs(scope.fb) do
@@ -389,7 +414,7 @@ function OPS.lease_next()
     local id, score = eligible(q[1], ns, L)
     if id and (not best or score < best_score) then best, best_score, via_fb = id, score, q[2] end
   end
-  if not best then return {'none'} end
+  if not best then return nil end
   local t = load(best)
   local n = copy(t)
   local timeout = tonumber(t.execution_timeout) or 0
@@ -411,7 +436,31 @@ function OPS.lease_next()
   atts[#atts + 1] = {attempt = n.attempt, agent_id = agent, start_time = now,
                      end_time = NULL, failure = NULL}
   n.attempts = atts
-  return {'ok', put_task(n, t, nil)}
+  return put_task(n, t, nil)
+end
+
+function OPS.lease_next()
+  local caps = {}
+  for i = 8, #ARGV do caps[#caps + 1] = ARGV[i] end
+  local r = lease_one(ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), cjson.decode(ARGV[6]),
+                      cjson.decode(ARGV[7]), caps)
+  if not r then return {'none'} end
+  return {'ok', r}
+end
+
+-- Up to ARGV[8] leases in one atomic step (same order and rules as lease_next).
+function OPS.lease_batch()
+  local count = tonumber(ARGV[8])
+  local caps = {}
+  for i = 9, #ARGV do caps[#caps + 1] = ARGV[i] end
+  local scope, L = cjson.decode(ARGV[6]), cjson.decode(ARGV[7])
+  local out = {'ok'}
+  for _ = 1, count do
+    local r = lease_one(ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), scope, L, caps)
+    if not r then break end
+    out[#out + 1] = r
+  end
+  return out
 end
 
 function OPS.expire_queued()

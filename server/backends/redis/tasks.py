@@ -105,6 +105,29 @@ class RedisTaskStore:
         tr = _transition(reply)
         return tr.tasks[0].task, True, tr
 
+    async def create_tasks(
+        self, items: Sequence[tuple[Task, str]], *, max_queued: int = 0,
+    ) -> tuple[list[tuple[Task, bool, Transition]], bool]:
+        """See TaskStore.create_tasks (one script call)."""
+        docs = json.dumps([[codec.task_to_doc(t), rid] for t, rid in items],
+                          separators=(",", ":"))
+        reply = await self._call("create_tasks", docs, max_queued)
+        out: list[tuple[Task, bool, Transition]] = []
+        i = 0
+        while i < len(reply):
+            status = reply[i]
+            if status == "full":
+                return out, True
+            if status == "dup":
+                out.append((codec.decode_task(reply[i + 1]), False, Transition()))
+                i += 2
+            else:
+                prev = TaskState(int(reply[i + 1])) if reply[i + 1] else None
+                task = codec.decode_task(reply[i + 2])
+                out.append((task, True, Transition((TaskChange(task, prev),))))
+                i += 3
+        return out, False
+
     async def create_workflow(
         self, workflow: Workflow, tasks: Sequence[Task], *, request_id: str = "",
         max_queued: int = 0,
@@ -171,6 +194,25 @@ class RedisTaskStore:
             return None
         task = codec.decode_task(reply[1])
         return Lease(task, task.fencing_token, task.lease_deadline)
+
+    async def lease_batch(
+        self, namespace: str, capabilities: Sequence[str], agent_id: str, *,
+        now: float, default_timeout: float, count: int, scope: LeaseScope = NO_FALLBACK,
+        limits: DispatchLimits = NO_LIMITS,
+    ) -> list[Lease]:
+        """See TaskStore.lease_batch (one script call for up to ``count`` leases)."""
+        if count <= 0 or (not capabilities and not scope.fallback_for):
+            return []
+        scope_doc = codec.dumps({"fb": list(scope.fallback_for),
+                                 "avail": sorted(scope.available)})
+        reply = await self._call("lease_batch", namespace, agent_id, codec.fstr(now),
+                                 codec.fstr(default_timeout), scope_doc,
+                                 codec.dumps(limits.to_doc()), count, *capabilities)
+        leases = []
+        for raw in reply[1:]:
+            task = codec.decode_task(raw)
+            leases.append(Lease(task, task.fencing_token, task.lease_deadline))
+        return leases
 
     async def renew_lease(self, task_id: str, fencing_token: int, deadline: float) -> Task:
         """See TaskStore.renew_lease."""
