@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from server.domain.errors import AgentMeshError
 from server.domain.limits import NO_FALLBACK, NO_LIMITS, DispatchLimits, LeaseScope
 from server.domain.models import (
     Agent,
@@ -189,6 +190,16 @@ class TaskStore(Protocol):
         a workflow step, every dependent whose dependencies all succeeded becomes
         QUEUED with ``dependency_outputs`` filled, and the workflow becomes
         SUCCEEDED when its last step does.
+        """
+        ...
+
+    async def complete_many(self, items: Sequence[tuple[str, int, Payload]], *,
+                            now: float) -> list[Transition | AgentMeshError]:
+        """Several ``complete`` calls (task_id, token, output) in one step.
+
+        One entry per item, in order: the Transition, or the error ``complete``
+        would have raised (NotFoundError, StaleLeaseError). Each item is fenced
+        exactly as ``complete``.
         """
         ...
 

@@ -267,8 +267,16 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             elif kind == "failure":
                 await report(None, req.failure)
             elif kind == "reports":
-                for r in req.reports.results:
-                    await report(r, None)
+                results = [(convert.resource_id(r.task, "tasks", f"reports.results[{i}].task"),
+                            r.fencing_token,
+                            convert.payload(r.output, f"reports.results[{i}].output",
+                                            self._limits))
+                           for i, r in enumerate(req.reports.results)]
+                if results:
+                    outcomes = await scheduler.report_results(session, results)
+                    for (task_id, token, _), outcome in zip(results, outcomes, strict=True):
+                        if outcome != ReportOutcome.ACCEPTED:
+                            send(ReportAck(task_id, token, outcome))
                 for f in req.reports.failures:
                     await report(None, f)
             elif kind == "progress":

@@ -503,6 +503,41 @@ class Scheduler:
                 break
         return ReportOutcome.ACCEPTED
 
+    async def report_results(self, session: WorkerSession,
+                             items: Sequence[tuple[str, int, Payload]]) -> list[int]:
+        """Several results from one work stream in one store step; one outcome each."""
+        outcomes = [ReportOutcome.ACCEPTED] * len(items)
+        todo: list[tuple[str, int, Payload]] = []
+        index: list[int] = []
+        for i, (task_id, token, output) in enumerate(items):
+            if session.in_flight.get(task_id) != token:
+                self._observer.stale_result(task_id)
+                outcomes[i] = ReportOutcome.STALE_LEASE
+            else:
+                todo.append((task_id, token, output))
+                index.append(i)
+        if not todo:
+            return outcomes
+        now = self._clock.now()
+        try:
+            results = await self._tasks.complete_many(todo, now=now)
+        finally:
+            for task_id, token, _ in todo:
+                self._release_slot(session, task_id, token)
+        for i, (task_id, _, _), result in zip(index, todo, results, strict=True):
+            if isinstance(result, Transition):
+                await self._after(result, now)
+                for change in result.tasks:
+                    if change.task.id == task_id and change.previous_state is TaskState.RUNNING:
+                        done = change.task
+                        await self.breakers.record(done.namespace, done.agent_id,
+                                                   served_capability(done), ok=True)
+                        break
+            else:
+                self._observer.stale_result(task_id)
+                outcomes[i] = ReportOutcome.STALE_LEASE
+        return outcomes
+
     async def report_failure(self, session: WorkerSession | None, task_id: str, token: int,
                              failure: TaskFailure) -> int:
         """Record a failed attempt and schedule what the retry policy says."""

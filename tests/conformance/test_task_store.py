@@ -30,7 +30,7 @@ from server.domain.models import (
     WorkflowState,
     WorkflowStep,
 )
-from server.ports import FailVerdict, TaskFilter, TaskStore
+from server.ports import FailVerdict, TaskFilter, TaskStore, Transition
 from tests._services import require_redis, unique_prefix
 
 NS = "ns1"
@@ -811,3 +811,19 @@ async def test_lease_batch_in_order(store: TaskStore) -> None:
     assert [lease.task.id for lease in rest] == ["q2", "q4"]
     assert await store.lease_batch(NS, ["cap"], "b", now=T0, default_timeout=10,
                                    count=10) == []
+
+
+async def test_complete_many_fenced_per_item(store: TaskStore) -> None:
+    for i in range(3):
+        await store.create_task(mk(f"m{i}"))
+    leases = await store.lease_batch(NS, ["cap"], "a", now=T0, default_timeout=10, count=3)
+    items = [(lease.task.id, lease.fencing_token, Payload(b"ok")) for lease in leases]
+    items[1] = (items[1][0], items[1][1] + 5, Payload(b"forged"))  # a stale token
+    items.append(("nope", 1, Payload(b"x")))
+    results = await store.complete_many(items, now=T0 + 1)
+    assert isinstance(results[0], Transition) and isinstance(results[2], Transition)
+    assert isinstance(results[1], StaleLeaseError)
+    assert isinstance(results[3], NotFoundError)
+    states = [(await store.get_task(f"m{i}")).state for i in range(3)]  # type: ignore[union-attr]
+    assert states == [TaskState.SUCCEEDED, TaskState.RUNNING, TaskState.SUCCEEDED]
+    assert (await store.get_task("m0")).output == Payload(b"ok")  # type: ignore[union-attr]

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
 from server.domain.errors import (
+    AgentMeshError,
     FailedPreconditionError,
     NotFoundError,
     ResourceExhaustedError,
@@ -401,6 +402,17 @@ class InMemoryTaskStore:
         if done.workflow_id:
             wf = self._advance_workflow(done, now, changes)
         return Transition(tuple(changes), wf)
+
+    async def complete_many(self, items: Sequence[tuple[str, int, Payload]], *,
+                            now: float) -> list[Transition | AgentMeshError]:
+        """See TaskStore.complete_many."""
+        out: list[Transition | AgentMeshError] = []
+        for task_id, token, output in items:
+            try:
+                out.append(await self.complete(task_id, token, output, now=now))
+            except (StaleLeaseError, NotFoundError) as exc:
+                out.append(exc)
+        return out
 
     def _advance_workflow(self, done: Task, now: float,
                           changes: list[TaskChange]) -> Workflow | None:

@@ -491,13 +491,12 @@ function OPS.expire_queued()
   return R
 end
 
-function OPS.complete()
-  local t, err = running(ARGV[2], ARGV[3])
+local function complete_one(id, token, output, now)
+  local t, err = running(id, token)
   if not t then return err end
-  local now = ARGV[5]
   local n = copy(t)
   n.state = SUCCEEDED
-  n.output = cjson.decode(ARGV[4])
+  n.output = output
   n.update_time = now
   n.end_time = now
   n.attempts = close_attempt(t.attempts, now, nil)
@@ -505,6 +504,19 @@ function OPS.complete()
   put_task(n, t, R)
   if n.workflow_id ~= '' then R[2] = advance_workflow(n, now, R) end
   return R
+end
+
+function OPS.complete()
+  return complete_one(ARGV[2], ARGV[3], cjson.decode(ARGV[4]), ARGV[5])
+end
+
+-- Several results in one call: one reply per item, each as complete's.
+function OPS.complete_many()
+  local out = {}
+  for _, item in ipairs(cjson.decode(ARGV[2])) do
+    out[#out + 1] = complete_one(item[1], item[2], item[3], ARGV[3])
+  end
+  return out
 end
 
 function OPS.fail()

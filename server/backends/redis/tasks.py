@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from server.backends.redis import codec
 from server.backends.redis._scripts import load_script
 from server.domain.errors import (
+    AgentMeshError,
     FailedPreconditionError,
     NotFoundError,
     ResourceExhaustedError,
@@ -246,6 +247,24 @@ class RedisTaskStore:
                                  json.dumps(codec.payload_to_doc(output)), codec.fstr(now))
         self._raise(task_id, fencing_token, reply)
         return _transition(reply)
+
+    async def complete_many(self, items: Sequence[tuple[str, int, Payload]], *,
+                            now: float) -> list[Transition | AgentMeshError]:
+        """See TaskStore.complete_many (one script call)."""
+        if not items:
+            return []
+        docs = json.dumps([[task_id, str(token), codec.payload_to_doc(output)]
+                           for task_id, token, output in items], separators=(",", ":"))
+        replies = await self._call("complete_many", docs, codec.fstr(now))
+        out: list[Transition | AgentMeshError] = []
+        for (task_id, token, _), reply in zip(items, replies, strict=True):
+            try:
+                self._raise(task_id, token, reply)
+            except AgentMeshError as exc:
+                out.append(exc)
+            else:
+                out.append(_transition(reply))
+        return out
 
     async def fail(self, task_id: str, fencing_token: int, failure: TaskFailure, *,
                    verdict: FailVerdict, retry_at: float, now: float) -> Transition:
