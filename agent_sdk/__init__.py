@@ -9,6 +9,7 @@ Every value returned is a frozen dataclass; no protobuf message leaks out.
 
 from agent_sdk._agent import Agent, Handler, TaskContext
 from agent_sdk._client import UNSET, ChannelConfig, MeshClient
+from agent_sdk._locks import Lock, LockLostError, SnapshotInfo
 from agent_sdk._payload import decode_payload, encode_payload
 from agent_sdk._sync import SyncMeshClient
 from agent_sdk._types import (
@@ -61,6 +62,8 @@ __all__ = [
     "FailureInfo",
     "Handler",
     "InvalidArgumentError",
+    "Lock",
+    "LockLostError",
     "MeshClient",
     "MeshStats",
     "NonRetryableError",
@@ -70,6 +73,7 @@ __all__ = [
     "ResourceExhaustedError",
     "RetryPolicy",
     "RetryableError",
+    "SnapshotInfo",
     "StateEntry",
     "StateEvent",
     "StepInfo",

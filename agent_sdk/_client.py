@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
@@ -24,6 +25,7 @@ from agentmesh.v1 import (
 )
 
 from agent_sdk._auth import PemSource, bearer_token_interceptors, tls_credentials
+from agent_sdk._locks import Lock, SnapshotInfo, hold
 from agent_sdk._payload import encode_payload
 from agent_sdk._retry import IDEMPOTENT_RETRYABLE_CODES, backoff_delay
 from agent_sdk._tracing import client_interceptors as _tracing_interceptors
@@ -62,6 +64,19 @@ from agent_sdk.errors import (
 )
 
 __all__ = ["UNSET", "ChannelConfig", "MeshClient"]
+
+
+def _time(ts: Any) -> dt.datetime | None:
+    if not ts.seconds and not ts.nanos:
+        return None
+    return ts.ToDatetime(tzinfo=dt.UTC)  # type: ignore[no-any-return]
+
+
+def _snapshot(msg: Any) -> SnapshotInfo:
+    return SnapshotInfo(
+        name=msg.name, create_time=_time(msg.create_time), size_bytes=msg.size_bytes,
+        namespace=msg.namespace, revisions=dict(msg.revisions), entry_count=msg.entry_count,
+        task_count=msg.task_count, workflow_count=msg.workflow_count)
 
 log = logging.getLogger(__name__)
 
@@ -653,12 +668,16 @@ class MeshClient:
         return entry_from_proto(response.entry)
 
     async def put_state(self, key: str, value: Any, *, expected_version: int | None = None,
-                        ttl: float | None = None) -> StateEntry:
+                        ttl: float | None = None, lock: str = "",
+                        fencing_token: int = 0) -> StateEntry:
         """Write ``key``. With ``expected_version`` the write is a compare-and-set
         (0: the key must not exist) and a conflict raises :class:`AbortedError`.
+        With ``lock`` and ``fencing_token`` the write lands only while that grant
+        is the lock's current one (else :class:`AbortedError`).
         """
         request = state_pb2.PutRequest(namespace=self._namespace, key=key,
-                                       value=encode_payload(value))
+                                       value=encode_payload(value), lock=lock,
+                                       fencing_token=fencing_token)
         if expected_version is not None:
             request.expected_version = expected_version
         if ttl is not None:
@@ -666,13 +685,85 @@ class MeshClient:
         response = await self._unary(lambda c: c.state.Put, request, safe=False)
         return entry_from_proto(response.entry, value, use_value=True)
 
-    async def delete_state(self, key: str, *, expected_version: int | None = None) -> int:
-        """Delete ``key`` (optionally compare-and-set); returns the revision of the delete."""
-        request = state_pb2.DeleteRequest(namespace=self._namespace, key=key)
+    async def delete_state(self, key: str, *, expected_version: int | None = None,
+                           lock: str = "", fencing_token: int = 0) -> int:
+        """Delete ``key`` (optionally compare-and-set, optionally fenced by a lock);
+        returns the revision of the delete."""
+        request = state_pb2.DeleteRequest(namespace=self._namespace, key=key, lock=lock,
+                                          fencing_token=fencing_token)
         if expected_version is not None:
             request.expected_version = expected_version
         response = await self._unary(lambda c: c.state.Delete, request, safe=False)
         return response.revision
+
+    # ------------------------------------------------------------------ locks
+
+    async def acquire_lock(self, name: str, *, lease: float = 10.0, wait: float = 0.0,
+                           owner: str = "") -> tuple[int, dt.datetime | None]:
+        """Take a lock for ``lease`` seconds, waiting up to ``wait`` seconds.
+
+        Returns (fencing token, expiry). A lock still held after ``wait`` raises
+        :class:`AbortedError` (reason LOCK_HELD).
+        """
+        request = state_pb2.AcquireLockRequest(
+            namespace=self._namespace, name=name, owner=owner,
+            lease_duration=to_duration(lease), wait_timeout=to_duration(wait))
+        response = await self._unary(lambda c: c.state.AcquireLock, request, safe=False,
+                                     deadline=self._timeout + wait)
+        return response.fencing_token, _time(response.expire_time)
+
+    async def renew_lock(self, name: str, fencing_token: int, *,
+                         lease: float = 10.0) -> dt.datetime | None:
+        """Extend a held lock; returns the new expiry (AbortedError when not held)."""
+        response = await self._unary(lambda c: c.state.RenewLock, state_pb2.RenewLockRequest(
+            namespace=self._namespace, name=name, fencing_token=fencing_token,
+            lease_duration=to_duration(lease)), safe=True)
+        return _time(response.expire_time)
+
+    async def release_lock(self, name: str, fencing_token: int) -> None:
+        """Release a held lock (repeating it is harmless)."""
+        await self._unary(lambda c: c.state.ReleaseLock, state_pb2.ReleaseLockRequest(
+            namespace=self._namespace, name=name, fencing_token=fencing_token), safe=True)
+
+    def lock(self, name: str, *, lease: float = 10.0, wait: float = 30.0,
+             owner: str = "") -> contextlib.AbstractAsyncContextManager[Lock]:
+        """``async with client.lock("name", lease=10) as lock:`` hold a lock.
+
+        The lease renews in the background; writes through ``lock.put`` /
+        ``lock.delete`` are fenced, so once the lock is lost they no longer land.
+        """
+        return hold(self, name, lease=lease, wait=wait, owner=owner)
+
+    # -------------------------------------------------------------- snapshots
+
+    async def create_snapshot(self, namespace: str = "") -> SnapshotInfo:
+        """Write a snapshot of the state (one namespace, or all when empty) and tasks."""
+        response = await self._unary(lambda c: c.state.CreateSnapshot,
+                                     state_pb2.CreateSnapshotRequest(namespace=namespace),
+                                     safe=False, deadline=max(self._timeout, 60.0))
+        return _snapshot(response.snapshot)
+
+    async def list_snapshots(self, *, limit: int = 1000) -> list[SnapshotInfo]:
+        """Stored snapshots."""
+        out: list[SnapshotInfo] = []
+        token = ""
+        while len(out) < limit:
+            response = await self._unary(lambda c: c.state.ListSnapshots,
+                                         state_pb2.ListSnapshotsRequest(
+                                             page_size=min(_MAX_PAGE, limit - len(out)),
+                                             page_token=token), safe=True)
+            out += [_snapshot(s) for s in response.snapshots]
+            token = response.next_page_token
+            if not token:
+                break
+        return out
+
+    async def restore_snapshot(self, name: str) -> SnapshotInfo:
+        """Load a snapshot into an empty store (FailedPreconditionError otherwise)."""
+        response = await self._unary(lambda c: c.state.RestoreSnapshot,
+                                     state_pb2.RestoreSnapshotRequest(name=name),
+                                     safe=False, deadline=max(self._timeout, 60.0))
+        return _snapshot(response.snapshot)
 
     async def list_state(self, prefix: str = "", *, limit: int = 1000) -> list[StateEntry]:
         """Entries whose key starts with ``prefix``, ordered by key."""

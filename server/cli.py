@@ -572,6 +572,42 @@ async def cmd_state_delete(client: MeshClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- snapshots
+
+
+async def cmd_snapshot_create(client: MeshClient, args: argparse.Namespace) -> int:
+    """``snapshot create [--only-namespace NS]``: write a snapshot to the blob store."""
+    snap = await client.create_snapshot(args.only_namespace)
+    if args.json:
+        print_json(snap)
+    else:
+        print(f"created {snap.name} ({snap.size_bytes} bytes, {snap.entry_count} keys, "
+              f"{snap.task_count} tasks, {snap.workflow_count} workflows)")
+    return EXIT_OK
+
+
+async def cmd_snapshot_list(client: MeshClient, args: argparse.Namespace) -> int:
+    """``snapshot list``: stored snapshots."""
+    snaps = await client.list_snapshots()
+    if args.json:
+        print_json(snaps)
+        return EXIT_OK
+    print_table(["name", "created", "bytes", "keys", "tasks", "workflows"],
+                [[s.name, fmt_time(s.create_time), s.size_bytes, s.entry_count, s.task_count,
+                  s.workflow_count] for s in snaps])
+    return EXIT_OK
+
+
+async def cmd_snapshot_restore(client: MeshClient, args: argparse.Namespace) -> int:
+    """``snapshot restore NAME``: load a snapshot into an empty store."""
+    snap = await client.restore_snapshot(args.name)
+    if args.json:
+        print_json(snap)
+    else:
+        print(f"restored {snap.name} ({snap.entry_count} keys, {snap.task_count} tasks)")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- stats
 
 
@@ -742,6 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tasks(commands)
     _add_workflow(commands)
     _add_state(commands)
+    _add_snapshot(commands)
     stats = commands.add_parser("stats", help="tasks by state, autonomy, live agents")
     stats.set_defaults(handler=cmd_stats)
     return parser
@@ -837,6 +874,19 @@ def _add_state(commands: _Commands) -> None:
     p.add_argument("key")
     p.add_argument("--expected-version", type=int, help="compare-and-set: fail unless current")
     p.set_defaults(handler=cmd_state_delete)
+
+
+def _add_snapshot(commands: _Commands) -> None:
+    sub = _group(commands, "snapshot", "create, list and restore snapshots")
+    p = sub.add_parser("create", help="snapshot state and task records to the blob store")
+    p.add_argument("--only-namespace", default="",
+                   help="only this namespace's state (default: every namespace)")
+    p.set_defaults(handler=cmd_snapshot_create)
+    p = sub.add_parser("list", help="list stored snapshots")
+    p.set_defaults(handler=cmd_snapshot_list)
+    p = sub.add_parser("restore", help="load a snapshot into an empty store")
+    p.add_argument("name")
+    p.set_defaults(handler=cmd_snapshot_restore)
 
 
 # ---------------------------------------------------------------- entry point

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any, Final
 
 import grpc
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 __all__ = ["TracingObserver", "server_interceptors", "setup_tracing"]
 
 _MAX_REMEMBERED: Final = 100_000
+_MAX_CONTEXTS: Final = 4096
 _NS: Final = 1_000_000_000
 
 
@@ -77,6 +79,12 @@ _RESULT_STATES: Final = frozenset({
 })
 
 
+def _sampled(trace_context: Mapping[str, str]) -> bool:
+    """Whether the submitter's W3C context is sampled (flags bit 0); cheap string check."""
+    parent = trace_context.get("traceparent", "")
+    return len(parent) == 55 and parent[-1] in "13579bdf"
+
+
 class TracingObserver:
     """Scheduler observer that emits the queue-wait, assignment and result spans.
 
@@ -88,19 +96,32 @@ class TracingObserver:
     def __init__(self) -> None:
         """Start with no remembered queue entry times."""
         self._queued_at: OrderedDict[str, float] = OrderedDict()
+        self._contexts: OrderedDict[str, Any] = OrderedDict()
+
+    def _context(self, trace_context: Mapping[str, str]) -> Any:
+        """The parsed parent context, cached: a workflow's steps (and a batch's
+        tasks) share one, and parsing is the costly part of a span."""
+        key = trace_context.get("traceparent", "") + "|" + trace_context.get("tracestate", "")
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = self._contexts[key] = extract_context(trace_context)
+            if len(self._contexts) > _MAX_CONTEXTS:
+                self._contexts.popitem(last=False)
+        return ctx
 
     def transition(self, transition: Transition, now: float) -> None:
         """Remember when tasks became QUEUED; emit result spans of finished attempts."""
         for change in transition.tasks:
             task = change.task
-            if (task.state is TaskState.QUEUED and task.trace_context
+            if not task.trace_context or not _sampled(task.trace_context):
+                continue
+            if (task.state is TaskState.QUEUED
                     and change.previous_state is not TaskState.QUEUED):
                 self._remember(task.id, now)
-            if (change.previous_state is TaskState.RUNNING and task.state in _RESULT_STATES
-                    and task.trace_context):
+            if change.previous_state is TaskState.RUNNING and task.state in _RESULT_STATES:
                 outcome = task.state.name.lower()
                 span = tracer().start_span(
-                    f"result {task.capability}", context=extract_context(task.trace_context),
+                    f"result {task.capability}", context=self._context(task.trace_context),
                     start_time=_ns(task.start_time or now), attributes=self._attrs(
                         task.id, task.workflow_id, task.capability, task.attempt)
                     | {"agentmesh.outcome": outcome, "agentmesh.agent_id": task.agent_id})
@@ -116,11 +137,11 @@ class TracingObserver:
         """Emit the queue-wait span (queued -> now) and the assignment span."""
         task = lease.task
         queued = self._queued_at.pop(task.id, None)
-        if not task.trace_context:
+        if not task.trace_context or not _sampled(task.trace_context):
             return
         if queued is None:
             queued = task.create_time if task.attempt <= 1 else now
-        ctx = extract_context(task.trace_context)
+        ctx = self._context(task.trace_context)
         attrs = self._attrs(task.id, task.workflow_id, task.capability, task.attempt)
         t = tracer()
         wait = t.start_span(f"queue wait {task.capability}", context=ctx,
