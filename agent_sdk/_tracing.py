@@ -289,6 +289,13 @@ def task_log_context(task_id: str, workflow: str, agent_id: str,
         yield
 
 
+def sampled(trace_context: Mapping[str, str]) -> bool:
+    """Whether a W3C context is sampled (``traceparent`` flags bit 0); a cheap check
+    that lets unsampled tasks skip span work entirely (parent-based sampling)."""
+    parent = trace_context.get("traceparent", "")
+    return len(parent) == 55 and parent[-1] in "13579bdf"
+
+
 @contextlib.contextmanager
 def handler_span(capability: str, task_id: str, *, workflow: str, attempt: int,
                  agent_id: str, trace_context: Mapping[str, str]) -> Iterator[Span | None]:
@@ -306,7 +313,7 @@ def handler_span(capability: str, task_id: str, *, workflow: str, attempt: int,
     began = time.perf_counter()
     outcome: HandlerOutcome = "succeeded"
     try:
-        if _provider is None:
+        if _provider is None or not sampled(trace_context):
             yield None
         else:
             attrs: dict[str, str | int] = {"agentmesh.task_id": task_id,

@@ -197,8 +197,12 @@ def to_timestamp(seconds: float) -> timestamp_pb2.Timestamp | None:
 # -- payloads ----------------------------------------------------------------------
 
 def payload(msg: common_pb2.Payload, field: str, limits: Limits) -> Payload:
-    """A payload within the size limit (RESOURCE_EXHAUSTED past it)."""
-    size = len(msg.data) + sum(len(k) + len(v) for k, v in msg.metadata.items())
+    """A payload within the size limit (RESOURCE_EXHAUSTED past it).
+
+    The size is the encoded size (data, metadata and their framing), computed
+    in C by protobuf.
+    """
+    size = msg.ByteSize()
     if size > limits.max_payload_bytes:
         raise ResourceExhaustedError(
             f"{field} is {size} bytes; the limit is {limits.max_payload_bytes}",

@@ -91,7 +91,10 @@ class MeteredBus:
     async def publish(self, subject: str, data: bytes,
                       headers: Mapping[str, str] | None = None) -> None:
         """See Bus.publish."""
-        if self._inject and (headers is None or "traceparent" not in headers):
+        # Internal notifications (``_sys.``) are published outside any span and
+        # only wake replicas up; user messages carry the caller's trace context.
+        if self._inject and not subject.startswith("_sys.") and (
+                headers is None or "traceparent" not in headers):
             carrier: dict[str, str] = {}
             from opentelemetry import propagate  # noqa: PLC0415
 

@@ -390,11 +390,11 @@ class MeshMetrics:
 
     def bus_published(self, kind: str) -> None:
         """Count one message published on the bus."""
-        self.bus_published_total.labels(kind).inc()
+        self._child(self.bus_published_total, kind).inc()
 
     def bus_delivered(self, kind: str) -> None:
         """Count one message delivered to a local subscriber."""
-        self.bus_delivered_total.labels(kind).inc()
+        self._child(self.bus_delivered_total, kind).inc()
 
     def grpc_request(self, method: str, code: str, seconds: float) -> None:
         """Record one finished gRPC call.

@@ -32,7 +32,7 @@ from typing import Any, Final
 
 import grpc
 
-from agent_sdk._tracing import configure_tracing, extract_context, traced_call, tracer
+from agent_sdk._tracing import configure_tracing, extract_context, sampled, traced_call, tracer
 from server.domain.models import Lease, TaskState
 from server.ports import Transition
 
@@ -79,12 +79,6 @@ _RESULT_STATES: Final = frozenset({
 })
 
 
-def _sampled(trace_context: Mapping[str, str]) -> bool:
-    """Whether the submitter's W3C context is sampled (flags bit 0); cheap string check."""
-    parent = trace_context.get("traceparent", "")
-    return len(parent) == 55 and parent[-1] in "13579bdf"
-
-
 class TracingObserver:
     """Scheduler observer that emits the queue-wait, assignment and result spans.
 
@@ -113,7 +107,7 @@ class TracingObserver:
         """Remember when tasks became QUEUED; emit result spans of finished attempts."""
         for change in transition.tasks:
             task = change.task
-            if not task.trace_context or not _sampled(task.trace_context):
+            if not task.trace_context or not sampled(task.trace_context):
                 continue
             if (task.state is TaskState.QUEUED
                     and change.previous_state is not TaskState.QUEUED):
@@ -137,7 +131,7 @@ class TracingObserver:
         """Emit the queue-wait span (queued -> now) and the assignment span."""
         task = lease.task
         queued = self._queued_at.pop(task.id, None)
-        if not task.trace_context or not _sampled(task.trace_context):
+        if not task.trace_context or not sampled(task.trace_context):
             return
         if queued is None:
             queued = task.create_time if task.attempt <= 1 else now
