@@ -72,7 +72,7 @@ def write_auth_file(directory: Path) -> dict[str, str]:
 def start_servers(args: argparse.Namespace) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     """Start --replicas server processes."""
     procs, targets = [], []
-    prefix = f"bench-{uuid.uuid4().hex[:8]}"
+    prefix = args.key_prefix = f"bench-{uuid.uuid4().hex[:8]}"
     for _ in range(args.replicas):
         port = free_port()
         env = {**os.environ, "AGENTMESH_KEY_PREFIX": prefix, "AGENTMESH_LOG_LEVEL": "WARNING"}
@@ -257,6 +257,19 @@ async def main() -> None:
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if args.store.startswith("redis"):
+            await drop_keys(args.store, args.key_prefix)
+
+
+async def drop_keys(url: str, prefix: str) -> None:
+    """Delete the run's keys from a shared Redis (the run used its own prefix)."""
+    from server.backends.redis import RedisStores  # noqa: PLC0415
+
+    stores = await RedisStores.connect(url, prefix=prefix)
+    try:
+        await stores.delete_all_keys()
+    finally:
+        await stores.aclose()
 
 
 if __name__ == "__main__":
