@@ -240,3 +240,4 @@ async def test_orphaned_lease_is_handed_over(mesh: object, channel: grpc.aio.Cha
     assert done.attempt == 1, "handed over, not re-run"
     agent.out.put_nowait(None)
     agent.hb_out.put_nowait(None)
+

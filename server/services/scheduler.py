@@ -453,11 +453,23 @@ class Scheduler:
         self._sessions[session.agent_id] = session
 
     async def close_session(self, session: WorkerSession, reason: str = AGENT_GONE) -> None:
-        """The work stream ended: its leases go back to the queue."""
+        """The work stream ended: its leases go back to the queue.
+
+        When a newer stream of the same agent replaced this one, only the
+        leases this stream held go back; the newer stream's stay with it.
+        """
         session.closed = True
         if self._sessions.get(session.agent_id) is session:
             del self._sessions[session.agent_id]
-        await self.release_agent(session.agent_id, reason)
+            await self.release_agent(session.agent_id, reason)
+            return
+        for task_id, token in list(session.in_flight.items()):
+            task = await self._tasks.get_task(task_id)
+            if task is None or task.fencing_token != token:
+                continue
+            with contextlib.suppress(StaleLeaseError):
+                await self._fail(task, token, TaskFailure(reason, "work stream replaced"),
+                                 immediate=True)
 
     def grant(self, session: WorkerSession, count: int) -> None:
         """The agent can take ``count`` more tasks.

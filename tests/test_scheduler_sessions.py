@@ -1,0 +1,54 @@
+"""Scheduler session bookkeeping, driven directly (no gRPC)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from server.backends.memory import InMemoryAgentRegistry, InMemoryTaskStore
+from server.bus.memory import InProcessBus
+from server.domain.models import Agent, Capability, Task, TaskState
+from server.services.clock import ManualClock
+from server.services.scheduler import Assignment, Outbound, Scheduler, WorkerSession
+
+
+async def test_replaced_stream_hands_back_only_its_own_leases() -> None:
+    clock = ManualClock()
+    tasks, agents, bus = InMemoryTaskStore(), InMemoryAgentRegistry(), InProcessBus()
+    await agents.register(Agent(id="a1", display_name="a", capabilities=(Capability("c"),),
+                                max_concurrency=1, expire_time=clock.now() + 60))
+    scheduler = Scheduler(tasks, agents, bus, clock)
+    await scheduler.start()
+    try:
+        sent_old: list[Outbound] = []
+        sent_new: list[Outbound] = []
+        old = WorkerSession("a1", "default", ("c",), 1, sent_old.append)
+        scheduler.open_session(old)
+        scheduler.grant(old, 1)
+        await scheduler.submit(Task(id="t1", capability="c"))
+        await _until(lambda: any(isinstance(m, Assignment) for m in sent_old))
+        # The same agent opens a second stream; it replaces the first.
+        new = WorkerSession("a1", "default", ("c",), 1, sent_new.append)
+        scheduler.open_session(new)
+        scheduler.grant(new, 1)
+        await scheduler.submit(Task(id="t2", capability="c"))
+        await _until(lambda: any(isinstance(m, Assignment) for m in sent_new))
+        t2_token = new.in_flight["t2"]
+        # Now the replaced stream finishes closing.
+        await scheduler.close_session(old)
+        t1 = await tasks.get_task("t1")
+        t2 = await tasks.get_task("t2")
+        assert t1 is not None and t1.state is TaskState.QUEUED, "the old stream's lease went back"
+        assert t2 is not None and t2.state is TaskState.RUNNING and t2.fencing_token == t2_token
+        assert new.in_flight == {"t2": t2_token}, "the new stream keeps its lease"
+    finally:
+        await scheduler.stop()
+        await bus.aclose()
+
+
+async def _until(cond: object, limit: float = 2.0) -> None:
+    """Wait for a side effect of the scheduler's own loop (no event to await)."""
+    async with asyncio.timeout(limit):
+        while True:
+            if cond():  # type: ignore[operator]
+                return
+            await asyncio.sleep(0.005)
