@@ -107,16 +107,17 @@ async def test_gauges_agents_in_flight_queue_and_autonomy(fast_mesh: Mesh) -> No
             await started.wait()
             await _eventually(lambda: _value(
                 fast_mesh, "agentmesh_queue_depth",
-                {"namespace": "default", "capability": "", "state": "running"}) == 1)
+                {"namespace": "default", "capability": "slow", "state": "running"}) == 1)
             assert _value(fast_mesh, "agentmesh_queue_depth",
-                          {"namespace": "default", "capability": "", "state": "queued"}) == 1
+                          {"namespace": "default", "capability": "nobody-serves-this",
+                           "state": "queued"}) == 1
             await _eventually(lambda: _value(fast_mesh, "agentmesh_agent_in_flight",
                                              {"agent": "gauge-agent"}) == 1)
             release.set()
             await client.wait_task(first.name, timeout=5)
             await _eventually(lambda: _value(
                 fast_mesh, "agentmesh_queue_depth",
-                {"namespace": "default", "capability": "", "state": "running"}) == 0)
+                {"namespace": "default", "capability": "slow", "state": "running"}) == 0)
             assert _value(fast_mesh, "agentmesh_autonomy_ratio", {"namespace": "default"}) == 1
             assert _value(fast_mesh, "agentmesh_tasks_finished_total", {
                 "namespace": "default", "capability": "slow", "outcome": "succeeded"}) == 1

@@ -31,6 +31,9 @@ class TaskState(enum.IntEnum):
         return self in TERMINAL_TASK_STATES
 
 
+LIVE_TASK_STATES = frozenset(
+    {TaskState.PENDING, TaskState.QUEUED, TaskState.RUNNING, TaskState.RETRYING})
+
 TERMINAL_TASK_STATES = frozenset(
     {TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.DEAD_LETTERED}
 )
@@ -283,6 +286,8 @@ class Stats:
     tasks_by_state: Mapping[TaskState, int]
     tasks_ended: int
     tasks_succeeded_autonomously: int
+    waiting_by_capability: Mapping[tuple[str, TaskState], int] = field(default_factory=dict)
+    """(capability, state) -> count for the live states PENDING, QUEUED, RUNNING, RETRYING."""
 
     @property
     def autonomy(self) -> float:

@@ -5,12 +5,10 @@ replica reads, for every namespace it knows (``default`` and the namespaces
 it has seen tasks in, at most `MAX_NAMESPACES`):
 
 - ``TaskStore.stats(namespace)`` (one HGETALL on Redis, a dict read in
-  memory) -> ``agentmesh_queue_depth{namespace, state}`` and
-  ``agentmesh_autonomy_ratio{namespace}``. The store keeps its counters per
-  namespace and state only, so queue depth is exported **per namespace**
-  (its ``capability`` label is empty): a per-capability count would need a
-  scan of every task on every tick. Per-capability views use the
-  submitted/finished counters and ``agentmesh_capability_agents``;
+  memory) -> ``agentmesh_queue_depth{namespace, capability, state}`` and
+  ``agentmesh_autonomy_ratio{namespace}``. The stores keep a counter per
+  (capability, live state) updated in the same atomic step as every state
+  change, so this costs no scan; a capability that drained reads 0;
 - the agent listing (paged, 1000 per call) -> ``agentmesh_agents{namespace,
   state}``, ``agentmesh_agent_in_flight{agent}`` (reported by heartbeats;
   departed agents' series are removed) and
@@ -63,6 +61,7 @@ class GaugeSampler:
         self._namespaces = namespaces
         self._agents_seen: set[str] = set()
         self._caps_seen: set[tuple[str, str]] = set()
+        self._depth_keys: dict[str, set[tuple[str, TaskState]]] = {}
 
     async def run(self, interval: float) -> None:
         """Sample every ``interval`` seconds; a failed pass is logged and retried."""
@@ -81,8 +80,16 @@ class GaugeSampler:
         m = self._m
         for ns in namespaces:
             stats = await self._scheduler.stats(ns)
-            for state, depth_label in _QUEUE_STATES.items():
-                m.set_queue_depth(ns, "", depth_label, stats.tasks_by_state.get(state, 0))
+            seen = self._depth_keys.setdefault(ns, set())
+            current = {(cap, state): n for (cap, state), n in
+                       stats.waiting_by_capability.items()
+                       if state in _QUEUE_STATES and ((cap, state) in seen
+                                                      or len(seen) < _MAX_CAPABILITIES)}
+            for cap, state in seen - set(current):
+                m.set_queue_depth(ns, cap, _QUEUE_STATES[state], 0)  # drained since last pass
+            for (cap, state), n in current.items():
+                m.set_queue_depth(ns, cap, _QUEUE_STATES[state], n)
+            seen |= set(current)
             m.set_autonomy(ns, min(max(stats.autonomy, 0.0), 1.0))
             by_state = dict.fromkeys(_AGENT_STATES.values(), 0)
             after = ""
@@ -107,6 +114,13 @@ class GaugeSampler:
         for name in self._agents_seen - in_flight.keys():
             m.remove_agent(name)
         self._agents_seen = set(in_flight)
+        for ns, cap in caps:
+            # Every capability a live agent offers has depth series, 0 when idle.
+            seen = self._depth_keys.setdefault(ns, set())
+            for state, label in _QUEUE_STATES.items():
+                if (cap, state) not in seen and len(seen) < _MAX_CAPABILITIES:
+                    seen.add((cap, state))
+                    m.set_queue_depth(ns, cap, label, 0)
         for key in self._caps_seen - caps.keys():
             m.set_capability_agents(*key, 0)
         for key, n in caps.items():

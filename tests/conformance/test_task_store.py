@@ -827,3 +827,18 @@ async def test_complete_many_fenced_per_item(store: TaskStore) -> None:
     states = [(await store.get_task(f"m{i}")).state for i in range(3)]  # type: ignore[union-attr]
     assert states == [TaskState.SUCCEEDED, TaskState.RUNNING, TaskState.SUCCEEDED]
     assert (await store.get_task("m0")).output == Payload(b"ok")  # type: ignore[union-attr]
+
+
+async def test_waiting_by_capability(store: TaskStore) -> None:
+    await store.create_task(mk("a1", "a"))
+    await store.create_task(mk("a2", "a"))
+    await store.create_task(mk("b1", "b"))
+    lease = await store.lease_next(NS, ["a"], "ag", now=T0, default_timeout=10)
+    assert lease is not None
+    stats = await store.stats(NS)
+    assert dict(stats.waiting_by_capability) == {
+        ("a", TaskState.QUEUED): 1, ("a", TaskState.RUNNING): 1, ("b", TaskState.QUEUED): 1}
+    await store.complete(lease.task.id, lease.fencing_token, Payload(b"x"), now=T0 + 1)
+    stats = await store.stats(NS)
+    assert dict(stats.waiting_by_capability) == {
+        ("a", TaskState.QUEUED): 1, ("b", TaskState.QUEUED): 1}

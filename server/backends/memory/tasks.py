@@ -28,6 +28,7 @@ from server.domain.limits import (
     bucket_take,
 )
 from server.domain.models import (
+    LIVE_TASK_STATES,
     SCHEDULE_TO_START_TIMEOUT,
     TERMINAL_TASK_STATES,
     Lease,
@@ -60,6 +61,8 @@ class InMemoryTaskStore:
         self._idempotency: dict[tuple[str, str], str] = {}
         self._seq = 0
         self._counts: dict[str, dict[TaskState, int]] = defaultdict(lambda: defaultdict(int))
+        self._cap_counts: dict[str, dict[tuple[str, TaskState], int]] = defaultdict(
+            lambda: defaultdict(int))
         self._ended: dict[str, int] = defaultdict(int)
         self._autonomous: dict[str, int] = defaultdict(int)
         # Resilience indexes: schedule-to-start timers, fallback queues
@@ -90,6 +93,11 @@ class InMemoryTaskStore:
             for key in _running_keys(new):
                 self._run_counts[(new.namespace, key)] += 1
         counts = self._counts[new.namespace]
+        by_cap = self._cap_counts[new.namespace]
+        if old is not None and prev in LIVE_TASK_STATES:
+            by_cap[(old.capability, prev)] -= 1
+        if new.state in LIVE_TASK_STATES:
+            by_cap[(new.capability, new.state)] += 1
         if prev is not None:
             counts[prev] -= 1
             if prev in TERMINAL_TASK_STATES:
@@ -615,7 +623,8 @@ class InMemoryTaskStore:
     async def stats(self, namespace: str) -> Stats:
         """See TaskStore.stats."""
         counts = {s: n for s, n in self._counts[namespace].items() if n}
-        return Stats(counts, self._ended[namespace], self._autonomous[namespace])
+        by_cap = {k: n for k, n in self._cap_counts[namespace].items() if n}
+        return Stats(counts, self._ended[namespace], self._autonomous[namespace], by_cap)
 
     # -- snapshots ---------------------------------------------------------------
 

@@ -7,6 +7,7 @@ local B = KEYS[1]
 local PENDING, QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, RETRYING, DEAD = 1, 2, 3, 4, 5, 6, 7, 8
 local WF_RUNNING, WF_SUCCEEDED, WF_FAILED, WF_CANCELLED = 1, 2, 3, 4
 local TERMINAL = {[SUCCEEDED] = true, [FAILED] = true, [CANCELLED] = true, [DEAD] = true}
+local LIVE = {[PENDING] = true, [QUEUED] = true, [RUNNING] = true, [RETRYING] = true}
 local STATE_NAME = {'PENDING', 'QUEUED', 'RUNNING', 'SUCCEEDED', 'FAILED', 'CANCELLED',
                     'RETRYING', 'DEAD_LETTERED'}
 local NULL = cjson.null
@@ -85,6 +86,9 @@ local function put_task(t, prev, R)
   if prev then
     local psk = skey(prev.namespace)
     redis.call('HINCRBY', psk, prev.state, -1)
+    if LIVE[prev.state] then
+      redis.call('HINCRBY', psk, 'c:' .. prev.state .. ':' .. prev.capability, -1)
+    end
     if TERMINAL[prev.state] then
       redis.call('HINCRBY', psk, 'ended', -1)
       if prev.state == SUCCEEDED and not prev.human_intervened then
@@ -112,6 +116,9 @@ local function put_task(t, prev, R)
   end
   local sk = skey(t.namespace)
   redis.call('HINCRBY', sk, t.state, 1)
+  if LIVE[t.state] then
+    redis.call('HINCRBY', sk, 'c:' .. t.state .. ':' .. t.capability, 1)
+  end
   if TERMINAL[t.state] then
     redis.call('HINCRBY', sk, 'ended', 1)
     if t.state == SUCCEEDED and not t.human_intervened then

@@ -327,10 +327,14 @@ class RedisTaskStore:
         reply = await self._r.hgetall(self._key("stats", namespace))
         raw = {codec.text(k): codec.text(v) for k, v in reply.items()}
         by_state: dict[TaskState, int] = {}
+        by_cap: dict[tuple[str, TaskState], int] = {}
         for field, value in raw.items():
             if field.isdigit() and int(value) > 0:
                 by_state[TaskState(int(field))] = int(value)
-        return Stats(by_state, int(raw.get("ended", 0)), int(raw.get("autonomous", 0)))
+            elif field.startswith("c:") and int(value) > 0:
+                _, state, capability = field.split(":", 2)
+                by_cap[(capability, TaskState(int(state)))] = int(value)
+        return Stats(by_state, int(raw.get("ended", 0)), int(raw.get("autonomous", 0)), by_cap)
 
     # -- snapshots -------------------------------------------------------------------
 
