@@ -186,7 +186,11 @@ class TaskStore(Protocol):
         """Accept a result. Atomic with the fencing check.
 
         Raises NotFoundError for an unknown task and StaleLeaseError unless the
-        task is RUNNING with exactly this token. The task becomes SUCCEEDED. For
+        task is RUNNING with exactly this token. The task becomes SUCCEEDED.
+        A repeat with the token of the lease that already succeeded (a
+        re-delivered report, or a store call retried after its reply was lost)
+        returns an empty Transition: accepted, nothing changes, the first
+        result stays. For
         a workflow step, every dependent whose dependencies all succeeded becomes
         QUEUED with ``dependency_outputs`` filled, and the workflow becomes
         SUCCEEDED when its last step does.

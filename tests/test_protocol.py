@@ -122,10 +122,14 @@ async def test_task_round_trip_and_stale_token(channel: grpc.aio.Channel) -> Non
     got = await tasks.GetTask(task_pb2.GetTaskRequest(name=sub.task.name))
     assert got.task.state == task_pb2.TASK_STATE_SUCCEEDED
     assert json.loads(got.task.output.data) == {"y": 2}
-    # The same token again (a duplicate delivery) is refused by the unary path too.
+    # The same lease reporting again (a re-delivery) is accepted without effect.
+    again = await tasks.CompleteTask(task_pb2.CompleteTaskRequest(
+        task=sub.task.name, fencing_token=token, output=js("late")))
+    assert json.loads(again.task.output.data) == {"y": 2}, "the first result stays"
+    # Any other token is refused with LEASE_EXPIRED.
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await tasks.CompleteTask(task_pb2.CompleteTaskRequest(
-            task=sub.task.name, fencing_token=token, output=js("late")))
+            task=sub.task.name, fencing_token=token + 1, output=js("forged")))
     assert err.value.code() == grpc.StatusCode.ABORTED
     status = rpc_status.from_call(err.value)
     assert status is not None

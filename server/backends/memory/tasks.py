@@ -401,6 +401,9 @@ class InMemoryTaskStore:
     async def complete(self, task_id: str, fencing_token: int, output: Payload, *,
                        now: float) -> Transition:
         """See TaskStore.complete."""
+        current = self._task(task_id)
+        if current.state is TaskState.SUCCEEDED and current.fencing_token == fencing_token:
+            return Transition()  # the same lease again: accepted, the first result stays
         task = self._running(task_id, fencing_token)
         changes: list[TaskChange] = []
         done = self._store(replace(

@@ -499,6 +499,12 @@ function OPS.expire_queued()
 end
 
 local function complete_one(id, token, output, now)
+  -- The same lease reporting again (or this script retried after its reply was
+  -- lost) is accepted without effect: the first result stays.
+  local cur = load(id)
+  if cur and cur.state == SUCCEEDED and cur.fencing_token == tonumber(token) then
+    return {'ok', ''}
+  end
   local t, err = running(id, token)
   if not t then return err end
   local n = copy(t)
