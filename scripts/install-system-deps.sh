@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Install the system tools the test suite uses but pip cannot provide.
 #
-# Today that is only `promtool` (Debian's `prometheus` package), which
-# tests/test_observability_config.py uses to check and unit-test the alert
-# rules in deploy/observability/. Run as root. Idempotent: when every tool is
+# `promtool` and the `prometheus` server (Debian's `prometheus` package: alert
+# rule checks and the live-Prometheus test), `amtool` (prometheus-alertmanager:
+# the Alertmanager config check) and `shellcheck` (this script's own lint). Run as root. Idempotent: when every tool is
 # already on PATH this exits 0 without touching apt.
 set -euo pipefail
 
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v amtool >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
+command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
 
 if [ "${#missing[@]}" -eq 0 ]; then
     exit 0
