@@ -245,3 +245,22 @@ async def test_orphaned_lease_is_handed_over(mesh: object, channel: grpc.aio.Cha
     agent.out.put_nowait(None)
     agent.hb_out.put_nowait(None)
 
+
+
+async def test_late_progress_does_not_end_the_stream(channel: grpc.aio.Channel) -> None:
+    """Progress for a lease the stream no longer holds gets a cancellation; the
+    stream and the agent's other work carry on."""
+    agent = RawAgent(channel, "late-progress", ["lp"], concurrency=2)
+    await agent.register()
+    work = agent.open_work()
+    await next_kind(work, "opened")
+    agent.out.put_nowait(task_pb2.ProcessTasksRequest(progress=task_pb2.TaskProgress(
+        task="tasks/gone", fencing_token=3)))
+    cancel = (await next_kind(work, "cancellation")).cancellation
+    assert (cancel.task, cancel.fencing_token) == ("tasks/gone", 3)
+    tasks = task_pb2_grpc.TaskServiceStub(channel)
+    sub = await tasks.SubmitTask(task_pb2.SubmitTaskRequest(task=task_pb2.Task(capability="lp")))
+    got = (await next_kind(work, "assignment")).assignment
+    assert got.task.name == sub.task.name
+    agent.out.put_nowait(None)
+    agent.hb_out.put_nowait(None)

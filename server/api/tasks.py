@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -16,7 +16,6 @@ from server.domain.errors import (
     FieldViolation,
     InvalidArgumentError,
     NotFoundError,
-    PermissionDeniedError,
 )
 from server.domain.models import AgentState, TaskState
 from server.ports import AgentFilter, TaskFilter
@@ -239,22 +238,22 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                                 tuple(sorted(agent.capability_names)), agent.max_concurrency,
                                 send)
 
-        async def report(r: task_pb2.TaskResult | None,
-                         f: task_pb2.TaskFailureReport | None) -> None:
-            if r is not None:
-                task_id = convert.resource_id(r.task, "tasks", "result.task")
-                output = convert.payload(r.output, "result.output", self._limits)
-                outcome = await scheduler.report_result(session, task_id, r.fencing_token,
-                                                        output)
-                token = r.fencing_token
-            else:
-                assert f is not None
-                task_id = convert.resource_id(f.task, "tasks", "failure.task")
-                outcome = await scheduler.report_failure(
-                    session, task_id, f.fencing_token, convert.failure(f.failure, "failure"))
-                token = f.fencing_token
+        async def report_results(results: Sequence[task_pb2.TaskResult], field: str) -> None:
+            items = [(convert.resource_id(r.task, "tasks", f"{field}[{i}].task"),
+                      r.fencing_token,
+                      convert.payload(r.output, f"{field}[{i}].output", self._limits))
+                     for i, r in enumerate(results)]
+            outcomes = await scheduler.report_results(session, items)
+            for (task_id, token, _), outcome in zip(items, outcomes, strict=True):
+                if outcome != ReportOutcome.ACCEPTED:
+                    send(ReportAck(task_id, token, outcome))
+
+        async def report_failure(f: task_pb2.TaskFailureReport, field: str) -> None:
+            task_id = convert.resource_id(f.task, "tasks", f"{field}.task")
+            outcome = await scheduler.report_failure(
+                session, task_id, f.fencing_token, convert.failure(f.failure, field))
             if outcome != ReportOutcome.ACCEPTED:
-                send(ReportAck(task_id, token, outcome))
+                send(ReportAck(task_id, f.fencing_token, outcome))
 
         async def handle(req: task_pb2.ProcessTasksRequest) -> None:
             kind = req.WhichOneof("kind")
@@ -263,27 +262,23 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                     raise InvalidArgumentError.field("credit.count", "must be at least 1")
                 scheduler.grant(session, req.credit.count)
             elif kind == "result":
-                await report(req.result, None)
+                await report_results([req.result], "result")
             elif kind == "failure":
-                await report(None, req.failure)
+                await report_failure(req.failure, "failure")
             elif kind == "reports":
-                results = [(convert.resource_id(r.task, "tasks", f"reports.results[{i}].task"),
-                            r.fencing_token,
-                            convert.payload(r.output, f"reports.results[{i}].output",
-                                            self._limits))
-                           for i, r in enumerate(req.reports.results)]
-                if results:
-                    outcomes = await scheduler.report_results(session, results)
-                    for (task_id, token, _), outcome in zip(results, outcomes, strict=True):
-                        if outcome != ReportOutcome.ACCEPTED:
-                            send(ReportAck(task_id, token, outcome))
-                for f in req.reports.failures:
-                    await report(None, f)
+                if req.reports.results:
+                    await report_results(req.reports.results, "reports.results")
+                for i, f in enumerate(req.reports.failures):
+                    await report_failure(f, f"reports.failures[{i}]")
             elif kind == "progress":
                 p = req.progress
                 task_id = convert.resource_id(p.task, "tasks", "progress.task")
                 if session.in_flight.get(task_id) != p.fencing_token:
-                    raise PermissionDeniedError(f"tasks/{task_id} is not leased to this stream")
+                    # Not (or no longer) this stream's lease: a progress that crossed a
+                    # cancellation or an expiry. Tell the agent to stop that attempt;
+                    # the stream and the agent's other tasks carry on.
+                    send(Cancellation(task_id, p.fencing_token, "not leased to this stream"))
+                    return
                 await scheduler.report_progress(session, task_id, p.fencing_token)
             else:
                 raise InvalidArgumentError.field("kind", f"unexpected message `{kind}`")

@@ -73,6 +73,19 @@ class _Sub:
     task: asyncio.Task[None] | None = None
 
 
+
+def _restore_cancellation() -> None:
+    """Re-raise a cancellation that nats-py swallowed.
+
+    nats-py's ``Client._flush_pending`` (reached by every publish) catches
+    ``asyncio.CancelledError`` and returns, so a task cancelled while it
+    publishes would keep running (a TaskGroup waiting for it never ends). On
+    Python 3.11+ the request stays visible as ``Task.cancelling()``: raise it.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
 class NatsBus:
     """The ``Bus`` on NATS. Build it with ``await NatsBus.connect(url)``."""
 
@@ -207,6 +220,7 @@ class NatsBus:
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
                 nats.errors.OutboundBufferLimitError) as exc:
             raise UnavailableError(f"nats publish failed: {exc}") from exc
+        _restore_cancellation()
 
     async def flush(self) -> None:
         """Round-trip to the server: everything published before has reached it."""
@@ -214,6 +228,7 @@ class NatsBus:
             await self._nc.flush()
         except (nats.errors.ConnectionClosedError, nats.errors.TimeoutError) as exc:
             raise UnavailableError(f"nats flush failed: {exc}") from exc
+        _restore_cancellation()
 
     async def subscribe(self, pattern: str, *, queue_group: str = "", durable: str = "",
                         max_pending: int = 10_000) -> QueueSubscription:

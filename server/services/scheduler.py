@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 LEASE_EXPIRED = "LEASE_EXPIRED"
 DISPATCH_BATCH = 16
 RECONCILE_PERIOD = 1.0
-"""Seconds between checks for leases that never reached their agent."""
+"""Seconds between checks for leases that never reached their agent (and for
+wake-ups lost on the bus)."""
 ORPHAN_AGE = 2.0
 """A lease this old that its local agent does not hold is an orphan."""
 """Most leases one agent gets per dispatch pass (one store call); keeps rounds fair."""
@@ -467,9 +468,7 @@ class Scheduler:
             task = await self._tasks.get_task(task_id)
             if task is None or task.fencing_token != token:
                 continue
-            with contextlib.suppress(StaleLeaseError):
-                await self._fail(task, token, TaskFailure(reason, "work stream replaced"),
-                                 immediate=True)
+            await self._give_back(task, token, reason, "work stream replaced")
 
     def grant(self, session: WorkerSession, count: int) -> None:
         """The agent can take ``count`` more tasks.
@@ -493,36 +492,22 @@ class Scheduler:
 
     async def report_result(self, session: WorkerSession | None, task_id: str, token: int,
                             output: Payload) -> int:
-        """Accept a result unless its lease is stale; returns a ReportOutcome."""
-        if session is not None and session.in_flight.get(task_id) != token:
-            self._observer.stale_result(task_id)
-            return ReportOutcome.STALE_LEASE
-        now = self._clock.now()
-        try:
-            transition = await self._tasks.complete(task_id, token, output, now=now)
-        except StaleLeaseError:
-            self._observer.stale_result(task_id)
-            return ReportOutcome.STALE_LEASE
-        finally:
-            if session is not None:
-                self._release_slot(session, task_id, token)
-        await self._after(transition, now)
-        for change in transition.tasks:
-            if change.task.id == task_id and change.previous_state is TaskState.RUNNING:
-                done = change.task
-                await self.breakers.record(done.namespace, done.agent_id, served_capability(done),
-                                           ok=True)
-                break
-        return ReportOutcome.ACCEPTED
+        """Accept one result unless its lease is stale; returns a ReportOutcome."""
+        return (await self.report_results(session, [(task_id, token, output)]))[0]
 
-    async def report_results(self, session: WorkerSession,
+    async def report_results(self, session: WorkerSession | None,
                              items: Sequence[tuple[str, int, Payload]]) -> list[int]:
-        """Several results from one work stream in one store step; one outcome each."""
+        """Results in one store step; one ReportOutcome each.
+
+        With a ``session`` (the work stream) a result is checked against the
+        stream's own leases first and frees its slot; without one (CompleteTask
+        from elsewhere) only the store's fencing check applies.
+        """
         outcomes = [ReportOutcome.ACCEPTED] * len(items)
         todo: list[tuple[str, int, Payload]] = []
         index: list[int] = []
         for i, (task_id, token, output) in enumerate(items):
-            if session.in_flight.get(task_id) != token:
+            if session is not None and session.in_flight.get(task_id) != token:
                 self._observer.stale_result(task_id)
                 outcomes[i] = ReportOutcome.STALE_LEASE
             else:
@@ -534,8 +519,9 @@ class Scheduler:
         try:
             results = await self._tasks.complete_many(todo, now=now)
         finally:
-            for task_id, token, _ in todo:
-                self._release_slot(session, task_id, token)
+            if session is not None:
+                for task_id, token, _ in todo:
+                    self._release_slot(session, task_id, token)
         for i, (task_id, _, _), result in zip(index, todo, results, strict=True):
             if isinstance(result, Transition):
                 await self._after(result, now)
@@ -622,13 +608,16 @@ class Scheduler:
         self.breakers.forget(agent_id)
         leased = await self._tasks.leases_of(agent_id)
         for task in leased:
-            with contextlib.suppress(StaleLeaseError):
-                await self._fail(task, task.fencing_token,
-                                 TaskFailure(reason, f"agent agents/{agent_id} went away"),
-                                 immediate=True)
+            await self._give_back(task, task.fencing_token, reason,
+                                  f"agent agents/{agent_id} went away")
         if leased:
             log.info("requeued %d task(s) of agent %s (%s)", len(leased), agent_id, reason)
         return len(leased)
+
+    async def _give_back(self, task: Task, token: int, reason: str, message: str) -> None:
+        """Requeue a lease at once (the attempt counts); a lease that moved on is left."""
+        with contextlib.suppress(StaleLeaseError):
+            await self._fail(task, token, TaskFailure(reason, message), immediate=True)
 
     async def _fail(self, task: Task, token: int, failure: TaskFailure, *,
                     immediate: bool = False) -> Transition:
@@ -787,9 +776,8 @@ class Scheduler:
     async def _hand_over(self, session: WorkerSession, lease: Lease, now: float) -> None:
         """Send a fresh lease to its session (or give it back if the stream ended)."""
         if _closed(session):  # re-read: the stream may have ended during the await
-            with contextlib.suppress(StaleLeaseError):
-                await self._fail(lease.task, lease.fencing_token,
-                                 TaskFailure(AGENT_GONE, "work stream closed"), immediate=True)
+            await self._give_back(lease.task, lease.fencing_token, AGENT_GONE,
+                                  "work stream closed")
             return
         session.credits -= 1
         session.in_flight[lease.task.id] = lease.fencing_token
@@ -815,10 +803,6 @@ class Scheduler:
     async def run_maintenance(self) -> None:
         """One pass: end expired leases, fail tasks past schedule-to-start, promote retries."""
         now = self._clock.now()
-        if any(sess.credits > 0 for sess in self._sessions.values()):
-            # Wake-ups are notifications that can be lost (bus down, another
-            # replica's publish); re-checking every tick bounds the delay.
-            self._wake.set()
         for task in await self._tasks.expired_leases(now, self.config.reap_batch):
             with contextlib.suppress(StaleLeaseError):
                 await self._fail(task, task.fencing_token, self._expiry_failure(task))
@@ -834,6 +818,11 @@ class Scheduler:
         if now - self._last_reconcile >= RECONCILE_PERIOD:
             self._last_reconcile = now
             await self.reconcile(now)
+            if any(sess.credits > 0 for sess in self._sessions.values()):
+                # Wake-ups are notifications that can be lost (bus down, another
+                # replica's publish); one re-check a period bounds the delay
+                # without a store call per idle agent on every tick.
+                self._wake.set()
 
     async def reconcile(self, now: float) -> int:
         """Find leases the store holds for local agents that never reached them.
@@ -859,9 +848,8 @@ class Scheduler:
                     await self._hand_over(session, lease, now)
                 else:
                     log.warning("requeueing orphaned lease of tasks/%s", task.id)
-                    with contextlib.suppress(StaleLeaseError):
-                        await self._fail(task, task.fencing_token, TaskFailure(
-                            AGENT_GONE, "lease was never delivered"), immediate=True)
+                    await self._give_back(task, task.fencing_token, AGENT_GONE,
+                                          "lease was never delivered")
         return found
 
     def _expiry_failure(self, task: Task) -> TaskFailure:

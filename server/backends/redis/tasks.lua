@@ -295,15 +295,7 @@ local function create_one(t, rid, maxq, R)
   return 'ok'
 end
 
-function OPS.create_task()
-  local R = {'ok', ''}
-  local status, raw = create_one(cjson.decode(ARGV[2]), ARGV[3], tonumber(ARGV[4]), R)
-  if status == 'dup' then return {'dup', raw} end
-  if status == 'full' then return {'full'} end
-  return R
-end
-
--- Several creates in one call, each as create_task; stops at the first 'full'.
+-- Creates in one call, each atomic with its idempotency check; stops at the first 'full'.
 -- Reply: per item 'dup', raw | 'ok', prev, raw | 'full' (last).
 function OPS.create_tasks()
   local items, maxq = cjson.decode(ARGV[2]), tonumber(ARGV[3])
@@ -446,16 +438,7 @@ local function lease_one(ns, agent, now, dflt, scope, L, caps)
   return put_task(n, t, nil)
 end
 
-function OPS.lease_next()
-  local caps = {}
-  for i = 8, #ARGV do caps[#caps + 1] = ARGV[i] end
-  local r = lease_one(ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), cjson.decode(ARGV[6]),
-                      cjson.decode(ARGV[7]), caps)
-  if not r then return {'none'} end
-  return {'ok', r}
-end
-
--- Up to ARGV[8] leases in one atomic step (same order and rules as lease_next).
+-- Up to ARGV[8] leases in one atomic step, best first; limits re-checked per lease.
 function OPS.lease_batch()
   local count = tonumber(ARGV[8])
   local caps = {}
@@ -519,11 +502,7 @@ local function complete_one(id, token, output, now)
   return R
 end
 
-function OPS.complete()
-  return complete_one(ARGV[2], ARGV[3], cjson.decode(ARGV[4]), ARGV[5])
-end
-
--- Several results in one call: one reply per item, each as complete's.
+-- Results in one call: one reply per item ('ok' + transition, 'stale', 'notfound').
 function OPS.complete_many()
   local out = {}
   for _, item in ipairs(cjson.decode(ARGV[2])) do

@@ -95,16 +95,13 @@ class RedisTaskStore:
     async def create_task(
         self, task: Task, *, request_id: str = "", max_queued: int = 0
     ) -> tuple[Task, bool, Transition]:
-        """See TaskStore.create_task."""
-        reply = await self._call("create_task", codec.encode_task(task), request_id, max_queued)
-        if reply[0] == "dup":
-            return codec.decode_task(reply[1]), False, Transition()
-        if reply[0] == "full":
+        """See TaskStore.create_task (the one-item case of ``create_tasks``)."""
+        results, full = await self.create_tasks([(task, request_id)], max_queued=max_queued)
+        if full:
             raise ResourceExhaustedError(
                 f"namespace {task.namespace!r} has {max_queued} tasks waiting (the limit)",
                 retry_after=1.0, reason="QUEUE_FULL")
-        tr = _transition(reply)
-        return tr.tasks[0].task, True, tr
+        return results[0]
 
     async def create_tasks(
         self, items: Sequence[tuple[Task, str]], *, max_queued: int = 0,
@@ -183,18 +180,11 @@ class RedisTaskStore:
         now: float, default_timeout: float, scope: LeaseScope = NO_FALLBACK,
         limits: DispatchLimits = NO_LIMITS,
     ) -> Lease | None:
-        """See TaskStore.lease_next (limits and fallback inside the one script)."""
-        if not capabilities and not scope.fallback_for:
-            return None
-        scope_doc = codec.dumps({"fb": list(scope.fallback_for),
-                                 "avail": sorted(scope.available)})
-        reply = await self._call("lease_next", namespace, agent_id, codec.fstr(now),
-                                 codec.fstr(default_timeout), scope_doc,
-                                 codec.dumps(limits.to_doc()), *capabilities)
-        if reply[0] != "ok":
-            return None
-        task = codec.decode_task(reply[1])
-        return Lease(task, task.fencing_token, task.lease_deadline)
+        """See TaskStore.lease_next (the one-lease case of ``lease_batch``)."""
+        leases = await self.lease_batch(namespace, capabilities, agent_id, now=now,
+                                        default_timeout=default_timeout, count=1, scope=scope,
+                                        limits=limits)
+        return leases[0] if leases else None
 
     async def lease_batch(
         self, namespace: str, capabilities: Sequence[str], agent_id: str, *,
@@ -242,11 +232,11 @@ class RedisTaskStore:
 
     async def complete(self, task_id: str, fencing_token: int, output: Payload, *,
                        now: float) -> Transition:
-        """See TaskStore.complete."""
-        reply = await self._call("complete", task_id, fencing_token,
-                                 json.dumps(codec.payload_to_doc(output)), codec.fstr(now))
-        self._raise(task_id, fencing_token, reply)
-        return _transition(reply)
+        """See TaskStore.complete (the one-item case of ``complete_many``)."""
+        result = (await self.complete_many([(task_id, fencing_token, output)], now=now))[0]
+        if isinstance(result, AgentMeshError):
+            raise result
+        return result
 
     async def complete_many(self, items: Sequence[tuple[str, int, Payload]], *,
                             now: float) -> list[Transition | AgentMeshError]:
