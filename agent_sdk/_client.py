@@ -101,6 +101,8 @@ _TERMINAL_TASK_STATES = frozenset(task_state_value(s) for s in
                                   ("SUCCEEDED", "FAILED", "CANCELLED", "DEAD_LETTERED"))
 _MAX_PAGE = 1000
 _MAX_SUBMIT_BATCH = 500
+_WATCH_BATCH = 256
+"""Most task changes the server may put in one watch response (fewer messages under load)."""
 # Errors after which a broken workflow watch is re-read and reopened.
 _REWATCH_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                             grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
@@ -481,9 +483,10 @@ class MeshClient:
             names=[_name(n, "tasks") for n in names], capability=capability,
             workflow=_name(workflow, "workflows") if workflow else "",
             namespace=self._namespace,
-            states=[task_state_value(s) for s in states])  # type: ignore[misc]
-        return self._stream(lambda c: c.tasks.WatchTasks(request),
-                            lambda r: task_from_proto(r.task))
+            states=[task_state_value(s) for s in states],  # type: ignore[misc]
+            max_batch_size=_WATCH_BATCH)
+        return _flatten(self._stream(lambda c: c.tasks.WatchTasks(request),
+                                     lambda r: [task_from_proto(t) for t in r.tasks]))
 
     async def wait_task(self, task: str,
                         timeout: float | None = None) -> TaskInfo:  # noqa: ASYNC109 - API
@@ -821,3 +824,13 @@ class MeshClient:
                                            queue_group=queue_group)
         return self._stream(lambda c: c.bus.Subscribe(request),
                             lambda r: bus_message_from_proto(r.message))
+
+
+async def _flatten(batches: AsyncGenerator[list[Item], None]) -> AsyncGenerator[Item, None]:
+    """The items of a stream of lists, one by one (closing the stream when left)."""
+    try:
+        async for batch in batches:
+            for item in batch:
+                yield item
+    finally:
+        await batches.aclose()

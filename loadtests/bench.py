@@ -36,6 +36,21 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_report(procs: dict[str, int], before: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each named process used since ``before``."""
+    return {name: round(cpu_seconds(pid) - before.get(name, 0.0), 2)
+            for name, pid in procs.items()}
+
+
 def free_port() -> int:
     """A free loopback port."""
     with socket.socket() as s:
@@ -243,9 +258,14 @@ async def main() -> None:
             setup = {"store": args.store, "bus": args.bus, "replicas": args.replicas,
                      "agents": args.agents, "auth": args.auth,
                      "observability": args.observability}
+            procs = {"submitter": os.getpid(),
+                     **{f"server{i}": p.pid for i, p in enumerate(servers)},
+                     **{f"agent{i}": p.pid for i, p in enumerate(agents)}}
             if args.only in (None, "w1"):
-                print(json.dumps({"workload": "W1", **setup,
-                                  **await w1(client, args.tasks, args.inflight)}), flush=True)
+                before = {name: cpu_seconds(pid) for name, pid in procs.items()}
+                result = await w1(client, args.tasks, args.inflight)
+                print(json.dumps({"workload": "W1", **setup, **result,
+                                  "cpu_s": cpu_report(procs, before)}), flush=True)
             if args.only in (None, "w2"):
                 print(json.dumps({"workload": "W2", **setup,
                                   **await w2(client, args.rate, args.duration)}), flush=True)

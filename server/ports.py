@@ -121,6 +121,10 @@ class TaskStore(Protocol):
         """
         ...
 
+    async def get_tasks(self, task_ids: Sequence[str]) -> list[Task | None]:
+        """Several tasks in one read, in the order asked (None where unknown)."""
+        ...
+
     async def get_task(self, task_id: str) -> Task | None:
         """One task, or None."""
         ...
@@ -479,6 +483,15 @@ class Subscription(Protocol):
 
     def __aiter__(self) -> AsyncIterator[BusMessage]:
         """Messages in publish order (per publisher)."""
+        ...
+
+    def take_ready(self, limit: int) -> list[BusMessage]:
+        """Up to ``limit`` messages already received, in order, without waiting.
+
+        For a reader that has just received one message through iteration and
+        wants the ones queued behind it in the same step (batching); an empty
+        list when none wait or the subscription has ended.
+        """
         ...
 
     async def unsubscribe(self) -> None:

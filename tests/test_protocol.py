@@ -264,3 +264,60 @@ async def test_late_progress_does_not_end_the_stream(channel: grpc.aio.Channel) 
     assert got.task.name == sub.task.name
     agent.out.put_nowait(None)
     agent.hb_out.put_nowait(None)
+
+
+async def test_watch_tasks_batches_changes_that_are_ready_together(
+        channel: grpc.aio.Channel) -> None:
+    tasks = task_pb2_grpc.TaskServiceStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in tasks.WatchTasks(task_pb2.WatchTasksRequest(max_batch_size=-1)):
+            pass
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_batch_size" in (err.value.details() or "")
+
+    queued = [task_pb2.TASK_STATE_QUEUED]
+    batched = tasks.WatchTasks(task_pb2.WatchTasksRequest(
+        capability="batchy", states=queued, max_batch_size=16))  # type: ignore[arg-type]
+    single = tasks.WatchTasks(task_pb2.WatchTasksRequest(
+        capability="batchy", states=queued))  # type: ignore[arg-type]
+    fence = task_pb2.SubmitTaskRequest(task=task_pb2.Task(capability="batchy"))
+    # The watches are live once they see a change; the fence is that change.
+    async with asyncio.timeout(5):
+        while True:
+            await tasks.SubmitTask(fence)
+            try:
+                async with asyncio.timeout(0.2):
+                    first_b = await batched.read()
+                    first_s = await single.read()
+                break
+            except TimeoutError:
+                continue
+    assert len(first_b.tasks) >= 1 and not first_b.HasField("task")
+    assert first_s.HasField("task") and not first_s.tasks
+
+    submitted = await tasks.BatchSubmitTasks(task_pb2.BatchSubmitTasksRequest(
+        requests=[task_pb2.SubmitTaskRequest(task=task_pb2.Task(
+            capability="batchy", input=js(i))) for i in range(40)]))
+    want = [t.name for t in submitted.tasks]
+    sizes: list[int] = []
+    got: list[str] = []
+    async with asyncio.timeout(5):
+        while len(got) < len(want):
+            response = await batched.read()
+            assert not response.HasField("task")
+            sizes.append(len(response.tasks))
+            got.extend(t.name for t in response.tasks if t.name in want)
+    # Nothing lost, nothing twice, in order; never more than asked per response,
+    # and the 40 changes made in one step came in fewer than 40 responses.
+    assert got == want
+    assert max(sizes) <= 16 and len(sizes) < len(want), sizes
+    got_single: list[str] = []
+    async with asyncio.timeout(5):
+        while len(got_single) < len(want):
+            response = await single.read()
+            assert not response.tasks
+            if response.task.name in want:
+                got_single.append(response.task.name)
+    assert got_single == want
+    batched.cancel()
+    single.cancel()

@@ -73,10 +73,13 @@ def _bad(field: str, description: str) -> InvalidArgumentError:
     return InvalidArgumentError.field(field, description)
 
 
+_CONTROL_RE = re.compile("[\x00-\x1f\ud800-\udfff]")
+
+
 def _text(value: str, field: str, max_bytes: int) -> str:
     if len(value.encode("utf-8", "surrogatepass")) > max_bytes:
         raise _bad(field, f"at most {max_bytes} bytes")
-    if any(ord(c) < 0x20 or 0xD800 <= ord(c) <= 0xDFFF for c in value):
+    if _CONTROL_RE.search(value):
         raise _bad(field, "control characters are not allowed")
     return value
 
@@ -169,6 +172,8 @@ def decode_page_token(token: str, filter_key: str) -> str | int | None:
 
 def duration(value: duration_pb2.Duration, field: str) -> float:
     """Seconds of a non-negative duration."""
+    if not value.seconds and not value.nanos:
+        return 0.0
     if value.seconds < 0 or value.nanos < 0:
         raise _bad(field, "must not be negative")
     if not 0 <= value.nanos < 1_000_000_000:
@@ -180,6 +185,8 @@ def duration(value: duration_pb2.Duration, field: str) -> float:
 
 def to_duration(seconds: float) -> duration_pb2.Duration:
     """A Duration message."""
+    if not seconds:
+        return duration_pb2.Duration()
     nanos = round(seconds * 1e9)
     return duration_pb2.Duration(seconds=int(nanos // 1_000_000_000),
                                  nanos=int(nanos % 1_000_000_000))
@@ -220,6 +227,8 @@ def payload_msg(value: Payload) -> common_pb2.Payload:
 def retry_policy(msg: common_pb2.RetryPolicy, field: str, limits: Limits,
                  default: RetryPolicy = DEFAULT_RETRY_POLICY) -> RetryPolicy:
     """A retry policy; unset fields take the defaults."""
+    if not msg.ByteSize():
+        return default
     violations: list[FieldViolation] = []
     if msg.max_attempts < 0 or msg.max_attempts > limits.max_attempts:
         violations.append(FieldViolation(f"{field}.max_attempts",
@@ -279,7 +288,7 @@ def task_from_submit(req: task_pb2.SubmitTaskRequest, limits: Limits,
         namespace=namespace(t.namespace, "task.namespace"),
         input=payload(t.input, "task.input", limits),
         priority=priority(t.priority, "task.priority"),
-        labels=labels(t.labels, "task.labels", limits),
+        labels=labels(t.labels, "task.labels", limits) if t.labels else {},
         retry_policy=retry_policy(t.retry_policy, "task.retry_policy", limits),
         execution_timeout=duration(t.execution_timeout, "task.execution_timeout"),
         fallback_capability=capability(t.fallback_capability, "task.fallback_capability",
@@ -318,38 +327,66 @@ def _attempt_to_proto(a: TaskAttempt) -> task_pb2.TaskAttempt:
 
 def task_to_proto(task: Task, *, live: frozenset[str] | None = None,
                   with_payloads: bool = True) -> task_pb2.Task:
-    """A Task message; ``live`` (capabilities with live agents) sets ``unschedulable``."""
-    unschedulable = False
-    if live is not None and task.state in (TaskState.QUEUED, TaskState.PENDING,
-                                           TaskState.RETRYING):
-        unschedulable = task.capability not in live and (
+    """A Task message; ``live`` (capabilities with live agents) sets ``unschedulable``.
+
+    Only fields that differ from their defaults are set (the hot path of
+    submit responses and watch streams); the message is the same either way.
+    """
+    state = task.state
+    kw: dict[str, Any] = {
+        "name": f"tasks/{task.id}", "capability": task.capability, "state": int(state),
+        "namespace": task.namespace, "attempt": task.attempt,
+        "retry_policy": retry_policy_to_proto(task.retry_policy),
+        "create_time": to_timestamp(task.create_time),
+        "update_time": to_timestamp(task.update_time),
+    }
+    if live is not None and state in _WAITING_STATES:
+        kw["unschedulable"] = task.capability not in live and (
             not task.fallback_capability or task.fallback_capability not in live)
-    msg = task_pb2.Task(
-        name=f"tasks/{task.id}", capability=task.capability, state=int(task.state),  # type: ignore[arg-type]
-        priority=task.priority, labels=dict(task.labels),
-        retry_policy=retry_policy_to_proto(task.retry_policy),
-        execution_timeout=to_duration(task.execution_timeout),
-        fallback_capability=task.fallback_capability,
-        failure=failure_to_proto(task.failure), attempt=task.attempt,
-        agent=f"agents/{task.agent_id}" if task.agent_id else "",
-        workflow=f"workflows/{task.workflow_id}" if task.workflow_id else "",
-        step_id=task.step_id, namespace=task.namespace,
-        create_time=to_timestamp(task.create_time), update_time=to_timestamp(task.update_time),
-        start_time=to_timestamp(task.start_time), end_time=to_timestamp(task.end_time),
-        unschedulable=unschedulable, served_by_fallback=task.served_by_fallback,
-        attempts=[_attempt_to_proto(a) for a in task.attempts],
-        human_intervened=task.human_intervened, trace_context=dict(task.trace_context),
-        retry_time=to_timestamp(task.retry_time) if task.state is TaskState.RETRYING else None,
-        schedule_to_start_timeout=to_duration(task.schedule_to_start_timeout),
-        heartbeat_timeout=to_duration(task.heartbeat_timeout),
-    )
+    if task.priority:
+        kw["priority"] = task.priority
+    if task.labels:
+        kw["labels"] = task.labels
+    if task.execution_timeout:
+        kw["execution_timeout"] = to_duration(task.execution_timeout)
+    if task.fallback_capability:
+        kw["fallback_capability"] = task.fallback_capability
+    if task.failure is not None:
+        kw["failure"] = failure_msg(task.failure)
+    if task.agent_id:
+        kw["agent"] = f"agents/{task.agent_id}"
+    if task.workflow_id:
+        kw["workflow"] = f"workflows/{task.workflow_id}"
+        kw["step_id"] = task.step_id
+    if task.start_time:
+        kw["start_time"] = to_timestamp(task.start_time)
+    if task.end_time:
+        kw["end_time"] = to_timestamp(task.end_time)
+    if task.served_by_fallback:
+        kw["served_by_fallback"] = True
+    if task.attempts:
+        kw["attempts"] = [_attempt_to_proto(a) for a in task.attempts]
+    if task.human_intervened:
+        kw["human_intervened"] = True
+    if task.trace_context:
+        kw["trace_context"] = task.trace_context
+    if state is TaskState.RETRYING:
+        kw["retry_time"] = to_timestamp(task.retry_time)
+    if task.schedule_to_start_timeout:
+        kw["schedule_to_start_timeout"] = to_duration(task.schedule_to_start_timeout)
+    if task.heartbeat_timeout:
+        kw["heartbeat_timeout"] = to_duration(task.heartbeat_timeout)
     if with_payloads:
-        msg.input.CopyFrom(payload_msg(task.input))
+        kw["input"] = payload_msg(task.input)
         if task.output is not None:
-            msg.output.CopyFrom(payload_msg(task.output))
-        for step_id, out in task.dependency_outputs.items():
-            msg.dependency_outputs[step_id].CopyFrom(payload_msg(out))
-    return msg
+            kw["output"] = payload_msg(task.output)
+        if task.dependency_outputs:
+            kw["dependency_outputs"] = {step_id: payload_msg(out)
+                                        for step_id, out in task.dependency_outputs.items()}
+    return task_pb2.Task(**kw)
+
+
+_WAITING_STATES = frozenset({TaskState.QUEUED, TaskState.PENDING, TaskState.RETRYING})
 
 
 def task_for_agent(task: Task) -> task_pb2.Task:

@@ -78,8 +78,10 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         for i, item in enumerate(request.requests):
             try:
                 task = convert.task_from_submit(item, self._limits, trace)
-                parsed.append((replace(task, labels=auth.owner_labels(task.labels)),
-                               convert.request_id(item.request_id, self._limits)))
+                owned = auth.owner_labels(task.labels)
+                if owned != task.labels:
+                    task = replace(task, labels=owned)
+                parsed.append((task, convert.request_id(item.request_id, self._limits)))
             except InvalidArgumentError as exc:
                 raise InvalidArgumentError(
                     f"requests[{i}].{exc.message}",
@@ -152,10 +154,21 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         cap = convert.capability(request.capability, "capability", required=False)
         states = frozenset(int(s) for s in (convert.task_state(v, f"states[{i}]")
                                             for i, v in enumerate(request.states)) if s)
-        async for task in self._scheduler.watch_tasks(
-                ns, names=names, capability=cap, workflow_id=wf, states=states,
-                max_pending=self._limits.max_watch_pending):
-            yield task_pb2.WatchTasksResponse(task=convert.task_to_proto(task))
+        if request.max_batch_size < 0:
+            raise InvalidArgumentError.field("max_batch_size", "must not be negative")
+        max_batch = min(request.max_batch_size, MAX_BATCH)
+        batches = self._scheduler.watch_task_batches(
+            ns, names=names, capability=cap, workflow_id=wf, states=states,
+            max_pending=self._limits.max_watch_pending, max_batch=max(1, max_batch))
+        try:
+            async for batch in batches:
+                if max_batch > 1:
+                    yield task_pb2.WatchTasksResponse(
+                        tasks=[convert.task_to_proto(t) for t in batch])
+                else:
+                    yield task_pb2.WatchTasksResponse(task=convert.task_to_proto(batch[0]))
+        finally:
+            await batches.aclose()
 
     @errors.unary
     async def SubmitWorkflow(self, request: task_pb2.SubmitWorkflowRequest,

@@ -269,6 +269,19 @@ class QueueSubscription:
                 raise StopAsyncIteration
             await mailbox.wait()
 
+    def take_ready(self, limit: int) -> list[BusMessage]:
+        """See Subscription.take_ready."""
+        out: list[BusMessage] = []
+        if self._closed:
+            return out
+        get = self._mailbox.get_nowait
+        while len(out) < limit:
+            msg = get()
+            if msg is None:
+                break
+            out.append(msg)
+        return out
+
     async def unsubscribe(self) -> None:
         """Stop receiving; iteration ends. Safe to repeat."""
         if self._closed:

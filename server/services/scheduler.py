@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -40,6 +40,7 @@ from server.domain.models import (
     TaskState,
     Workflow,
     WorkflowState,
+    evolve_task,
 )
 from server.domain.retry import RetryVerdict, decide
 from server.ports import (
@@ -267,8 +268,8 @@ class Scheduler:
         now = self._clock.now()
         if any(task.id for task, _ in items):
             return [await self.submit(task, request_id=rid) for task, rid in items]
-        prepared = [(replace(task, id=uuid.uuid4().hex, state=TaskState.QUEUED,
-                             create_time=now, update_time=now), rid) for task, rid in items]
+        prepared = [(evolve_task(task, id=uuid.uuid4().hex, state=TaskState.QUEUED,
+                                 create_time=now, update_time=now), rid) for task, rid in items]
         results, full = await self._tasks.create_tasks(
             prepared, max_queued=self.config.max_queued_per_namespace)
         changes = tuple(c for _, created, tr in results if created for c in tr.tasks)
@@ -378,27 +379,54 @@ class Scheduler:
                           states: frozenset[int] = frozenset(),
                           max_pending: int = 10_000) -> AsyncIterator[Task]:
         """Tasks after each change that matches the filter (current version)."""
+        batches = self.watch_task_batches(namespace, names=names, capability=capability,
+                                          workflow_id=workflow_id, states=states,
+                                          max_pending=max_pending, max_batch=1)
+        try:
+            async for batch in batches:
+                for task in batch:
+                    yield task
+        finally:
+            await batches.aclose()
+
+    async def watch_task_batches(self, namespace: str, *, names: frozenset[str] = frozenset(),
+                                 capability: str = "", workflow_id: str = "",
+                                 states: frozenset[int] = frozenset(),
+                                 max_pending: int = 10_000,
+                                 max_batch: int = 1) -> AsyncGenerator[list[Task], None]:
+        """Like ``watch_tasks``, but the changes already waiting come together.
+
+        After each wake-up every matching change queued behind the first one
+        (up to ``max_batch``) is read from the store in one step and yielded as
+        one list, oldest first; never an empty list.
+        """
         sub = await self._bus.subscribe(events.task_pattern(namespace, states),
                                         max_pending=max_pending)
         try:
-            async for message in sub:
+            async for first in sub:
+                messages = [first, *sub.take_ready(max_batch - 1)] if max_batch > 1 else [first]
                 if sub.dropped:
                     raise ResourceExhaustedError(
                         "watcher fell behind and was cut off; reconnect and re-read",
                         reason="SLOW_CONSUMER")
-                body = events.decode(message.data)
-                task_id = str(body.get("id", ""))
-                if names and task_id not in names:
+                ids: list[str] = []
+                for message in messages:
+                    body = events.decode(message.data)
+                    task_id = str(body.get("id", ""))
+                    if names and task_id not in names:
+                        continue
+                    if capability and body.get("cap") != capability:
+                        continue
+                    if workflow_id and body.get("wf") != workflow_id:
+                        continue
+                    if states and body.get("state") not in states:
+                        continue
+                    ids.append(task_id)
+                if not ids:
                     continue
-                if capability and body.get("cap") != capability:
-                    continue
-                if workflow_id and body.get("wf") != workflow_id:
-                    continue
-                if states and body.get("state") not in states:
-                    continue
-                task = await self._tasks.get_task(task_id)
-                if task is not None:
-                    yield task
+                found = [t for t in await self._tasks.get_tasks(ids) if t is not None]
+                if found:
+                    yield found
         finally:
             await sub.unsubscribe()
 

@@ -94,6 +94,27 @@ async def test_publish_subscribe(bus: Bus) -> None:
     assert first.publish_time > 0
 
 
+async def test_take_ready_returns_queued_messages_in_order(bus: Bus) -> None:
+    sub = await bus.subscribe("batch.x")
+    for i in range(5):
+        await bus.publish("batch.x", str(i).encode())
+    first = await next_msg(sub)
+    assert first.data == b"0"
+    # The rest arrive in order; whatever is already here comes without waiting.
+    got: list[bytes] = []
+    async with asyncio.timeout(TIMEOUT):
+        while len(got) < 4:
+            ready = sub.take_ready(2)
+            assert len(ready) <= 2
+            if not ready:
+                got.append((await next_msg(sub)).data)
+            got.extend(m.data for m in ready)
+    assert got == [b"1", b"2", b"3", b"4"]
+    assert sub.take_ready(10) == []
+    await sub.unsubscribe()
+    assert sub.take_ready(10) == []
+
+
 async def test_wildcard_star_matches_one_token(bus: Bus) -> None:
     sub = await bus.subscribe("jobs.*.done")
     await bus.publish("jobs.a.done", b"match")

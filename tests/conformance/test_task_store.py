@@ -120,6 +120,15 @@ async def test_create_and_get_roundtrip(store: TaskStore) -> None:
     assert await store.get_workflow("missing") is None
 
 
+async def test_get_tasks_reads_several_in_order(store: TaskStore) -> None:
+    for task_id in ("g1", "g2", "g3"):
+        await store.create_task(mk(task_id))
+    got = await store.get_tasks(["g3", "missing", "g1", "g2"])
+    assert [t.id if t else None for t in got] == ["g3", None, "g1", "g2"]
+    assert got[0] == await store.get_task("g3")
+    assert await store.get_tasks([]) == []
+
+
 async def test_create_idempotent_with_request_id(store: TaskStore) -> None:
     first, fresh, _ = await store.create_task(mk("t1"), request_id="r1")
     assert fresh

@@ -949,12 +949,20 @@ class WatchTasksRequest(_message.Message):
     WORKFLOW_FIELD_NUMBER: _builtins.int
     NAMESPACE_FIELD_NUMBER: _builtins.int
     STATES_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     capability: _builtins.str
     """Only tasks of this capability, when set."""
     workflow: _builtins.str
     """Only steps of this workflow, when set."""
     namespace: _builtins.str
     """Namespace; "default" when empty."""
+    max_batch_size: _builtins.int
+    """Most changes one response may carry. 0 or 1: every response carries one
+    change in `task`. Larger: every response carries, in `tasks`, the changes
+    that are ready when it is sent (at least one, at most this many), which
+    costs far less per change under load. Values above 1000 are lowered to
+    1000; negative values are INVALID_ARGUMENT.
+    """
     @_builtins.property
     def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only these tasks ("tasks/{task}"), when set."""
@@ -971,10 +979,11 @@ class WatchTasksRequest(_message.Message):
         workflow: _builtins.str = ...,
         namespace: _builtins.str = ...,
         states: _abc.Iterable[Global___TaskState.ValueType] | None = ...,
+        max_batch_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "names", b"names", "namespace", b"namespace", "states", b"states", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "max_batch_size", b"max_batch_size", "names", b"names", "namespace", b"namespace", "states", b"states", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -982,23 +991,31 @@ Global___WatchTasksRequest: _TypeAlias = WatchTasksRequest  # noqa: Y015
 
 @_typing.final
 class WatchTasksResponse(_message.Message):
-    """WatchTasksResponse is one task change."""
+    """WatchTasksResponse carries task changes, in the order they happened."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_FIELD_NUMBER: _builtins.int
+    TASKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def task(self) -> Global___Task:
-        """The task after the change."""
+        """The task after the change (when the watcher did not ask for batches)."""
+
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]:
+        """The tasks after the changes, oldest first (when the watcher asked for
+        batches with `max_batch_size` > 1).
+        """
 
     def __init__(
         self,
         *,
         task: Global___Task | None = ...,
+        tasks: _abc.Iterable[Global___Task] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -41,10 +41,11 @@ from server.domain.models import (
     TaskState,
     Workflow,
     WorkflowState,
+    evolve_task,
 )
 from server.ports import FailVerdict, TaskFilter, TaskRecords, Transition
 
-_BACKLOG_STATES = frozenset({TaskState.PENDING, TaskState.QUEUED, TaskState.RETRYING})
+_BACKLOG_STATES = (TaskState.PENDING, TaskState.QUEUED, TaskState.RETRYING)
 
 
 class InMemoryTaskStore:
@@ -163,7 +164,8 @@ class InMemoryTaskStore:
                 f"namespace {task.namespace!r} has {max_queued} tasks waiting (the limit)",
                 retry_after=1.0, reason="QUEUE_FULL")
         changes: list[TaskChange] = []
-        stored = self._store(replace(task, seq=self._next_seq(), state=TaskState.QUEUED), changes)
+        stored = self._store(evolve_task(task, seq=self._next_seq(), state=TaskState.QUEUED),
+                             changes)
         if request_id:
             self._idempotency[(task.namespace, request_id)] = task.id
         return stored, True, Transition(tuple(changes))
@@ -212,6 +214,11 @@ class InMemoryTaskStore:
     async def get_task(self, task_id: str) -> Task | None:
         """See TaskStore.get_task."""
         return self._tasks.get(task_id)
+
+    async def get_tasks(self, task_ids: Sequence[str]) -> list[Task | None]:
+        """See TaskStore.get_tasks."""
+        tasks = self._tasks
+        return [tasks.get(task_id) for task_id in task_ids]
 
     async def list_tasks(self, flt: TaskFilter, *, before_seq: int, limit: int) -> list[Task]:
         """See TaskStore.list_tasks (a scan; fine for the embedded mode)."""
@@ -342,7 +349,7 @@ class InMemoryTaskStore:
         if task.heartbeat_timeout > 0:
             timeout = min(timeout, task.heartbeat_timeout)
         attempt = task.attempt + 1
-        leased = replace(
+        leased = evolve_task(
             task, state=TaskState.RUNNING, attempt=attempt, fencing_token=task.fencing_token + 1,
             agent_id=agent_id, start_time=now, update_time=now, lease_deadline=now + timeout,
             served_by_fallback=best_fb,
@@ -406,7 +413,7 @@ class InMemoryTaskStore:
             return Transition()  # the same lease again: accepted, the first result stays
         task = self._running(task_id, fencing_token)
         changes: list[TaskChange] = []
-        done = self._store(replace(
+        done = self._store(evolve_task(
             task, state=TaskState.SUCCEEDED, output=output, update_time=now, end_time=now,
             attempts=_close_attempt(task.attempts, now, None)), changes)
         wf = None

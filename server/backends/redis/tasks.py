@@ -149,6 +149,13 @@ class RedisTaskStore:
         raw = await self._r.get(self._key("task", task_id))
         return codec.decode_task(codec.text(raw)) if raw else None
 
+    async def get_tasks(self, task_ids: Sequence[str]) -> list[Task | None]:
+        """See TaskStore.get_tasks (one MGET: every key shares the deployment's hash tag)."""
+        if not task_ids:
+            return []
+        raws = await self._r.mget([self._key("task", t) for t in task_ids])
+        return [codec.decode_task(codec.text(raw)) if raw else None for raw in raws]
+
     async def list_tasks(self, flt: TaskFilter, *, before_seq: int, limit: int) -> list[Task]:
         """See TaskStore.list_tasks (a server-side scan of the namespace, newest first)."""
         if limit <= 0:
