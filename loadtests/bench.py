@@ -29,8 +29,9 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
-from agent_sdk import MeshClient
+from agent_sdk import MeshClient, TaskInfo
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -161,41 +162,56 @@ async def w1(client: MeshClient, n: int, inflight: int) -> dict[str, float]:
             "submit_per_s": round(n / submit_s, 1)}
 
 
-async def w2(client: MeshClient, rate: float, duration: float) -> dict[str, float]:
-    """Open loop at a fixed rate; latency percentiles from submit to result."""
-    started: dict[str, float] = {}
-    pending_start: dict[int, float] = {}
+async def w2(client: MeshClient, rate: float, duration: float) -> dict[str, Any]:
+    """Open loop at a fixed rate; latency percentiles from submit to result.
+
+    ``segments`` splits each latency with the server's timestamps (same
+    machine, same clock): submit -> created, created -> leased (dispatch),
+    leased -> result accepted (the agent round trip), result -> seen here.
+    """
+    started: dict[str, tuple[float, float]] = {}
     latencies: list[float] = []
+    segments: dict[str, list[float]] = {"submit_to_created": [], "created_to_leased": [],
+                                        "leased_to_done": [], "done_to_seen": []}
     n = int(rate * duration)
     finished = asyncio.Event()
-    early: dict[str, float] = {}
+    early: dict[str, tuple[float, float, TaskInfo]] = {}
+
+    def record(t0: float, t0_wall: float, seen: float, seen_wall: float,
+               task: TaskInfo) -> None:
+        latencies.append(seen - t0)
+        created = task.create_time.timestamp() if task.create_time else t0_wall
+        leased = task.attempts[-1].start_time if task.attempts else None
+        lease_t = leased.timestamp() if leased else created
+        done = task.end_time.timestamp() if task.end_time else seen_wall
+        segments["submit_to_created"].append(created - t0_wall)
+        segments["created_to_leased"].append(lease_t - created)
+        segments["leased_to_done"].append(done - lease_t)
+        segments["done_to_seen"].append(seen_wall - done)
+        if len(latencies) >= n:
+            finished.set()
 
     async def watch() -> None:
         async for task in client.watch_tasks(capability="noop", states=["SUCCEEDED"]):
             if task.state != "SUCCEEDED":
                 continue
-            now = time.perf_counter()
+            now, now_wall = time.perf_counter(), time.time()
             if task.id in started:
-                latencies.append(now - started.pop(task.id))
+                record(*started.pop(task.id), now, now_wall, task)
             else:
-                early[task.id] = now
-            if len(latencies) >= n:
-                finished.set()
-                return
+                early[task.id] = (now, now_wall, task)
 
     watcher = asyncio.create_task(watch())
     await asyncio.sleep(0.3)
 
     async def one(i: int) -> None:
-        t0 = time.perf_counter()
-        pending_start[i] = t0
+        t0, t0_wall = time.perf_counter(), time.time()
         task = await client.submit_task("noop", {"i": i})
         if task.id in early:
-            latencies.append(early.pop(task.id) - t0)
-            if len(latencies) >= n:
-                finished.set()
+            seen, seen_wall, info = early.pop(task.id)
+            record(t0, t0_wall, seen, seen_wall, info)
         else:
-            started[task.id] = t0
+            started[task.id] = (t0, t0_wall)
 
     begin = time.perf_counter()
     launched = []
@@ -211,8 +227,13 @@ async def w2(client: MeshClient, rate: float, duration: float) -> dict[str, floa
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
     qs = statistics.quantiles(latencies, n=100)
+
+    def ms(values: list[float], q: int) -> float:
+        return round(statistics.quantiles(values, n=100)[q - 1] * 1e3, 2)
+
     return {"tasks": n, "p50_ms": round(qs[49] * 1e3, 2), "p95_ms": round(qs[94] * 1e3, 2),
-            "p99_ms": round(qs[98] * 1e3, 2), "max_ms": round(max(latencies) * 1e3, 2)}
+            "p99_ms": round(qs[98] * 1e3, 2), "max_ms": round(max(latencies) * 1e3, 2),
+            "segments_p50_p99_ms": {k: [ms(v, 50), ms(v, 99)] for k, v in segments.items()}}
 
 
 async def main() -> None:

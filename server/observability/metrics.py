@@ -313,7 +313,8 @@ class MeshMetrics:
         _check(outcome, _OUTCOMES, "outcome")
         self._child(self.tasks_finished_total, namespace, capability, outcome).inc()
         if run_seconds is not None:
-            self.run_duration_seconds.labels(capability, outcome).observe(max(run_seconds, 0.0))
+            self._child(self.run_duration_seconds, capability, outcome).observe(
+                max(run_seconds, 0.0))
 
     def task_dispatched(self, capability: str, wait_seconds: float) -> None:
         """Record the QUEUED -> RUNNING wait of one assignment."""
@@ -330,7 +331,7 @@ class MeshMetrics:
 
     def retry_scheduled(self, capability: str) -> None:
         """Count one retry put on the backoff timer."""
-        self.task_retries_total.labels(capability).inc()
+        self._child(self.task_retries_total, capability).inc()
 
     def dead_lettered(self, capability: str) -> None:
         """Count one task moved to DEAD_LETTERED.
@@ -402,8 +403,8 @@ class MeshMetrics:
         ``method`` is the full method name (``/agentmesh.v1.TaskService/GetTask``)
         and ``code`` the status code name (``grpc.StatusCode.OK.name``).
         """
-        self.grpc_requests_total.labels(method, code).inc()
-        self.grpc_duration_seconds.labels(method).observe(max(seconds, 0.0))
+        self._child(self.grpc_requests_total, method, code).inc()
+        self._child(self.grpc_duration_seconds, method).observe(max(seconds, 0.0))
 
     # Exposition ------------------------------------------------------------
 
