@@ -14,6 +14,11 @@ local NULL = cjson.null
 local PRIORITY_SHIFT = 1099511627776 -- 2^40: score = -priority * 2^40 + seq
 
 local function fmt(x) return string.format('%.17g', x) end
+-- The hot batch operations (create_tasks, lease_batch, complete_many) reply with
+-- ONE JSON text rather than a nested Redis array: the client parses it in one C
+-- call, where its pure-Python RESP parser costs microseconds per element. Stored
+-- documents are embedded as they are (they are JSON already); numbers use fmt.
+local function jarray(parts) return '[' .. table.concat(parts, ',') .. ']' end
 local function seg(s) return #s .. ':' .. s end
 local function tkey(id) return B .. ':task:' .. id end
 local function wkey(id) return B .. ':wf:' .. id end
@@ -296,23 +301,27 @@ local function create_one(t, rid, maxq, R)
 end
 
 -- Creates in one call, each atomic with its idempotency check; stops at the first 'full'.
--- Reply: per item 'dup', raw | 'ok', prev, raw | 'full' (last).
+-- Reply (JSON): per item ["dup", doc] | ["ok", prev, seq, queue_deadline] | ["full"] (last).
+-- A created task is the submitted document with only state (QUEUED), seq and
+-- queue_deadline changed (put_task), so the reply carries those two values and the
+-- caller rebuilds the task from the one it sent instead of decoding it again.
 function OPS.create_tasks()
   local items, maxq = cjson.decode(ARGV[2]), tonumber(ARGV[3])
   local out = {}
   for _, item in ipairs(items) do
-    local R = {}
-    local status, raw = create_one(item[1], item[2], maxq, R)
-    out[#out + 1] = status
-    if status == 'full' then break end
+    local t, R = item[1], {}
+    local status, raw = create_one(t, item[2], maxq, R)
+    if status == 'full' then
+      out[#out + 1] = '["full"]'
+      break
+    end
     if status == 'dup' then
-      out[#out + 1] = raw
+      out[#out + 1] = jarray({'"dup"', raw or 'null'})
     else
-      out[#out + 1] = R[1]
-      out[#out + 1] = R[2]
+      out[#out + 1] = jarray({'"ok"', fmt(R[1]), fmt(t.seq), cjson.encode(t.queue_deadline or '')})
     end
   end
-  return out
+  return jarray(out)
 end
 
 function OPS.create_workflow()
@@ -439,18 +448,21 @@ local function lease_one(ns, agent, now, dflt, scope, L, caps)
 end
 
 -- Up to ARGV[8] leases in one atomic step, best first; limits re-checked per lease.
+-- Reply (JSON): the leased task documents.
 function OPS.lease_batch()
   local count = tonumber(ARGV[8])
   local caps = {}
   for i = 9, #ARGV do caps[#caps + 1] = ARGV[i] end
   local scope, L = cjson.decode(ARGV[6]), cjson.decode(ARGV[7])
-  local out = {'ok'}
-  for _ = 1, count do
+  local J = {'['}
+  for i = 1, count do
     local r = lease_one(ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), scope, L, caps)
     if not r then break end
-    out[#out + 1] = r
+    if i > 1 then J[#J + 1] = ',' end
+    J[#J + 1] = r
   end
-  return out
+  J[#J + 1] = ']'
+  return table.concat(J)
 end
 
 function OPS.expire_queued()
@@ -502,13 +514,39 @@ local function complete_one(id, token, output, now)
   return R
 end
 
--- Results in one call: one reply per item ('ok' + transition, 'stale', 'notfound').
-function OPS.complete_many()
-  local out = {}
-  for _, item in ipairs(cjson.decode(ARGV[2])) do
-    out[#out + 1] = complete_one(item[1], item[2], item[3], ARGV[3])
+-- Append a reply table of complete_one to the JSON pieces J: ["ok", workflow doc or
+-- null, prev, doc, ...], ["stale", state, token] or ["notfound"]. The reply is
+-- joined once at the end: every concatenation copies, and the documents are long.
+local function result_json(J, R)
+  local n = #J
+  J[n + 1] = '["' .. R[1] .. '"'
+  n = n + 1
+  if R[1] ~= 'ok' then
+    for i = 2, #R do
+      J[n + 1], J[n + 2] = ',', fmt(R[i])
+      n = n + 2
+    end
+  else
+    J[n + 1], J[n + 2] = ',', R[2] ~= '' and R[2] or 'null'
+    n = n + 2
+    for i = 3, #R, 2 do
+      J[n + 1], J[n + 2], J[n + 3], J[n + 4] = ',', fmt(R[i]), ',', R[i + 1]
+      n = n + 4
+    end
   end
-  return out
+  J[n + 1] = ']'
+end
+
+-- Results in one call: one reply per item ('ok' + transition, 'stale', 'notfound'),
+-- as one JSON array (see result_json).
+function OPS.complete_many()
+  local J = {'['}
+  for i, item in ipairs(cjson.decode(ARGV[2])) do
+    if i > 1 then J[#J + 1] = ',' end
+    result_json(J, complete_one(item[1], item[2], item[3], ARGV[3]))
+  end
+  J[#J + 1] = ']'
+  return table.concat(J)
 end
 
 function OPS.fail()

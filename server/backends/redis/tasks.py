@@ -40,6 +40,7 @@ from server.domain.models import (
     TaskState,
     Workflow,
     WorkflowState,
+    evolve_task,
 )
 from server.ports import FailVerdict, TaskFilter, TaskRecords, Transition
 
@@ -47,6 +48,15 @@ logger = logging.getLogger(__name__)
 
 _VERDICTS = {FailVerdict.RETRY: "retry", FailVerdict.FAIL: "fail",
              FailVerdict.DEAD_LETTER: "dead_letter"}
+
+
+def _transition_doc(reply: list[Any]) -> Transition:
+    """``_transition`` of a JSON reply: ``[status, workflow_doc|null, prev, task_doc, ...]``."""
+    wf_doc = reply[1]
+    changes = tuple(TaskChange(codec.task_from_doc(reply[i + 1]),
+                               TaskState(int(reply[i])) if reply[i] else None)
+                    for i in range(2, len(reply), 2))
+    return Transition(changes, codec.workflow_from_doc(wf_doc) if wf_doc else None)
 
 
 def _transition(reply: list[Any]) -> Transition:
@@ -106,24 +116,27 @@ class RedisTaskStore:
     async def create_tasks(
         self, items: Sequence[tuple[Task, str]], *, max_queued: int = 0,
     ) -> tuple[list[tuple[Task, bool, Transition]], bool]:
-        """See TaskStore.create_tasks (one script call)."""
-        docs = json.dumps([[codec.task_to_doc(t), rid] for t, rid in items],
-                          separators=(",", ":"))
-        reply = await self._call("create_tasks", docs, max_queued)
+        """See TaskStore.create_tasks (one script call).
+
+        A created task is rebuilt from the submitted one plus the ``seq`` and
+        ``queue_deadline`` the script set, rather than decoded from the stored
+        document: the same value (``tests/conformance/test_redis_codec.py``).
+        """
+        docs = codec.dumps([[codec.task_to_doc(t), rid] for t, rid in items])
+        reply = codec.loads(await self._call("create_tasks", docs, max_queued))
         out: list[tuple[Task, bool, Transition]] = []
-        i = 0
-        while i < len(reply):
-            status = reply[i]
+        for (submitted, _), item in zip(items, reply, strict=False):
+            status = item[0]
             if status == "full":
                 return out, True
             if status == "dup":
-                out.append((codec.decode_task(reply[i + 1]), False, Transition()))
-                i += 2
+                out.append((codec.task_from_doc(item[1]), False, Transition()))
             else:
-                prev = TaskState(int(reply[i + 1])) if reply[i + 1] else None
-                task = codec.decode_task(reply[i + 2])
+                # The stored task is the one sent with the three fields the script set.
+                prev = TaskState(int(item[1])) if item[1] else None
+                task = evolve_task(submitted, state=TaskState.QUEUED, seq=int(item[2]),
+                                   queue_deadline=float(item[3] or 0.0))
                 out.append((task, True, Transition((TaskChange(task, prev),))))
-                i += 3
         return out, False
 
     async def create_workflow(
@@ -207,8 +220,8 @@ class RedisTaskStore:
                                  codec.fstr(default_timeout), scope_doc,
                                  codec.dumps(limits.to_doc()), count, *capabilities)
         leases = []
-        for raw in reply[1:]:
-            task = codec.decode_task(raw)
+        for doc in codec.loads(reply):
+            task = codec.task_from_doc(doc)
             leases.append(Lease(task, task.fencing_token, task.lease_deadline))
         return leases
 
@@ -250,9 +263,9 @@ class RedisTaskStore:
         """See TaskStore.complete_many (one script call)."""
         if not items:
             return []
-        docs = json.dumps([[task_id, str(token), codec.payload_to_doc(output)]
-                           for task_id, token, output in items], separators=(",", ":"))
-        replies = await self._call("complete_many", docs, codec.fstr(now))
+        docs = codec.dumps([[task_id, str(token), codec.payload_to_doc(output)]
+                            for task_id, token, output in items])
+        replies = codec.loads(await self._call("complete_many", docs, codec.fstr(now)))
         out: list[Transition | AgentMeshError] = []
         for (task_id, token, _), reply in zip(items, replies, strict=True):
             try:
@@ -260,7 +273,7 @@ class RedisTaskStore:
             except AgentMeshError as exc:
                 out.append(exc)
             else:
-                out.append(_transition(reply))
+                out.append(_transition_doc(reply))
         return out
 
     async def fail(self, task_id: str, fencing_token: int, failure: TaskFailure, *,
