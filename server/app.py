@@ -45,6 +45,7 @@ from server.observability.tracing import TracingObserver, server_interceptors, s
 from server.ports import AgentRegistry, SnapshotSource, StateStore, TaskStore
 from server.services.breakers import BreakerConfig
 from server.services.clock import Clock, SystemClock
+from server.services.loops import cancel_and_wait, raise_if_cancelling
 from server.services.messaging import Messaging
 from server.services.registry import Registry, RegistryConfig
 from server.services.scheduler import Scheduler, SchedulerConfig
@@ -169,9 +170,7 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
         expirer = asyncio.create_task(_expire_loop(registry, settings.heartbeat_interval / 2))
 
         async def stop_expirer() -> None:
-            expirer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await expirer
+            await cancel_and_wait(expirer)
 
         stack.push_async_callback(stop_expirer)
         gauges = asyncio.create_task(GaugeSampler(
@@ -179,18 +178,14 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
         ).run(settings.gauge_interval), name="metrics-gauges")
 
         async def stop_gauges() -> None:
-            gauges.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await gauges
+            await cancel_and_wait(gauges)
 
         stack.push_async_callback(stop_gauges)
         if settings.snapshot_interval > 0:
             snapshotter = asyncio.create_task(snapshots.run_periodic(settings.snapshot_interval))
 
             async def stop_snapshotter() -> None:
-                snapshotter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await snapshotter
+                await cancel_and_wait(snapshotter)
 
             stack.push_async_callback(stop_snapshotter)
 
@@ -275,6 +270,7 @@ def _warn_if_exposed(settings: Settings, *, authenticated: bool, encrypted: bool
 
 async def _expire_loop(registry: Registry, period: float) -> None:
     while True:
+        raise_if_cancelling()
         await asyncio.sleep(period)
         try:
             await registry.expire()

@@ -29,6 +29,7 @@ from server.domain.models import AgentState, TaskState
 from server.observability.metrics import MeshMetrics, QueueState
 from server.observability.observer import MAX_NAMESPACES
 from server.ports import AgentFilter
+from server.services.loops import raise_if_cancelling
 from server.services.registry import Registry
 from server.services.scheduler import Scheduler
 
@@ -66,6 +67,7 @@ class GaugeSampler:
     async def run(self, interval: float) -> None:
         """Sample every ``interval`` seconds; a failed pass is logged and retried."""
         while True:
+            raise_if_cancelling()
             try:
                 await self.sample_once()
             except Exception:

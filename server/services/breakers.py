@@ -33,6 +33,7 @@ import pybreaker
 
 from server.ports import Bus, Subscription
 from server.services import events
+from server.services.loops import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,7 @@ class BreakerBoard:
         """Stop listening. Safe to repeat."""
         runner, self._runner = self._runner, None
         if runner is not None:
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
+            await cancel_and_wait(runner)
 
     async def _listen(self, sub: Subscription) -> None:
         try:

@@ -56,6 +56,7 @@ from server.ports import (
 from server.services import events
 from server.services.breakers import BreakerBoard, BreakerConfig
 from server.services.clock import Clock
+from server.services.loops import cancel_and_wait, raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -233,9 +234,7 @@ class Scheduler:
         await self.breakers.stop()
         runner, self._runner = self._runner, None
         if runner is not None:
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
+            await cancel_and_wait(runner)
 
     def kick(self) -> None:
         """Wake the dispatcher."""
@@ -748,6 +747,7 @@ class Scheduler:
 
     async def _dispatch_loop(self) -> None:
         while True:
+            raise_if_cancelling()
             await self._wake.wait()
             self._wake.clear()
             try:
@@ -822,6 +822,7 @@ class Scheduler:
 
     async def _maintenance_loop(self) -> None:
         while True:
+            raise_if_cancelling()
             await asyncio.sleep(self.config.tick)
             try:
                 await self.run_maintenance()

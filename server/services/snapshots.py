@@ -42,6 +42,7 @@ from server.domain.models import StateEntry, TaskState
 from server.ports import BlobStore, Bus, NamespaceDump, SnapshotSource, StateStore, TaskRecords
 from server.services import events
 from server.services.clock import Clock
+from server.services.loops import raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ class SnapshotService:
         just expires), so only the replica that gets it writes that round.
         """
         while True:
+            raise_if_cancelling()
             await asyncio.sleep(interval)
             try:
                 await self._state.acquire_lock(
