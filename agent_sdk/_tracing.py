@@ -27,6 +27,7 @@ same parent, so client, replicas and agents all report into one trace.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import logging
@@ -219,8 +220,15 @@ def shutdown_tracing() -> None:
         provider.force_flush()
 
 
+@functools.cache
 def tracer() -> Tracer:
-    """The agentmesh tracer (a no-op tracer while tracing is off)."""
+    """The agentmesh tracer (a no-op tracer while tracing is off).
+
+    Made once: the SDK builds a new Tracer on every ``get_tracer`` call, which
+    cost more than the span itself. Caching is safe before the provider is
+    installed too: the API then returns a proxy that follows the provider set
+    later.
+    """
     from opentelemetry import trace  # noqa: PLC0415
 
     return trace.get_tracer("agentmesh")

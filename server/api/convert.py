@@ -293,7 +293,8 @@ def task_from_submit(req: task_pb2.SubmitTaskRequest, limits: Limits,
         execution_timeout=duration(t.execution_timeout, "task.execution_timeout"),
         fallback_capability=capability(t.fallback_capability, "task.fallback_capability",
                                        required=False),
-        trace_context=dict(t.trace_context) or dict(trace_context),
+        # A batch's tasks share the call's context mapping (never mutated).
+        trace_context=dict(t.trace_context) if t.trace_context else trace_context,
         schedule_to_start_timeout=duration(t.schedule_to_start_timeout,
                                            "task.schedule_to_start_timeout"),
         heartbeat_timeout=duration(t.heartbeat_timeout, "task.heartbeat_timeout"),
@@ -345,8 +346,6 @@ def task_to_proto(task: Task, *, live: frozenset[str] | None = None,
             not task.fallback_capability or task.fallback_capability not in live)
     if task.priority:
         kw["priority"] = task.priority
-    if task.labels:
-        kw["labels"] = task.labels
     if task.execution_timeout:
         kw["execution_timeout"] = to_duration(task.execution_timeout)
     if task.fallback_capability:
@@ -368,8 +367,6 @@ def task_to_proto(task: Task, *, live: frozenset[str] | None = None,
         kw["attempts"] = [_attempt_to_proto(a) for a in task.attempts]
     if task.human_intervened:
         kw["human_intervened"] = True
-    if task.trace_context:
-        kw["trace_context"] = task.trace_context
     if state is TaskState.RETRYING:
         kw["retry_time"] = to_timestamp(task.retry_time)
     if task.schedule_to_start_timeout:
@@ -383,7 +380,17 @@ def task_to_proto(task: Task, *, live: frozenset[str] | None = None,
         if task.dependency_outputs:
             kw["dependency_outputs"] = {step_id: payload_msg(out)
                                         for step_id, out in task.dependency_outputs.items()}
-    return task_pb2.Task(**kw)
+    msg = task_pb2.Task(**kw)
+    # Item by item: protobuf's map kwargs and map.update() take a slower path.
+    if task.labels:
+        labels = msg.labels
+        for k, v in task.labels.items():
+            labels[k] = v
+    if task.trace_context:
+        trace = msg.trace_context
+        for k, v in task.trace_context.items():
+            trace[k] = v
+    return msg
 
 
 _WAITING_STATES = frozenset({TaskState.QUEUED, TaskState.PENDING, TaskState.RETRYING})
@@ -396,10 +403,15 @@ def task_for_agent(task: Task) -> task_pb2.Task:
         priority=task.priority, attempt=task.attempt, namespace=task.namespace,
         workflow=f"workflows/{task.workflow_id}" if task.workflow_id else "",
         step_id=task.step_id, input=payload_msg(task.input))
+    # Item by item: protobuf's map.update() and map kwargs take a slower path.
     if task.labels:
-        msg.labels.update(task.labels)
+        labels = msg.labels
+        for k, v in task.labels.items():
+            labels[k] = v
     if task.trace_context:
-        msg.trace_context.update(task.trace_context)
+        trace = msg.trace_context
+        for k, v in task.trace_context.items():
+            trace[k] = v
     if task.execution_timeout:
         msg.execution_timeout.CopyFrom(to_duration(task.execution_timeout))
     for step_id, out in task.dependency_outputs.items():
