@@ -85,3 +85,32 @@ async def test_stop_ends_even_when_a_call_swallows_the_cancellation() -> None:
             await scheduler.stop()
     finally:
         await bus.aclose()
+
+
+async def test_breaker_successes_are_broadcast_only_when_some_breaker_holds_state() -> None:
+    from server.services import events  # noqa: PLC0415
+    from server.services.breakers import BreakerBoard, BreakerConfig  # noqa: PLC0415
+
+    bus = InProcessBus()
+    a = BreakerBoard(bus, BreakerConfig(fail_max=3), replica="A")
+    b = BreakerBoard(bus, BreakerConfig(fail_max=3), replica="B")
+    seen = await bus.subscribe(events.BREAKER_ALL)
+    await a.start()
+    await b.start()
+    try:
+        # A clean success changes nothing anywhere: nothing is published.
+        await a.record("default", "ag", "cap", ok=True)
+        # A failure is published; B then holds a breaker with one failure.
+        await a.record("default", "ag", "cap", ok=False)
+        first = await asyncio.wait_for(anext(aiter(seen)), 2)
+        assert events.decode(first.data)["ok"] is False, "the clean success was not sent"
+        await _until(lambda: ("ag", "cap") in b._breakers)
+        # A success now resets the failure on every replica, so it is published.
+        await a.record("default", "ag", "cap", ok=True)
+        second = await asyncio.wait_for(anext(aiter(seen)), 2)
+        assert events.decode(second.data)["ok"] is True
+        await _until(lambda: ("ag", "cap") not in b._breakers)
+    finally:
+        await a.stop()
+        await b.stop()
+        await bus.aclose()

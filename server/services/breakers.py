@@ -163,8 +163,16 @@ class BreakerBoard:
         self._probes[key] = task_id
 
     async def record(self, namespace: str, agent: str, capability: str, ok: bool) -> None:
-        """An outcome of ``agent`` for ``capability``: apply it and tell the other replicas."""
+        """An outcome of ``agent`` for ``capability``: apply it and tell the other replicas.
+
+        A success where this replica holds no breaker is not broadcast: every
+        replica creates a breaker only on a failure, and every failure is
+        broadcast, so no replica has anything for that success to reset (the
+        common case: one message per finished task saved on every replica).
+        """
         if not agent or not capability:
+            return
+        if ok and (agent, capability) not in self._breakers:
             return
         self._apply(agent, capability, ok)
         try:

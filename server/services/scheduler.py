@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -69,6 +70,10 @@ ORPHAN_AGE = 2.0
 """A lease this old that its local agent does not hold is an orphan."""
 """Most leases one agent gets per dispatch pass (one store call); keeps rounds fair."""
 AGENT_GONE = "AGENT_GONE"
+LIVE_CACHE_SECONDS = 0.5
+"""How long dispatch reuses a namespace's live-capability set. Every agent
+join or leave (a bus event, from any replica) and every local work stream
+opening or closing drops it at once; the age bound covers a lost event."""
 
 
 class SchedulerObserver(Protocol):
@@ -198,6 +203,7 @@ class Scheduler:
         self._runner: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
         self._last_reconcile = 0.0
+        self._live: dict[str, tuple[float, frozenset[str]]] = {}
         self.draining = False
         self.breakers = BreakerBoard(bus, self.config.breaker, on_change=self._breaker_changed,
                                      replica=self._replica)
@@ -479,6 +485,7 @@ class Scheduler:
             old.closed = True
             old.send(None)
         self._sessions[session.agent_id] = session
+        self._live.clear()
 
     async def close_session(self, session: WorkerSession, reason: str = AGENT_GONE) -> None:
         """The work stream ended: its leases go back to the queue.
@@ -487,6 +494,7 @@ class Scheduler:
         leases this stream held go back; the newer stream's stay with it.
         """
         session.closed = True
+        self._live.clear()
         if self._sessions.get(session.agent_id) is session:
             del self._sessions[session.agent_id]
             await self.release_agent(session.agent_id, reason)
@@ -702,6 +710,7 @@ class Scheduler:
             body = events.decode(message.data)
             if int(body.get("type", 0)) == 3:  # LEFT
                 self.breakers.forget(str(body.get("id", "")))
+            self._live.clear()
             self._wake.set()
 
     def _breaker_changed(self, agent_id: str, capability: str, state: str) -> None:
@@ -716,7 +725,7 @@ class Scheduler:
         """Capabilities with a usable agent: live, and not every such agent's breaker open."""
         if namespace in cache:
             return cache[namespace]
-        live = await self._agents.live_capabilities(namespace)
+        live = await self._live_capabilities(namespace)
         blocked: dict[str, set[str]] = {}
         for agent_id, cap in self.breakers.open_keys():
             if cap in live and self.breakers.blocked(agent_id, cap):
@@ -730,6 +739,17 @@ class Scheduler:
                 out.discard(cap)
         cache[namespace] = frozenset(out)
         return cache[namespace]
+
+    async def _live_capabilities(self, namespace: str) -> frozenset[str]:
+        """``live_capabilities`` of the store, reused for ``LIVE_CACHE_SECONDS``
+        (one store read per dispatch round saved; a Redis round trip)."""
+        now = time.monotonic()
+        hit = self._live.get(namespace)
+        if hit is not None and now - hit[0] < LIVE_CACHE_SECONDS:
+            return hit[1]
+        live = await self._agents.live_capabilities(namespace)
+        self._live[namespace] = (now, live)
+        return live
 
     async def _cancel_listener(self, sub: Subscription) -> None:
         async for message in sub:
