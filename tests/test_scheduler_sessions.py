@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from server.backends.memory import InMemoryAgentRegistry, InMemoryTaskStore
 from server.bus.memory import InProcessBus
@@ -113,4 +114,45 @@ async def test_breaker_successes_are_broadcast_only_when_some_breaker_holds_stat
     finally:
         await a.stop()
         await b.stop()
+        await bus.aclose()
+
+
+class _CountingStore(InMemoryTaskStore):
+    """Counts the batched reads watchers make."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[list[str]] = []
+
+    async def get_tasks(self, task_ids: Sequence[str]) -> list[Task | None]:
+        self.reads.append(list(task_ids))
+        return await super().get_tasks(task_ids)
+
+
+async def test_watch_uses_the_versions_this_replica_made_and_reads_the_rest() -> None:
+    from server.services import events  # noqa: PLC0415
+
+    clock = ManualClock()
+    tasks, agents, bus = _CountingStore(), InMemoryAgentRegistry(), InProcessBus()
+    scheduler = Scheduler(tasks, agents, bus, clock)
+    await scheduler.start()
+    watch = scheduler.watch_task_batches("default", states=frozenset({int(TaskState.QUEUED)}),
+                                         max_batch=10)
+    try:
+        first = asyncio.ensure_future(anext(watch))
+        await asyncio.sleep(0)  # let the watch subscribe
+        await scheduler.submit(Task(id="mine", capability="c"))
+        got = await asyncio.wait_for(first, 2)
+        stored = await tasks.get_task("mine")
+        assert got == [stored] and tasks.reads == [], "a version made here needs no read"
+        # A change made elsewhere (another replica) carries a version not held here.
+        clock.advance(1.0)
+        await events.announce(bus, events.task_subject("default", int(TaskState.QUEUED)),
+                              events.task_event("mine", int(TaskState.QUEUED), "", "c",
+                                                clock.now()))
+        again = await asyncio.wait_for(anext(watch), 2)
+        assert again == [stored] and tasks.reads == [["mine"]], "an unknown version is read"
+    finally:
+        await watch.aclose()
+        await scheduler.stop()
         await bus.aclose()

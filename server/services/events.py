@@ -81,14 +81,17 @@ def user_subject(namespace: str, subject: str) -> str:
     return f"ns.{namespace}.{subject}"
 
 
-def task_event(task_id: str, state: int, workflow_id: str, capability: str) -> bytes:
+def task_event(task_id: str, state: int, workflow_id: str, capability: str,
+               update_time: float = 0.0) -> bytes:
     """The body of a task event, built directly (hot path).
 
     Ids and capability names are validated to ``[A-Za-z0-9_.:/-]``, so they
-    never need JSON escaping; ``encode`` is used for anything else.
+    never need JSON escaping; ``encode`` is used for anything else. ``u`` (the
+    version's ``update_time``, exact through ``repr``) lets a watcher on the
+    replica that made the change use the version it already holds.
     """
     return (f'{{"id":"{task_id}","state":{state},"wf":"{workflow_id}",'
-            f'"cap":"{capability}"}}').encode()
+            f'"cap":"{capability}","u":{update_time!r}}}').encode()
 
 
 def encode(body: dict[str, Any]) -> bytes:

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -66,6 +67,9 @@ DISPATCH_BATCH = 16
 RECONCILE_PERIOD = 1.0
 """Seconds between checks for leases that never reached their agent (and for
 wake-ups lost on the bus)."""
+RECENT_TASKS = 4096
+"""Task versions this replica made lately, kept for its own watchers: an event
+whose version is here needs no store read (a Redis round trip)."""
 ORPHAN_AGE = 2.0
 """A lease this old that its local agent does not hold is an orphan."""
 """Most leases one agent gets per dispatch pass (one store call); keeps rounds fair."""
@@ -204,6 +208,7 @@ class Scheduler:
         self._started = asyncio.Event()
         self._last_reconcile = 0.0
         self._live: dict[str, tuple[float, frozenset[str]]] = {}
+        self._recent: OrderedDict[str, Task] = OrderedDict()
         self.draining = False
         self.breakers = BreakerBoard(bus, self.config.breaker, on_change=self._breaker_changed,
                                      replica=self._replica)
@@ -414,7 +419,7 @@ class Scheduler:
                     raise ResourceExhaustedError(
                         "watcher fell behind and was cut off; reconnect and re-read",
                         reason="SLOW_CONSUMER")
-                ids: list[str] = []
+                picked: list[Task | str] = []  # a version held here, or an id to read
                 for message in messages:
                     body = events.decode(message.data)
                     task_id = str(body.get("id", ""))
@@ -426,14 +431,39 @@ class Scheduler:
                         continue
                     if states and body.get("state") not in states:
                         continue
-                    ids.append(task_id)
-                if not ids:
+                    held = self._recent.get(task_id)
+                    if (held is not None and body.get("u") == held.update_time
+                            and body.get("state") == int(held.state)):
+                        picked.append(held)
+                    else:
+                        picked.append(task_id)
+                if not picked:
                     continue
-                found = [t for t in await self._tasks.get_tasks(ids) if t is not None]
+                found = await self._resolve(picked)
                 if found:
                     yield found
         finally:
             await sub.unsubscribe()
+
+    async def _resolve(self, picked: list[Task | str]) -> list[Task]:
+        """The tasks of ``picked``, in order: ids are read in one store step."""
+        missing = [p for p in picked if isinstance(p, str)]
+        if not missing:
+            return [p for p in picked if not isinstance(p, str)]
+        read = dict(zip(missing, await self._tasks.get_tasks(missing), strict=True))
+        out: list[Task] = []
+        for p in picked:
+            task = read.get(p) if isinstance(p, str) else p
+            if task is not None:
+                out.append(task)
+        return out
+
+    def _remember(self, task: Task) -> None:
+        recent = self._recent
+        recent[task.id] = task
+        recent.move_to_end(task.id)
+        if len(recent) > RECENT_TASKS:
+            recent.popitem(last=False)
 
     async def watch_workflow(self, workflow_id: str, *, max_pending: int = 10_000,
                              ) -> AsyncIterator[tuple[Workflow, dict[str, Task]]]:
@@ -684,9 +714,10 @@ class Scheduler:
         ready: dict[str, set[str]] = {}
         for change in transition.tasks:
             t = change.task
+            self._remember(t)
             await events.announce(self._bus, events.task_subject(t.namespace, int(t.state)),
-                                    events.task_event(
-                t.id, int(t.state), t.workflow_id, t.capability))
+                                  events.task_event(t.id, int(t.state), t.workflow_id,
+                                                    t.capability, t.update_time))
             if t.state is TaskState.QUEUED:
                 ready.setdefault(t.namespace, set()).add(t.capability)
         if transition.workflow is not None:
@@ -832,10 +863,13 @@ class Scheduler:
         self.breakers.dispatched(session.agent_id, served_capability(lease.task),
                                  lease.task.id)
         self._observer.dispatched(lease, now)
-        await events.announce(self._bus, events.task_subject(lease.task.namespace,
+        task = lease.task
+        self._remember(task)
+        await events.announce(self._bus, events.task_subject(task.namespace,
                                                              int(TaskState.RUNNING)),
-                              events.task_event(lease.task.id, int(TaskState.RUNNING),
-                                                lease.task.workflow_id, lease.task.capability))
+                              events.task_event(task.id, int(TaskState.RUNNING),
+                                                task.workflow_id, task.capability,
+                                                task.update_time))
         session.send(Assignment(lease))
 
     # -- maintenance -----------------------------------------------------------------
