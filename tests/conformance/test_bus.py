@@ -189,6 +189,38 @@ async def test_queue_group_delivers_each_message_to_one_member(bus: Bus) -> None
     assert all(received), f"one member got nothing: {[len(r) for r in received]}"
 
 
+async def test_each_subscriber_gets_each_message_once_across_bus_instances(
+        bus_factory: BusFactory) -> None:
+    """Two buses on one prefix (two replicas): a publisher's own subscriptions and
+    the other bus's both get every message exactly once, with only its headers."""
+    a, b = await bus_factory(), await bus_factory()
+    if isinstance(a, InProcessBus):
+        pytest.skip("an in-process bus spans one process: two instances share nothing")
+    on_a, on_b = await a.subscribe("rep.>"), await b.subscribe("rep.>")
+    group = [await a.subscribe("rep.>", queue_group="g"),
+             await b.subscribe("rep.>", queue_group="g")]
+    for i in range(10):
+        await (a if i % 2 == 0 else b).publish(f"rep.{i}", str(i).encode(), {"k": str(i)})
+    await a.publish("rep.fence", b"fence")
+    await b.publish("rep.fence", b"fence")
+    for sub in (on_a, on_b):
+        got: list[bytes] = []
+        while got.count(b"fence") < 2:
+            msg = await next_msg(sub)
+            got.append(msg.data)
+            if msg.data != b"fence":
+                assert dict(msg.headers) == {"k": msg.data.decode()}
+        assert sorted(d for d in got if d != b"fence") == [str(i).encode() for i in range(10)]
+    # The queue group still gets each message once, whichever bus published it.
+    grouped: list[bytes] = []
+    async with asyncio.timeout(TIMEOUT):
+        while grouped.count(b"fence") < 2:
+            for member in group:
+                grouped.extend(m.data for m in member.take_ready(100))
+            await asyncio.sleep(0.01)
+    assert sorted(d for d in grouped if d != b"fence") == [str(i).encode() for i in range(10)]
+
+
 async def test_unsubscribe_stops_delivery(bus: Bus) -> None:
     sub = await bus.subscribe("unsub.x")
     other = await bus.subscribe("unsub.x")
