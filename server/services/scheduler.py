@@ -809,9 +809,15 @@ class Scheduler:
                 self._wake.set()
 
     async def _dispatch_round(self) -> None:
-        """Lease work to local sessions with credits, least loaded first."""
+        """Lease work to local sessions with credits, least loaded first.
+
+        A queue found short stays marked empty for the rest of the round: work
+        queued meanwhile sets the wake-up again, so the next round sees it, and
+        no store call is spent re-reading a queue that just came back empty.
+        """
         if self.draining:
             return
+        empty: set[tuple[str, tuple[str, ...], LeaseScope]] = set()
         while True:
             candidates = sorted(
                 (s for s in self._sessions.values()
@@ -819,7 +825,6 @@ class Scheduler:
                 key=lambda s: s.load)
             if not candidates:
                 return
-            empty: set[tuple[str, tuple[str, ...], LeaseScope]] = set()
             available: dict[str, frozenset[str]] = {}
             progressed = False
             for session in candidates:
