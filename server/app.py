@@ -21,6 +21,7 @@ from agentmesh.v1 import bus_pb2, discovery_pb2, state_pb2, task_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server.aio import cancel_and_wait, raise_if_cancelling
 from server.api.auth import AccessInterceptor, StreamLimits, TokenTable
 from server.api.bus import BusServicer
 from server.api.convert import Limits
@@ -45,7 +46,6 @@ from server.observability.tracing import TracingObserver, server_interceptors, s
 from server.ports import AgentRegistry, SnapshotSource, StateStore, TaskStore
 from server.services.breakers import BreakerConfig
 from server.services.clock import Clock, SystemClock
-from server.services.loops import cancel_and_wait, raise_if_cancelling
 from server.services.messaging import Messaging
 from server.services.registry import Registry, RegistryConfig
 from server.services.scheduler import Scheduler, SchedulerConfig

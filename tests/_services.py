@@ -9,12 +9,16 @@ Tests isolate themselves with :func:`unique_prefix`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
+from collections.abc import AsyncIterator
 from urllib.parse import urlparse
 
 import pytest
+
+from server.backends.redis import RedisStores
 
 REDIS_URL = os.environ.get("AGENTMESH_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 NATS_URL = os.environ.get("AGENTMESH_TEST_NATS_URL", "nats://127.0.0.1:4222")
@@ -70,3 +74,14 @@ def require_amqp() -> str:
     """The shared RabbitMQ URL, or skip/fail."""
     require_service("RabbitMQ", AMQP_URL, 5672)
     return AMQP_URL
+
+
+@contextlib.asynccontextmanager
+async def redis_stores(kind: str) -> AsyncIterator[RedisStores]:
+    """Redis stores on the shared Redis under a fresh prefix; their keys are deleted after."""
+    stores = await RedisStores.connect(require_redis(), prefix=unique_prefix(kind))
+    try:
+        yield stores
+    finally:
+        await stores.delete_all_keys()
+        await stores.aclose()

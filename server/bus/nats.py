@@ -24,6 +24,7 @@ detect a dead server after ``max_outstanding_pings`` missed answers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -40,6 +41,7 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 
+from server.aio import cancel_and_wait, raise_if_cancelling
 from server.bus.memory import (
     Mailbox,
     QueueSubscription,
@@ -72,19 +74,6 @@ class _Sub:
     pull: JetStreamContext.PullSubscription | None = None
     task: asyncio.Task[None] | None = None
 
-
-
-def _restore_cancellation() -> None:
-    """Re-raise a cancellation that nats-py swallowed.
-
-    nats-py's ``Client._flush_pending`` (reached by every publish) catches
-    ``asyncio.CancelledError`` and returns, so a task cancelled while it
-    publishes would keep running (a TaskGroup waiting for it never ends). On
-    Python 3.11+ the request stays visible as ``Task.cancelling()``: raise it.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 class NatsBus:
     """The ``Bus`` on NATS. Build it with ``await NatsBus.connect(url)``."""
@@ -220,7 +209,9 @@ class NatsBus:
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError,
                 nats.errors.OutboundBufferLimitError) as exc:
             raise UnavailableError(f"nats publish failed: {exc}") from exc
-        _restore_cancellation()
+        # nats-py's Client._flush_pending (reached by every publish) catches
+        # CancelledError and returns: re-raise a cancellation it swallowed.
+        raise_if_cancelling()
 
     async def flush(self) -> None:
         """Round-trip to the server: everything published before has reached it."""
@@ -228,7 +219,7 @@ class NatsBus:
             await self._nc.flush()
         except (nats.errors.ConnectionClosedError, nats.errors.TimeoutError) as exc:
             raise UnavailableError(f"nats flush failed: {exc}") from exc
-        _restore_cancellation()
+        raise_if_cancelling()
 
     async def subscribe(self, pattern: str, *, queue_group: str = "", durable: str = "",
                         max_pending: int = 10_000) -> QueueSubscription:
@@ -363,8 +354,7 @@ class NatsBus:
 
     async def _release(self, record: _Sub) -> None:
         if record.task is not None:
-            record.task.cancel()
-            await _wait_cancelled(record.task)
+            await _stop(record.task)
         try:
             if record.core is not None:
                 self._by_core.pop(record.core, None)
@@ -403,21 +393,14 @@ class NatsBus:
             record.handle.end(graceful=False)
         tasks = [r.task for r in records if r.task is not None] + list(self._retired)
         for task in tasks:
-            task.cancel()
-            await _wait_cancelled(task)
+            await _stop(task)
         await self._nc.close()
 
 
-async def _wait_cancelled(task: asyncio.Task[None]) -> None:
-    """Await a task we cancelled; re-raise only if we are being cancelled ourselves."""
-    try:
-        await task
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
-    except Exception:  # noqa: BLE001, S110 - already logged by _log_task_failure
-        pass
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel an owned task and wait for it; its failure was logged already."""
+    with contextlib.suppress(Exception):
+        await cancel_and_wait(task)
 
 
 def _log_task_failure(task: asyncio.Task[None]) -> None:

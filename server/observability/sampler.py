@@ -25,11 +25,11 @@ import logging
 from collections.abc import Callable, Collection
 from typing import Final
 
+from server.aio import raise_if_cancelling
 from server.domain.models import AgentState, TaskState
 from server.observability.metrics import MeshMetrics, QueueState
 from server.observability.observer import MAX_NAMESPACES
 from server.ports import AgentFilter
-from server.services.loops import raise_if_cancelling
 from server.services.registry import Registry
 from server.services.scheduler import Scheduler
 

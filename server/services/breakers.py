@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import pybreaker
 
+from server.aio import cancel_and_wait
 from server.ports import Bus, Subscription
 from server.services import events
-from server.services.loops import cancel_and_wait
 
 log = logging.getLogger(__name__)
 

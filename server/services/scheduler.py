@@ -23,6 +23,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from server.aio import cancel_and_wait, raise_if_cancelling
 from server.domain.dag import validate_dag
 from server.domain.errors import (
     AlreadyExistsError,
@@ -58,7 +59,6 @@ from server.ports import (
 from server.services import events
 from server.services.breakers import BreakerBoard, BreakerConfig
 from server.services.clock import Clock
-from server.services.loops import cancel_and_wait, raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,7 @@ class Scheduler:
         self._last_reconcile = 0.0
         self._live: dict[str, tuple[float, frozenset[str]]] = {}
         self._recent: OrderedDict[str, Task] = OrderedDict()
+        self._task_watchers = 0
         self.draining = False
         self.breakers = BreakerBoard(bus, self.config.breaker, on_change=self._breaker_changed,
                                      replica=self._replica)
@@ -412,6 +413,7 @@ class Scheduler:
         """
         sub = await self._bus.subscribe(events.task_pattern(namespace, states),
                                         max_pending=max_pending)
+        self._task_watchers += 1
         try:
             async for first in sub:
                 messages = [first, *sub.take_ready(max_batch - 1)] if max_batch > 1 else [first]
@@ -443,6 +445,9 @@ class Scheduler:
                 if found:
                     yield found
         finally:
+            self._task_watchers -= 1
+            if not self._task_watchers:
+                self._recent.clear()
             await sub.unsubscribe()
 
     async def _resolve(self, picked: list[Task | str]) -> list[Task]:
@@ -458,12 +463,17 @@ class Scheduler:
                 out.append(task)
         return out
 
-    def _remember(self, task: Task) -> None:
-        recent = self._recent
-        recent[task.id] = task
-        recent.move_to_end(task.id)
-        if len(recent) > RECENT_TASKS:
-            recent.popitem(last=False)
+    async def _announce_task(self, task: Task) -> None:
+        """Publish a task's new version; keep it for this replica's watchers, if any."""
+        if self._task_watchers:
+            recent = self._recent
+            recent[task.id] = task
+            recent.move_to_end(task.id)
+            if len(recent) > RECENT_TASKS:
+                recent.popitem(last=False)
+        await events.announce(self._bus, events.task_subject(task.namespace, int(task.state)),
+                              events.task_event(task.id, int(task.state), task.workflow_id,
+                                                task.capability, task.update_time))
 
     async def watch_workflow(self, workflow_id: str, *, max_pending: int = 10_000,
                              ) -> AsyncIterator[tuple[Workflow, dict[str, Task]]]:
@@ -714,10 +724,7 @@ class Scheduler:
         ready: dict[str, set[str]] = {}
         for change in transition.tasks:
             t = change.task
-            self._remember(t)
-            await events.announce(self._bus, events.task_subject(t.namespace, int(t.state)),
-                                  events.task_event(t.id, int(t.state), t.workflow_id,
-                                                    t.capability, t.update_time))
+            await self._announce_task(t)
             if t.state is TaskState.QUEUED:
                 ready.setdefault(t.namespace, set()).add(t.capability)
         if transition.workflow is not None:
@@ -868,13 +875,7 @@ class Scheduler:
         self.breakers.dispatched(session.agent_id, served_capability(lease.task),
                                  lease.task.id)
         self._observer.dispatched(lease, now)
-        task = lease.task
-        self._remember(task)
-        await events.announce(self._bus, events.task_subject(task.namespace,
-                                                             int(TaskState.RUNNING)),
-                              events.task_event(task.id, int(TaskState.RUNNING),
-                                                task.workflow_id, task.capability,
-                                                task.update_time))
+        await self._announce_task(lease.task)
         session.send(Assignment(lease))
 
     # -- maintenance -----------------------------------------------------------------

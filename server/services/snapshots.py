@@ -36,13 +36,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.aio import raise_if_cancelling
 from server.backends.redis import codec
 from server.domain.errors import AbortedError, InvalidArgumentError, NotFoundError
 from server.domain.models import StateEntry, TaskState
 from server.ports import BlobStore, Bus, NamespaceDump, SnapshotSource, StateStore, TaskRecords
 from server.services import events
 from server.services.clock import Clock
-from server.services.loops import raise_if_cancelling
 
 log = logging.getLogger(__name__)
 

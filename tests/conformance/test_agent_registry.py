@@ -7,10 +7,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from server.backends.memory import InMemoryAgentRegistry
-from server.backends.redis import RedisStores
 from server.domain.models import Agent, AgentState, Capability
 from server.ports import AgentFilter, AgentRegistry
-from tests._services import require_redis, unique_prefix
+from tests._services import redis_stores
 
 NS = "ns1"
 T0 = 1_000.0
@@ -24,13 +23,8 @@ async def registry(request: pytest.FixtureRequest) -> AsyncIterator[AgentRegistr
         yield mem
         await mem.aclose()
         return
-    url = require_redis()
-    stores = await RedisStores.connect(url, prefix=unique_prefix("agents"))
-    try:
+    async with redis_stores("agents") as stores:
         yield stores.agents
-    finally:
-        await stores.delete_all_keys()
-        await stores.aclose()
 
 
 def agent(agent_id: str, *caps: str, ns: str = NS, expire: float = T0 + 10,

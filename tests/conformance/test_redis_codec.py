@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.backends.redis import RedisStores, RedisTaskStore, codec
+from server.backends.redis import RedisTaskStore, codec
 from server.domain.errors import NotFoundError, StaleLeaseError
 from server.domain.models import (
     DEFAULT_RETRY_POLICY,
@@ -33,7 +33,7 @@ from server.domain.models import (
     TaskState,
 )
 from server.ports import Transition
-from tests._services import require_redis, unique_prefix
+from tests._services import redis_stores
 
 NS = "codec-ns"
 T0 = 1_732_000_000.123456
@@ -134,13 +134,8 @@ def test_retry_policies_are_shared_only_between_equal_documents() -> None:
 
 @pytest.fixture
 async def store() -> AsyncIterator[RedisTaskStore]:
-    url = require_redis()
-    stores = await RedisStores.connect(url, prefix=unique_prefix("codec"))
-    try:
+    async with redis_stores("codec") as stores:
         yield stores.tasks
-    finally:
-        await stores.delete_all_keys()
-        await stores.aclose()
 
 
 def _random_task(rng: random.Random, i: int) -> Task:

@@ -31,7 +31,7 @@ from server.domain.models import (
     WorkflowStep,
 )
 from server.ports import FailVerdict, TaskFilter, TaskStore, Transition
-from tests._services import require_redis, unique_prefix
+from tests._services import redis_stores, require_redis, unique_prefix
 
 NS = "ns1"
 T0 = 1_000.0
@@ -45,14 +45,8 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[TaskStore]:
         yield mem
         await mem.aclose()
         return
-    url = require_redis()
-    prefix = unique_prefix("tasks")
-    stores = await RedisStores.connect(url, prefix=prefix)
-    try:
+    async with redis_stores("tasks") as stores:
         yield stores.tasks
-    finally:
-        await stores.delete_all_keys()
-        await stores.aclose()
 
 
 def mk(task_id: str, cap: str = "cap", *, priority: int = 0, ns: str = NS,

@@ -50,22 +50,22 @@ _VERDICTS = {FailVerdict.RETRY: "retry", FailVerdict.FAIL: "fail",
              FailVerdict.DEAD_LETTER: "dead_letter"}
 
 
-def _transition_doc(reply: list[Any]) -> Transition:
-    """``_transition`` of a JSON reply: ``[status, workflow_doc|null, prev, task_doc, ...]``."""
-    wf_doc = reply[1]
-    changes = tuple(TaskChange(codec.task_from_doc(reply[i + 1]),
+def _transition(reply: list[Any], *, parsed: bool = False) -> Transition:
+    """Decode ``[status, workflow, prev, task, prev, task, ...]``.
+
+    The workflow and tasks are JSON texts (a Redis array reply) or, with
+    ``parsed``, documents already (the one-JSON replies of the batch scripts).
+    """
+    doc: Any = _same if parsed else codec.loads
+    wf = reply[1]
+    changes = tuple(TaskChange(codec.task_from_doc(doc(reply[i + 1])),
                                TaskState(int(reply[i])) if reply[i] else None)
                     for i in range(2, len(reply), 2))
-    return Transition(changes, codec.workflow_from_doc(wf_doc) if wf_doc else None)
+    return Transition(changes, codec.workflow_from_doc(doc(wf)) if wf else None)
 
 
-def _transition(reply: list[Any]) -> Transition:
-    """Decode ``[status, workflow_json, prev, task_json, prev, task_json, ...]``."""
-    wf_raw = reply[1]
-    changes = tuple(
-        TaskChange(codec.decode_task(reply[i + 1]), TaskState(int(reply[i])) if reply[i] else None)
-        for i in range(2, len(reply), 2))
-    return Transition(changes, codec.decode_workflow(wf_raw) if wf_raw else None)
+def _same(value: Any) -> Any:
+    return value
 
 
 class RedisTaskStore:
@@ -273,7 +273,7 @@ class RedisTaskStore:
             except AgentMeshError as exc:
                 out.append(exc)
             else:
-                out.append(_transition_doc(reply))
+                out.append(_transition(reply, parsed=True))
         return out
 
     async def fail(self, task_id: str, fencing_token: int, failure: TaskFailure, *,

@@ -1,4 +1,4 @@
-"""What every long-running loop of the server does between two passes."""
+"""asyncio helpers every room may use: loops and shutdowns that survive a swallowed cancellation."""
 
 from __future__ import annotations
 
