@@ -162,7 +162,8 @@ async def w1(client: MeshClient, n: int, inflight: int) -> dict[str, float]:
             "submit_per_s": round(n / submit_s, 1)}
 
 
-async def w2(client: MeshClient, rate: float, duration: float) -> dict[str, Any]:
+async def w2(client: MeshClient, rate: float, duration: float,
+             dump: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Open loop at a fixed rate; latency percentiles from submit to result.
 
     ``segments`` splits each latency with the server's timestamps (same
@@ -188,6 +189,9 @@ async def w2(client: MeshClient, rate: float, duration: float) -> dict[str, Any]
         segments["created_to_leased"].append(lease_t - created)
         segments["leased_to_done"].append(done - lease_t)
         segments["done_to_seen"].append(seen_wall - done)
+        if dump is not None:
+            dump.append({"t0": t0_wall, "ms": round((seen - t0) * 1e3, 3),
+                         **{k: round(v[-1] * 1e3, 3) for k, v in segments.items()}})
         if len(latencies) >= n:
             finished.set()
 
@@ -250,6 +254,8 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--only", choices=["w1", "w2"], default=None)
+    parser.add_argument("--dump", metavar="FILE",
+                        help="W2: write one JSON line per task (submit time, latency, segments)")
     parser.add_argument("--observability", action="store_true",
                         help="metrics endpoint on, and tracing on in every process (spans "
                              "written as JSON lines to a temp file, like an exporter would)")
@@ -288,8 +294,13 @@ async def main() -> None:
                 print(json.dumps({"workload": "W1", **setup, **result,
                                   "cpu_s": cpu_report(procs, before)}), flush=True)
             if args.only in (None, "w2"):
+                dump: list[dict[str, Any]] | None = [] if args.dump else None
                 print(json.dumps({"workload": "W2", **setup,
-                                  **await w2(client, args.rate, args.duration)}), flush=True)
+                                  **await w2(client, args.rate, args.duration, dump)}),
+                      flush=True)
+                if args.dump and dump is not None:
+                    text = "".join(json.dumps(d) + "\n" for d in dump)
+                    await asyncio.to_thread(Path(args.dump).write_text, text)
     finally:
         for p in agents + servers:
             p.send_signal(signal.SIGTERM)
