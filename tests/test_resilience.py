@@ -31,6 +31,7 @@ from server.domain.models import (
     WorkflowStep,
 )
 from server.services.scheduler import (
+    FAIR_STEP,
     Assignment,
     Cancellation,
     Outbound,
@@ -307,6 +308,56 @@ async def test_timeouts_travel_in_the_protos(channel: grpc.aio.Channel) -> None:
 
 
 # -- fairness and protection ----------------------------------------------------------
+
+
+# -- routing -----------------------------------------------------------------------
+
+
+async def leased_to(mesh: Mesh, tasks: list[Task], *workers: Worker) -> list[int]:
+    """Wait until every task runs; how many each worker was handed."""
+    for t in tasks:
+        await wait_state(mesh, t.id, TaskState.RUNNING)
+    return [sum(isinstance(w.inbox.get_nowait(), Assignment) for _ in range(w.inbox.qsize()))
+            for w in workers]
+
+
+@pytest.mark.parametrize(("concurrency", "burst"), [
+    ((32, 32), 10),    # equal agents share a burst
+    ((8, 8, 8), 9),
+    ((32, 32), 40),    # more than one step each: the step grows, the spread stays
+    ((4, 12), 8),      # loads are shares of each agent's concurrency
+])
+async def test_a_burst_is_spread_over_the_least_loaded_agents(
+        mesh: Mesh, concurrency: tuple[int, ...], burst: int) -> None:
+    """Every idle agent gets work, and loads end within two steps of each other
+    (leases go in steps of FAIR_STEP that double while work is plentiful)."""
+    workers = [await Worker(mesh, f"w{i}", ("lb",), concurrency=c).start()
+               for i, c in enumerate(concurrency)]
+    tasks = await mesh.scheduler.submit_many([(Task(id="", capability="lb"), "")] * burst)
+    got = await leased_to(mesh, tasks, *workers)
+    assert sum(got) == burst and min(got) >= 1, got
+    loads = [n / c for n, c in zip(got, concurrency, strict=True)]
+    fair = burst / sum(concurrency)
+    assert all(abs(load - fair) * c <= 2 * FAIR_STEP
+               for load, c in zip(loads, concurrency, strict=True)), (got, fair)
+    for w in workers:
+        await w.stop()
+
+
+async def test_the_next_task_goes_to_the_idle_agent(mesh: Mesh) -> None:
+    busy = await Worker(mesh, "busy", ("lb",), concurrency=8).start()
+    first = await mesh.scheduler.submit_many([(Task(id="", capability="lb"), "")] * 3)
+    assert await leased_to(mesh, first, busy) == [3]
+    idle = await Worker(mesh, "idle", ("lb",), concurrency=8).start()
+    for _ in range(2):  # one at a time: each goes to the lighter of the two
+        nxt = await mesh.scheduler.submit(Task(id="", capability="lb"))
+        assert await leased_to(mesh, [nxt], busy, idle) == [0, 1]
+    # a rival that offers other capabilities only does not count
+    other = await Worker(mesh, "other", ("elsewhere",), concurrency=8).start()
+    burst = await mesh.scheduler.submit_many([(Task(id="", capability="lb"), "")] * 4)
+    assert await leased_to(mesh, burst, busy, idle, other) == [2, 2, 0]
+    for w in (busy, idle, other):
+        await w.stop()
 
 
 async def test_capability_and_key_limits_hold_in_the_dispatcher() -> None:

@@ -64,6 +64,13 @@ log = logging.getLogger(__name__)
 
 LEASE_EXPIRED = "LEASE_EXPIRED"
 DISPATCH_BATCH = 16
+"""Most leases one agent gets per dispatch pass (one store call)."""
+FAIR_STEP = 2
+"""Leases an agent may take, in the first lease of a dispatch round for its
+work, past the load of the least-loaded other agent that could take the same
+work. The step doubles with every lease that comes back full (work is
+plentiful) up to DISPATCH_BATCH, so a burst spreads over idle agents to within
+a step and a busy fleet still leases in batches."""
 RECONCILE_PERIOD = 1.0
 """Seconds between checks for leases that never reached their agent (and for
 wake-ups lost on the bus)."""
@@ -72,7 +79,6 @@ RECENT_TASKS = 4096
 whose version is here needs no store read (a Redis round trip)."""
 ORPHAN_AGE = 2.0
 """A lease this old that its local agent does not hold is an orphan."""
-"""Most leases one agent gets per dispatch pass (one store call); keeps rounds fair."""
 AGENT_GONE = "AGENT_GONE"
 LIVE_CACHE_SECONDS = 0.5
 """How long dispatch reuses a namespace's live-capability set. Every agent
@@ -818,6 +824,13 @@ class Scheduler:
     async def _dispatch_round(self) -> None:
         """Lease work to local sessions with credits, least loaded first.
 
+        A session is leased at most enough to bring its load just past that
+        of the least-loaded other session that could take the same work, or a
+        step (``FAIR_STEP``, doubling while leases come back full), then
+        passes repeat, re-sorted: a burst spreads over idle agents instead of
+        filling the first one's batch, and plentiful work still goes in
+        batches.
+
         A queue found short stays marked empty for the rest of the round: work
         queued meanwhile sets the wake-up again, so the next round sees it, and
         no store call is spent re-reading a queue that just came back empty.
@@ -825,6 +838,7 @@ class Scheduler:
         if self.draining:
             return
         empty: set[tuple[str, tuple[str, ...], LeaseScope]] = set()
+        steps: dict[tuple[str, tuple[str, ...], LeaseScope], int] = {}
         while True:
             candidates = sorted(
                 (s for s in self._sessions.values()
@@ -849,13 +863,17 @@ class Scheduler:
                 # A breaker that is not closed (half-open) lets exactly one probe through.
                 probing = any(self.breakers.state(session.agent_id, c) != "closed"
                               for c in caps)
-                want = 1 if probing else min(session.credits, DISPATCH_BATCH)
+                step = steps.get(key, FAIR_STEP)
+                want = 1 if probing else min(session.credits, DISPATCH_BATCH,
+                                             _fair_share(session, candidates, step))
                 leases = await self._tasks.lease_batch(
                     session.namespace, caps, session.agent_id, now=now,
                     default_timeout=self.config.default_execution_timeout, count=want,
                     scope=scope, limits=self.config.limits)
                 if len(leases) < want:
                     empty.add(key)
+                else:
+                    steps[key] = min(2 * step, DISPATCH_BATCH)
                 if not leases:
                     continue
                 progressed = True
@@ -954,6 +972,29 @@ class Scheduler:
 
 def _closed(session: WorkerSession) -> bool:
     return session.closed
+
+
+RIVALS_SCANNED = 32
+"""Sessions looked at to find a session's least-loaded rival (a homogeneous
+fleet finds it at once; this bounds the pass at O(n) for a mixed one)."""
+
+
+def _fair_share(session: WorkerSession, by_load: Sequence[WorkerSession], step: int) -> int:
+    """Leases that take ``session`` just past its least-loaded rival, or ``step``.
+
+    Rivals are the other sessions in ``by_load`` (sorted by load, lightest
+    first) of the same namespace sharing a capability. Loads are in-flight
+    shares of each one's concurrency, so the count is in ``session``'s units.
+    With no rival the share is unbounded (the caller caps it).
+    """
+    caps = session.capabilities
+    for rival in by_load[:RIVALS_SCANNED]:
+        if (rival is session or rival.namespace != session.namespace or rival.closed
+                or rival.credits <= 0 or not any(c in caps for c in rival.capabilities)):
+            continue
+        below = int(rival.load * session.max_concurrency) - len(session.in_flight)
+        return max(step, below + 1)
+    return DISPATCH_BATCH
 
 
 def served_capability(task: Task) -> str:
