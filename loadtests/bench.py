@@ -7,8 +7,8 @@ W2: open loop at --rate tasks/s for --duration s; p50/p95/p99 of
     submit -> result seen at the submitter.
 
     .venv/bin/python loadtests/bench.py                       # embedded
-    .venv/bin/python loadtests/bench.py --store redis://127.0.0.1:6379/0 \
-        --bus nats://127.0.0.1:4222 --replicas 2               # production backends
+    .venv/bin/python loadtests/bench.py --store redis --bus nats --replicas 2
+        # production backends at their local defaults (or full URLs)
 
 The server(s) and the agents are separate processes; the submitter runs here.
 """
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_sdk import MeshClient, TaskInfo
+from server.settings import backend_url
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -244,8 +245,11 @@ async def main() -> None:
     """Run W1 and W2 and print one JSON line per workload."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", default="memory://")
-    parser.add_argument("--bus", default="memory://")
+    parser.add_argument("--store", default="memory://", type=backend_url,
+                        help="memory:// or redis://host:port/db; 'redis' means the local default")
+    parser.add_argument("--bus", default="memory://", type=backend_url,
+                        help="memory://, nats://host:port or amqp://...; 'nats' or 'amqp' "
+                             "mean the local default")
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--agents", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=64)

@@ -243,6 +243,10 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
                     server, health_servicer, asyncio.Event())
         log.info("agentmesh serving on %s:%d (store=%s bus=%s)", settings.host, port,
                  settings.store, settings.bus)
+        if settings.bus == "memory://" and settings.store != "memory://":
+            log.warning("shared store with the in-process bus: fine for one replica, but "
+                        "other replicas would not hear this one's events (new work, "
+                        "cancellations, watches); use --bus nats://... to run several")
         try:
             yield mesh
         finally:

@@ -9,8 +9,24 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SHORTHANDS = {
+    "memory": "memory://",
+    "redis": "redis://127.0.0.1:6379/0",
+    "nats": "nats://127.0.0.1:4222",
+    "amqp": "amqp://guest:guest@127.0.0.1:5672/",
+    "rabbitmq": "amqp://guest:guest@127.0.0.1:5672/",
+}
+"""A bare backend name means that backend's local default address, so
+``agentmesh serve --store redis --bus nats`` runs against services on this
+machine's default ports."""
+
+
+def backend_url(value: str) -> str:
+    """The URL of a ``--store``/``--bus`` value (a bare name is expanded)."""
+    return SHORTHANDS.get(value.strip().lower(), value)
 
 
 class Settings(BaseSettings):
@@ -21,8 +37,10 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    store: str = Field("memory://", description="memory:// or redis://host:port/db")
-    bus: str = Field("memory://", description="memory://, nats://host:port or amqp://...")
+    store: str = Field("memory://", description="memory:// or redis://host:port/db "
+                       "(or a bare name: memory, redis)")
+    bus: str = Field("memory://", description="memory://, nats://host:port or amqp://... "
+                     "(or a bare name: memory, nats, amqp)")
     blob: str = Field(".agentmesh/snapshots",
                       description="Snapshot location: a directory or s3://bucket/prefix")
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL.")
@@ -83,3 +101,9 @@ class Settings(BaseSettings):
     max_streams_per_principal: int = Field(
         4096, ge=1, description="Streams (watch, heartbeat, work) open at once per "
         "authenticated principal; RESOURCE_EXHAUSTED past it.")
+
+    @field_validator("store", "bus")
+    @classmethod
+    def _expand(cls, value: str) -> str:
+        """A bare backend name becomes its local default URL (``SHORTHANDS``)."""
+        return backend_url(value)

@@ -14,6 +14,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from typing import NoReturn
 from urllib.parse import urlparse
 
 import pytest
@@ -48,14 +49,17 @@ def _reachable(url: str, default_port: int) -> bool:
         return False
 
 
-def require_service(name: str, url: str, default_port: int) -> None:
-    """Skip (or fail under CI=true) when the service does not answer."""
-    if _reachable(url, default_port):
-        return
-    message = f"{name} is not reachable at {url}; start it (see README 'Services')"
+def skip_or_fail(message: str) -> NoReturn:
+    """Skip a test that lacks a service or tool; under CI=true, fail it instead."""
     if os.environ.get("CI") == "true":
         pytest.fail(message + " -- under CI=true a missing service is a failure")
     pytest.skip(message)
+
+
+def require_service(name: str, url: str, default_port: int) -> None:
+    """Skip (or fail under CI=true) when the service does not answer."""
+    if not _reachable(url, default_port):
+        skip_or_fail(f"{name} is not reachable at {url}; start it (see README 'Services')")
 
 
 def require_redis() -> str:

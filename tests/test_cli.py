@@ -305,3 +305,11 @@ async def test_example_run_once() -> None:
     assert "Reviewed: approved for publication." in out
     assert "## History" in out and "## Applications" in out
     assert "Traceback" not in err
+
+
+def test_backend_shorthands_expand_to_local_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTMESH_BUS", "NATS")
+    settings = Settings(store="redis")  # type: ignore[call-arg]
+    assert (settings.store, settings.bus) == ("redis://127.0.0.1:6379/0", "nats://127.0.0.1:4222")
+    assert Settings(store="redis://10.0.0.1:6380/2").store == "redis://10.0.0.1:6380/2"  # type: ignore[call-arg]
+    assert Settings(bus="amqp").bus == "amqp://guest:guest@127.0.0.1:5672/"  # type: ignore[call-arg]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from agentmesh.v1 import task_pb2
 
-from tests._services import free_port, require_nats, require_redis, unique_prefix
+from tests._services import free_port, require_nats, require_redis, skip_or_fail, unique_prefix
 from tests.chaos._harness import PY_RETRY, AgentProc, Client, Server, assert_invariants, until
 from tests.chaos.proxy import FaultyProxy
 
@@ -236,7 +236,7 @@ def _nats_server(port: int) -> subprocess.Popen[bytes]:
 async def private_redis(tmp_path: Path) -> AsyncIterator[tuple[int, Callable[[], None]]]:
     """A private Redis with appendonly; the callable restarts it."""
     if shutil.which("redis-server") is None:
-        pytest.skip("redis-server missing")
+        skip_or_fail("redis-server is not installed")
     port = free_port()
     state = {"p": _redis_server(port, tmp_path)}
 

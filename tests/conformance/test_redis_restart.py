@@ -23,7 +23,7 @@ from server.backends.redis import RedisStores
 from server.domain.errors import StaleLeaseError
 from server.domain.models import Payload, Task, TaskFailure, TaskState
 from server.ports import FailVerdict
-from tests._services import free_port, unique_prefix
+from tests._services import free_port, skip_or_fail, unique_prefix
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 HAVE_REDIS_SERVER = Path(REDIS_SERVER).exists()
@@ -80,7 +80,7 @@ class PrivateRedis:
 async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
     """A private redis-server, stopped at the end whatever happens."""
     if not HAVE_REDIS_SERVER:
-        pytest.skip("redis-server is not installed")
+        skip_or_fail("redis-server is not installed")
     server = PrivateRedis(tmp_path)
     await server.start()
     try:
