@@ -130,6 +130,23 @@ def cases(ch: grpc.aio.Channel) -> list[tuple[str, Callable[[], Awaitable[Any]],
             key="fresh", expected_version=5)), grpc.StatusCode.ABORTED),
         ("state delete: missing", lambda: s.Delete(state_pb2.DeleteRequest(key="nope")), NF),
         ("state list: negative", lambda: s.List(state_pb2.ListRequest(page_size=-1)), IA),
+        ("batch submit: empty", lambda: t.BatchSubmitTasks(task_pb2.BatchSubmitTasksRequest()), IA),
+        ("batch submit: over 1000", lambda: t.BatchSubmitTasks(task_pb2.BatchSubmitTasksRequest(
+            requests=[task_pb2.SubmitTaskRequest(task=task_pb2.Task(capability="c"))] * 1001)),
+         IA),
+        ("batch submit: one bad item", lambda: t.BatchSubmitTasks(
+            task_pb2.BatchSubmitTasksRequest(requests=[
+                task_pb2.SubmitTaskRequest(task=task_pb2.Task(capability="c")),
+                task_pb2.SubmitTaskRequest(task=task_pb2.Task())])), IA),
+        ("batch submit: oversized item", lambda: t.BatchSubmitTasks(
+            task_pb2.BatchSubmitTasksRequest(requests=[task_pb2.SubmitTaskRequest(
+                task=task_pb2.Task(capability="c", input=big))])), RE),
+        ("list snapshots: negative page", lambda: s.ListSnapshots(state_pb2.ListSnapshotsRequest(
+            page_size=-1)), IA),
+        ("list snapshots: bad token", lambda: s.ListSnapshots(state_pb2.ListSnapshotsRequest(
+            page_token="zz!")), IA),
+        ("restore: unknown snapshot", lambda: s.RestoreSnapshot(
+            state_pb2.RestoreSnapshotRequest(name="snapshots/nope")), NF),
         ("publish: no message", lambda: b.Publish(bus_pb2.PublishRequest()), IA),
         ("publish: bad subject", lambda: b.Publish(bus_pb2.PublishRequest(
             message=bus_pb2.BusMessage(subject="a..b"))), IA),
@@ -184,6 +201,9 @@ async def test_streams_refuse_bad_input(channel: grpc.aio.Channel) -> None:
     assert await drain(s.Watch(state_pb2.WatchRequest(after_revision=-1))) == IA
     assert await drain(b.Subscribe(bus_pb2.SubscribeRequest(subject="a.>.b"))) == IA
     assert await drain(d.WatchAgents(discovery_pb2.WatchAgentsRequest(namespace="B A D"))) == IA
+    health = health_pb2_grpc.HealthStub(channel)
+    resp = await health.Check(health_pb2.HealthCheckRequest(service=""))
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
 async def test_garbage_bytes_are_invalid_argument(mesh: Mesh,
@@ -201,6 +221,16 @@ async def test_garbage_bytes_are_invalid_argument(mesh: Mesh,
 
     try:
         async for _ in raw_stream(garbage()):
+            pass
+        code = grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as err:
+        code = err.code()
+    assert code == IA
+    raw_beats = channel.stream_stream("/agentmesh.v1.DiscoveryService/Heartbeat",
+                                      request_serializer=lambda b: b,
+                                      response_deserializer=lambda b: b)
+    try:
+        async for _ in raw_beats(garbage()):
             pass
         code = grpc.StatusCode.OK
     except grpc.aio.AioRpcError as err:
