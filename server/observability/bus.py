@@ -4,8 +4,9 @@
 publish and ``agentmesh_bus_messages_delivered_total{kind}`` as subscribers
 receive messages. ``kind`` is a small fixed set derived from the subject:
 the system subject family (``task``, ``workflow``, ``ready``, ``cancel``,
-``breaker``, ``agent``, ``state``), ``user`` for BusService subjects, or
-``other``; never the subject itself.
+``breaker``, ``agent``, ``state``), ``system`` for any other ``_sys.`` one,
+or ``user`` for BusService subjects (``<namespace>.<subject>``); never the
+subject itself.
 
 With tracing on, a publish made inside a span that carries no
 ``traceparent`` header gets the current W3C context injected, so bus
@@ -31,9 +32,7 @@ def subject_kind(subject: str) -> str:
     if subject.startswith("_sys."):
         family = subject[5:].split(".", 1)[0]
         return family if family in _SYSTEM_KINDS else "system"
-    if subject.startswith("ns."):
-        return "user"
-    return "other"
+    return "user"
 
 
 class _MeteredSubscription:

@@ -2,8 +2,9 @@
 
 Replicas tell each other about changes through these subjects; watchers
 subscribe to them and read the current record from the store, so an event
-never has to carry a whole task. User subjects live under ``ns.<namespace>.``
-and can never collide with ``_sys.``.
+never has to carry a whole task. User subjects live under ``<namespace>.``
+(on the wire ``agentmesh.<namespace>.``, with the default key prefix) and can
+never collide with ``_sys.``: a namespace starts with a letter or digit.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def state_subject(namespace: str) -> str:
 
 def user_subject(namespace: str, subject: str) -> str:
     """A BusService subject inside its namespace."""
-    return f"ns.{namespace}.{subject}"
+    return f"{namespace}.{subject}"
 
 
 def task_event(task_id: str, state: int, workflow_id: str, capability: str,
