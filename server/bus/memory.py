@@ -22,7 +22,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.domain.errors import UnavailableError
 from server.ports import BusMessage
@@ -159,6 +159,12 @@ class Mailbox:
                 waiter.set_result(None)
                 break
         return True
+
+    def requeue(self, msgs: list[BusMessage]) -> None:
+        """Put messages back at the head, in order (redelivery; never dropped)."""
+        self._items.extendleft(reversed(msgs))
+        if msgs:
+            self.wake_all()
 
     def record_drop(self, count: int = 1) -> None:
         """Count messages lost before they reached the mailbox (or at it)."""
@@ -308,10 +314,6 @@ class QueueSubscription:
 # --------------------------------------------------------------------------- in-process bus
 
 
-async def _noop_ack() -> None:
-    """Acknowledgement of an in-process durable message: nothing to do."""
-
-
 @dataclass(eq=False, slots=True)
 class _Member:
     """One routing target: a subscription's (or durable consumer's) mailbox."""
@@ -327,7 +329,7 @@ class _Route:
     """The precomputed targets of one subject."""
 
     plain: tuple[Mailbox, ...] = ()
-    durable: tuple[Mailbox, ...] = ()
+    durable: tuple[_Durable, ...] = ()
     groups: tuple[tuple[str, tuple[Mailbox, ...]], ...] = ()
 
     def __bool__(self) -> bool:
@@ -336,8 +338,65 @@ class _Route:
 
 @dataclass(eq=False, slots=True)
 class _Durable:
+    """A durable consumer: its mailbox, and what it delivered that was not acked.
+
+    ``unacked`` maps ``id(message)`` to the message (the entry keeps the
+    message alive, so the id stays its own); ``taker`` says which
+    subscription took it, so that subscription's departure redelivers it.
+    """
+
     member: _Member
     pattern: str
+    unacked: dict[int, BusMessage] = field(default_factory=dict)
+    taker: dict[int, QueueSubscription] = field(default_factory=dict)
+
+    def put(self, subject: str, data: bytes, headers: dict[str, str], when: float) -> None:
+        """Buffer a message whose ``ack`` forgets it."""
+        unacked, taker = self.unacked, self.taker
+
+        async def ack() -> None:
+            key = id(msg)
+            if unacked.get(key) is msg:
+                del unacked[key]
+                taker.pop(key, None)
+
+        msg = BusMessage(subject, data, headers, when, ack)
+        if self.member.mailbox.put_nowait(msg):
+            unacked[id(msg)] = msg
+
+    def taken(self, sub: QueueSubscription, msg: BusMessage) -> None:
+        """``sub`` received ``msg``."""
+        if self.unacked.get(id(msg)) is msg:
+            self.taker[id(msg)] = sub
+
+    def release(self, sub: QueueSubscription) -> None:
+        """``sub`` left: what it took and did not ack goes back, oldest first."""
+        back = [m for k, m in self.unacked.items() if self.taker.get(k) is sub]
+        for m in back:
+            del self.taker[id(m)]
+        self.member.mailbox.requeue(back)
+
+
+class _DurableSubscription(QueueSubscription):
+    """A subscription to a durable consumer: records who took each message."""
+
+    def __init__(self, state: _Durable,
+                 on_unsubscribe: Callable[[QueueSubscription], Awaitable[None]]) -> None:
+        super().__init__(state.member.mailbox, on_unsubscribe)
+        self._state = state
+
+    async def __anext__(self) -> BusMessage:
+        """See QueueSubscription; the message is now this subscription's to ack."""
+        msg = await super().__anext__()
+        self._state.taken(self, msg)
+        return msg
+
+    def take_ready(self, limit: int) -> list[BusMessage]:
+        """See Subscription.take_ready."""
+        out = super().take_ready(limit)
+        for msg in out:
+            self._state.taken(self, msg)
+        return out
 
 
 class InProcessBus:
@@ -355,9 +414,10 @@ class InProcessBus:
     no subscription is attached it keeps buffering matching messages (bounded
     by the ``max_pending`` of its first subscription, drops counted), and a new
     subscription with the same name resumes from there. Several attached
-    subscriptions share the consumer (each message goes to one). ``ack`` is set
-    on durable messages but does nothing: a message is gone once it was taken,
-    and nothing survives the process.
+    subscriptions share the consumer (each message goes to one). Delivery is
+    at least once within the process: a message taken and not acked goes back
+    to the head of the consumer's queue when the subscription that took it
+    unsubscribes. Nothing survives the process.
     """
 
     def __init__(self) -> None:
@@ -396,21 +456,19 @@ class InProcessBus:
             turn = self._round_robin.get(group, 0)
             self._round_robin[group] = turn + 1
             members[turn % len(members)].put_nowait(msg)
-        if route.durable:
-            durable_msg = BusMessage(subject, data, hdrs, msg.publish_time, _noop_ack)
-            for mailbox in route.durable:
-                mailbox.put_nowait(durable_msg)
+        for state in route.durable:
+            state.put(subject, data, hdrs, msg.publish_time)
 
     def _route(self, subject: str) -> _Route:
         tokens = tuple(subject.split("."))
         plain: list[Mailbox] = []
-        durable: list[Mailbox] = []
+        durable: list[_Durable] = []
         groups: dict[str, list[Mailbox]] = {}
         for member in self._members:
             if not pattern_matches(member.tokens, tokens):
                 continue
             if member.durable:
-                durable.append(member.mailbox)
+                durable.append(self._durables[member.durable])
             elif member.group:
                 groups.setdefault(member.group, []).append(member.mailbox)
             else:
@@ -462,8 +520,10 @@ class InProcessBus:
 
         async def detach(sub: QueueSubscription) -> None:
             self._handles.discard(sub)
+            if self._durables.get(name) is state:
+                state.release(sub)
 
-        sub = QueueSubscription(state.member.mailbox, detach)
+        sub = _DurableSubscription(state, detach)
         self._handles.add(sub)
         return sub
 

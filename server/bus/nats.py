@@ -28,8 +28,8 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats
@@ -73,6 +73,8 @@ class _Sub:
     core: NatsSubscription | None = None
     pull: JetStreamContext.PullSubscription | None = None
     task: asyncio.Task[None] | None = None
+    unacked: dict[int, Msg] = field(default_factory=dict)
+    """Durable messages this subscription fetched and has not acked yet."""
 
 
 class NatsBus:
@@ -268,8 +270,7 @@ class NatsBus:
 
     def _start_pull(self, record: _Sub) -> None:
         assert record.pull is not None
-        record.task = asyncio.create_task(self._pull_loop(record.pull, record.handle.mailbox),
-                                          name="nats-durable-pull")
+        record.task = asyncio.create_task(self._pull_loop(record), name="nats-durable-pull")
         record.task.add_done_callback(_log_task_failure)
 
     def _restart_pulls(self) -> None:
@@ -325,9 +326,11 @@ class NatsBus:
             raise ValueError(
                 f"durable {durable!r} exists for {info.config.filter_subject!r}, not {wire!r}")
 
-    async def _pull_loop(self, pull: JetStreamContext.PullSubscription, mailbox: Mailbox) -> None:
+    async def _pull_loop(self, record: _Sub) -> None:
         """Fetch durable messages one by one while the mailbox has room (owned task)."""
         strip = self._strip
+        pull, mailbox, unacked = record.pull, record.handle.mailbox, record.unacked
+        assert pull is not None
         while True:
             await mailbox.wait_for_space()
             try:
@@ -341,9 +344,10 @@ class NatsBus:
                 await asyncio.sleep(_FETCH_RETRY_DELAY)
                 continue
             for msg in msgs:
+                unacked[id(msg)] = msg
                 mailbox.put_nowait(BusMessage(
                     msg.subject[strip:], msg.data, msg.headers or {},
-                    _js_time(msg), msg.ack,
+                    _js_time(msg), _acker(msg, unacked),
                 ))
 
     async def _unsubscribe(self, handle: QueueSubscription) -> None:
@@ -363,6 +367,14 @@ class NatsBus:
                 await record.pull.unsubscribe()
         except nats.errors.Error as exc:
             _log.debug("nats unsubscribe: %s", exc)
+        # What this subscriber fetched and never acked goes back to the consumer
+        # now, rather than after ack_wait: the next subscriber gets it at once.
+        pending, record.unacked = list(record.unacked.values()), {}
+        for msg in pending:
+            try:
+                await msg.nak()
+            except nats.errors.Error as exc:  # redelivered after ack_wait anyway
+                _log.debug("nats nak: %s", exc)
 
     async def drain(self) -> None:
         """Flush publishes, hand subscribers what is in flight, then close. Safe to repeat."""
@@ -401,6 +413,17 @@ async def _stop(task: asyncio.Task[None]) -> None:
     """Cancel an owned task and wait for it; its failure was logged already."""
     with contextlib.suppress(Exception):
         await cancel_and_wait(task)
+
+
+def _acker(msg: Msg, unacked: dict[int, Msg]) -> Callable[[], Awaitable[None]]:
+    """``BusMessage.ack`` of a durable message: ack it, and stop tracking it."""
+
+    async def ack() -> None:
+        await msg.ack()
+        if unacked.get(id(msg)) is msg:
+            del unacked[id(msg)]
+
+    return ack
 
 
 def _log_task_failure(task: asyncio.Task[None]) -> None:

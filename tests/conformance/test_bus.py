@@ -275,6 +275,41 @@ async def test_durable_resumes_and_acks(bus: Bus) -> None:
     assert (await next_msg(again)).data == b"m4"  # m1 was acked: not delivered again
 
 
+async def test_durable_redelivers_what_was_not_acked(bus: Bus) -> None:
+    """At-least-once: a message delivered but never acked comes again to the
+    next subscriber of the durable, and an acked one does not."""
+    sub = await bus.subscribe("jobs.>", durable=DURABLE, max_pending=100)
+    await bus.publish("jobs.a", b"acked")
+    await bus.publish("jobs.b", b"lost-with-its-subscriber")
+    got = [await next_msg(sub) for _ in range(2)]
+    assert [m.data for m in got] == [b"acked", b"lost-with-its-subscriber"]
+    assert got[0].ack is not None
+    await got[0].ack()
+    await sub.unsubscribe()  # the subscriber goes away holding b, unacked
+
+    again = await bus.subscribe("jobs.>", durable=DURABLE, max_pending=100)
+    redelivered = await asyncio.wait_for(next_msg(again), 10)
+    assert (redelivered.subject, redelivered.data) == ("jobs.b", b"lost-with-its-subscriber")
+    assert redelivered.ack is not None
+    await redelivered.ack()
+    await bus.publish("jobs.c", b"next")
+    assert (await next_msg(again)).data == b"next"  # a is not delivered again
+
+
+async def test_durable_hands_what_a_leaving_member_held_to_the_one_that_stays(
+        bus: Bus) -> None:
+    leaving = await bus.subscribe("jobs.>", durable=DURABLE, max_pending=100)
+    await bus.publish("jobs.x", b"held")
+    held = await next_msg(leaving)
+    assert held.data == b"held"
+    staying = await bus.subscribe("jobs.>", durable=DURABLE, max_pending=100)
+    await leaving.unsubscribe()  # never acked
+    again = await asyncio.wait_for(next_msg(staying), 10)
+    assert again.data == b"held" and again.ack is not None
+    await again.ack()
+    await staying.unsubscribe()
+
+
 async def test_drain_and_aclose_are_idempotent(bus: Bus) -> None:
     sub = await bus.subscribe("bye")
     await bus.publish("bye", b"last")
