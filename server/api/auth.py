@@ -152,6 +152,7 @@ RPC_ROLES: Mapping[str, frozenset[Role]] = {
     **_service(bus_pb2, "BusService", {
         "Publish": frozenset({_A, _ADM}),
         "Subscribe": frozenset({_A, _C, _ADM}),
+        "SubscribeDurable": frozenset({_A, _C, _ADM}),
     }),
 }
 """Which roles may call which RPC; a method missing here is refused to everyone."""

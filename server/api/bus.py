@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from agentmesh.v1 import bus_pb2, bus_pb2_grpc
 
-from server.api import convert, errors
+from server.api import auth, convert, errors, streams
 from server.api.convert import Limits
-from server.domain.errors import InvalidArgumentError
-from server.services.messaging import Messaging
+from server.domain.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    PermissionDeniedError,
+)
+from server.services.messaging import DurableReceiver, Messaging
+
+DURABLE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+DEFAULT_IN_FLIGHT, MAX_IN_FLIGHT = 100, 10_000
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -50,3 +60,54 @@ class BusServicer(bus_pb2_grpc.BusServiceServicer):
         async for message in self._messaging.subscribe(ns, pattern, group):
             yield bus_pb2.SubscribeResponse(message=convert.bus_message_to_proto(
                 message.subject, message.data, message.headers, message.publish_time))
+
+    @errors.streaming
+    async def SubscribeDurable(
+            self, request_iterator: AsyncIterator[bus_pb2.SubscribeDurableRequest], context: Ctx,
+    ) -> AsyncIterator[bus_pb2.SubscribeDurableResponse]:
+        """See the proto."""
+        first = await streams.first_message(request_iterator, "open", "open")
+        opened = first.open
+        ns = convert.namespace(opened.namespace, "open.namespace")
+        who = auth.caller()
+        if who is not None and not who.can_see(ns):
+            raise PermissionDeniedError(f"the token is not bound to namespace {ns!r}",
+                                        reason="NAMESPACE_DENIED")
+        pattern = convert.subject_pattern(opened.subject, "open.subject")
+        if not DURABLE_NAME_RE.match(opened.durable_name):
+            raise InvalidArgumentError.field(
+                "open.durable_name", "1-64 letters, digits, '-' or '_'")
+        if opened.max_in_flight < 0:
+            raise InvalidArgumentError.field("open.max_in_flight", "must not be negative")
+        in_flight = min(opened.max_in_flight or DEFAULT_IN_FLIGHT, MAX_IN_FLIGHT)
+        try:
+            receiver = await self._messaging.subscribe_durable(ns, pattern,
+                                                               opened.durable_name, in_flight)
+        except ValueError as exc:  # the consumer exists with another pattern
+            raise FailedPreconditionError(str(exc), reason="DURABLE_PATTERN") from None
+        await context.send_initial_metadata(())  # the consumer exists: see the proto
+        acks = asyncio.create_task(_read_acks(request_iterator, receiver))
+        acks.add_done_callback(lambda _: asyncio.ensure_future(receiver.close()))
+        try:
+            async for delivery, message in receiver.deliveries():
+                yield bus_pb2.SubscribeDurableResponse(
+                    delivery_id=delivery, message=convert.bus_message_to_proto(
+                        message.subject, message.data, message.headers, message.publish_time))
+            error = acks.exception() if acks.done() and not acks.cancelled() else None
+            if error is not None:
+                raise error
+        finally:
+            acks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await acks
+            await receiver.close()
+
+
+async def _read_acks(requests: AsyncIterator[bus_pb2.SubscribeDurableRequest],
+                     receiver: DurableReceiver) -> None:
+    """Apply the stream's acks until it half-closes; a non-ack message is refused."""
+    async for request in requests:
+        errors.check(request)
+        if request.WhichOneof("kind") != "ack":
+            raise InvalidArgumentError.field("ack", "after `open`, send only `ack` messages")
+        await receiver.ack(request.ack.delivery_ids)

@@ -56,7 +56,10 @@ __all__ = ["NatsBus"]
 
 _log = logging.getLogger(__name__)
 
-_FETCH_TIMEOUT = 5.0
+_FETCH_TIMEOUT = 1.0
+"""Life of one pull request. A request outlives a cancelled fetch on the server
+(nats-server before 2.10 does not notice the requester left), and anything
+JetStream delivers to it meanwhile waits for ack_wait: so keep it short."""
 _FETCH_RETRY_DELAY = 0.5
 
 
@@ -332,6 +335,9 @@ class NatsBus:
         pull, mailbox, unacked = record.pull, record.handle.mailbox, record.unacked
         assert pull is not None
         while True:
+            # nats-py's fetch turns a cancellation into its own TimeoutError:
+            # without this check, unsubscribing would wait forever.
+            raise_if_cancelling()
             await mailbox.wait_for_space()
             try:
                 msgs = await pull.fetch(1, timeout=_FETCH_TIMEOUT)
@@ -354,7 +360,10 @@ class NatsBus:
         record = self._subs.pop(handle, None)
         if record is None:
             return
-        await self._release(record)
+        # Shielded: unsubscribing is often the cleanup of a cancelled task (a
+        # stream whose client left), where stopping the pull task would raise
+        # the caller's cancellation half way and skip the naks below.
+        await asyncio.shield(self._release(record))
 
     async def _release(self, record: _Sub) -> None:
         if record.task is not None:
@@ -368,11 +377,13 @@ class NatsBus:
         except nats.errors.Error as exc:
             _log.debug("nats unsubscribe: %s", exc)
         # What this subscriber fetched and never acked goes back to the consumer
-        # now, rather than after ack_wait: the next subscriber gets it at once.
+        # now, rather than after ack_wait. The nak is delayed past the life of a
+        # pull request this subscriber may have left on the server, which would
+        # otherwise receive the message again, into an inbox nobody reads.
         pending, record.unacked = list(record.unacked.values()), {}
         for msg in pending:
             try:
-                await msg.nak()
+                await msg.nak(delay=_FETCH_TIMEOUT)
             except nats.errors.Error as exc:  # redelivered after ack_wait anyway
                 _log.debug("nats nak: %s", exc)
 

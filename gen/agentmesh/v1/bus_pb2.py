@@ -26,7 +26,7 @@ from agentmesh.v1 import common_pb2 as agentmesh_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61gentmesh/v1/bus.proto\x12\x0c\x61gentmesh.v1\x1a\x19\x61gentmesh/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdf\x01\n\nBusMessage\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12&\n\x07payload\x18\x02 \x01(\x0b\x32\x15.agentmesh.v1.Payload\x12\x36\n\x07headers\x18\x03 \x03(\x0b\x32%.agentmesh.v1.BusMessage.HeadersEntry\x12\x30\n\x0cpublish_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x0ePublishRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12)\n\x07message\x18\x02 \x01(\x0b\x32\x18.agentmesh.v1.BusMessage\"\x11\n\x0fPublishResponse\"K\n\x10SubscribeRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x13\n\x0bqueue_group\x18\x03 \x01(\t\">\n\x11SubscribeResponse\x12)\n\x07message\x18\x01 \x01(\x0b\x32\x18.agentmesh.v1.BusMessage2\xa4\x01\n\nBusService\x12\x46\n\x07Publish\x12\x1c.agentmesh.v1.PublishRequest\x1a\x1d.agentmesh.v1.PublishResponse\x12N\n\tSubscribe\x12\x1e.agentmesh.v1.SubscribeRequest\x1a\x1f.agentmesh.v1.SubscribeResponse0\x01\x42@Z>github.com/agentmesh/agentmesh/gen/go/agentmesh/v1;agentmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61gentmesh/v1/bus.proto\x12\x0c\x61gentmesh.v1\x1a\x19\x61gentmesh/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdf\x01\n\nBusMessage\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12&\n\x07payload\x18\x02 \x01(\x0b\x32\x15.agentmesh.v1.Payload\x12\x36\n\x07headers\x18\x03 \x03(\x0b\x32%.agentmesh.v1.BusMessage.HeadersEntry\x12\x30\n\x0cpublish_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"N\n\x0ePublishRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12)\n\x07message\x18\x02 \x01(\x0b\x32\x18.agentmesh.v1.BusMessage\"\x11\n\x0fPublishResponse\"K\n\x10SubscribeRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x13\n\x0bqueue_group\x18\x03 \x01(\t\">\n\x11SubscribeResponse\x12)\n\x07message\x18\x01 \x01(\x0b\x32\x18.agentmesh.v1.BusMessage\"u\n\x17SubscribeDurableRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.agentmesh.v1.DurableOpenH\x00\x12\'\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x18.agentmesh.v1.DurableAckH\x00\x42\x06\n\x04kind\"^\n\x0b\x44urableOpen\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x14\n\x0c\x64urable_name\x18\x03 \x01(\t\x12\x15\n\rmax_in_flight\x18\x04 \x01(\x05\"\"\n\nDurableAck\x12\x14\n\x0c\x64\x65livery_ids\x18\x01 \x03(\x04\"Z\n\x18SubscribeDurableResponse\x12)\n\x07message\x18\x01 \x01(\x0b\x32\x18.agentmesh.v1.BusMessage\x12\x13\n\x0b\x64\x65livery_id\x18\x02 \x01(\x04\x32\x8b\x02\n\nBusService\x12\x46\n\x07Publish\x12\x1c.agentmesh.v1.PublishRequest\x1a\x1d.agentmesh.v1.PublishResponse\x12N\n\tSubscribe\x12\x1e.agentmesh.v1.SubscribeRequest\x1a\x1f.agentmesh.v1.SubscribeResponse0\x01\x12\x65\n\x10SubscribeDurable\x12%.agentmesh.v1.SubscribeDurableRequest\x1a&.agentmesh.v1.SubscribeDurableResponse(\x01\x30\x01\x42@Z>github.com/agentmesh/agentmesh/gen/go/agentmesh/v1;agentmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,6 +48,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBSCRIBEREQUEST']._serialized_end=500
   _globals['_SUBSCRIBERESPONSE']._serialized_start=502
   _globals['_SUBSCRIBERESPONSE']._serialized_end=564
-  _globals['_BUSSERVICE']._serialized_start=567
-  _globals['_BUSSERVICE']._serialized_end=731
+  _globals['_SUBSCRIBEDURABLEREQUEST']._serialized_start=566
+  _globals['_SUBSCRIBEDURABLEREQUEST']._serialized_end=683
+  _globals['_DURABLEOPEN']._serialized_start=685
+  _globals['_DURABLEOPEN']._serialized_end=779
+  _globals['_DURABLEACK']._serialized_start=781
+  _globals['_DURABLEACK']._serialized_end=815
+  _globals['_SUBSCRIBEDURABLERESPONSE']._serialized_start=817
+  _globals['_SUBSCRIBEDURABLERESPONSE']._serialized_end=907
+  _globals['_BUSSERVICE']._serialized_start=910
+  _globals['_BUSSERVICE']._serialized_end=1177
 # @@protoc_insertion_point(module_scope)

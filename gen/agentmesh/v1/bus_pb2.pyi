@@ -178,3 +178,127 @@ class SubscribeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubscribeResponse: _TypeAlias = SubscribeResponse  # noqa: Y015
+
+@_typing.final
+class SubscribeDurableRequest(_message.Message):
+    """SubscribeDurableRequest opens a durable subscription, then acknowledges."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPEN_FIELD_NUMBER: _builtins.int
+    ACK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def open(self) -> Global___DurableOpen:
+        """The first message of the stream, and only the first."""
+
+    @_builtins.property
+    def ack(self) -> Global___DurableAck:
+        """Every later message: deliveries the subscriber is done with."""
+
+    def __init__(
+        self,
+        *,
+        open: Global___DurableOpen | None = ...,
+        ack: Global___DurableAck | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "open", b"open"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "open", b"open"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "ack"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___SubscribeDurableRequest: _TypeAlias = SubscribeDurableRequest  # noqa: Y015
+
+@_typing.final
+class DurableOpen(_message.Message):
+    """DurableOpen names the consumer and the subjects it takes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    DURABLE_NAME_FIELD_NUMBER: _builtins.int
+    MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """Namespace; "default" when empty."""
+    subject: _builtins.str
+    """Subject pattern ("jobs.>"); a consumer keeps the pattern it was created with."""
+    durable_name: _builtins.str
+    """Consumer name: letters, digits, '-' and '_', at most 64. Streams opened
+    with the same name in a namespace share its messages (each goes to one).
+    """
+    max_in_flight: _builtins.int
+    """Most messages delivered to this stream and not yet acknowledged; 0 means
+    the default (100), more than 10000 is lowered.
+    """
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        durable_name: _builtins.str = ...,
+        max_in_flight: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["durable_name", b"durable_name", "max_in_flight", b"max_in_flight", "namespace", b"namespace", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DurableOpen: _TypeAlias = DurableOpen  # noqa: Y015
+
+@_typing.final
+class DurableAck(_message.Message):
+    """DurableAck acknowledges deliveries of this stream. Unknown or repeated ids
+    are ignored.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def delivery_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """delivery_id values from SubscribeDurableResponse."""
+
+    def __init__(
+        self,
+        *,
+        delivery_ids: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_ids", b"delivery_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DurableAck: _TypeAlias = DurableAck  # noqa: Y015
+
+@_typing.final
+class SubscribeDurableResponse(_message.Message):
+    """SubscribeDurableResponse is one delivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    delivery_id: _builtins.int
+    """Id to acknowledge it by, unique within this stream."""
+    @_builtins.property
+    def message(self) -> Global___BusMessage:
+        """The message."""
+
+    def __init__(
+        self,
+        *,
+        message: Global___BusMessage | None = ...,
+        delivery_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubscribeDurableResponse: _TypeAlias = SubscribeDurableResponse  # noqa: Y015

@@ -46,6 +46,11 @@ class BusServiceStub:
                 request_serializer=agentmesh_dot_v1_dot_bus__pb2.SubscribeRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_v1_dot_bus__pb2.SubscribeResponse.FromString,
                 _registered_method=True)
+        self.SubscribeDurable = channel.stream_stream(
+                '/agentmesh.v1.BusService/SubscribeDurable',
+                request_serializer=agentmesh_dot_v1_dot_bus__pb2.SubscribeDurableRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_bus__pb2.SubscribeDurableResponse.FromString,
+                _registered_method=True)
 
 
 class BusServiceServicer:
@@ -68,6 +73,22 @@ class BusServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubscribeDurable(self, request_iterator, context):
+        """SubscribeDurable streams the messages of a durable consumer (JetStream on
+        NATS), at least once. The first request opens the consumer; later ones
+        acknowledge deliveries by id. A message not acknowledged when the stream
+        ends goes back to the consumer and comes again, to another open stream
+        of the same consumer or to the next one opened; acknowledged messages
+        never come again. Messages published while no stream is open wait in the
+        consumer (from its creation on). The response headers (initial metadata)
+        come once the consumer exists: a client that waits for them knows that
+        what is published afterwards reaches the consumer. Half-closing the
+        request side ends the stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BusServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +101,11 @@ def add_BusServiceServicer_to_server(servicer, server):
                     servicer.Subscribe,
                     request_deserializer=agentmesh_dot_v1_dot_bus__pb2.SubscribeRequest.FromString,
                     response_serializer=agentmesh_dot_v1_dot_bus__pb2.SubscribeResponse.SerializeToString,
+            ),
+            'SubscribeDurable': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubscribeDurable,
+                    request_deserializer=agentmesh_dot_v1_dot_bus__pb2.SubscribeDurableRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_bus__pb2.SubscribeDurableResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +164,33 @@ class BusService:
             '/agentmesh.v1.BusService/Subscribe',
             agentmesh_dot_v1_dot_bus__pb2.SubscribeRequest.SerializeToString,
             agentmesh_dot_v1_dot_bus__pb2.SubscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubscribeDurable(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/agentmesh.v1.BusService/SubscribeDurable',
+            agentmesh_dot_v1_dot_bus__pb2.SubscribeDurableRequest.SerializeToString,
+            agentmesh_dot_v1_dot_bus__pb2.SubscribeDurableResponse.FromString,
             options,
             channel_credentials,
             insecure,

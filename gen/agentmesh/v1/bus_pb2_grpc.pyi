@@ -41,6 +41,18 @@ class BusServiceStub:
     """Subscribe streams the messages published on matching subjects. A
     subscriber that does not keep up is cut off with RESOURCE_EXHAUSTED.
     """
+    SubscribeDurable: _grpc.StreamStreamMultiCallable[_bus_pb2.SubscribeDurableRequest, _bus_pb2.SubscribeDurableResponse]
+    """SubscribeDurable streams the messages of a durable consumer (JetStream on
+    NATS), at least once. The first request opens the consumer; later ones
+    acknowledge deliveries by id. A message not acknowledged when the stream
+    ends goes back to the consumer and comes again, to another open stream
+    of the same consumer or to the next one opened; acknowledged messages
+    never come again. Messages published while no stream is open wait in the
+    consumer (from its creation on). The response headers (initial metadata)
+    come once the consumer exists: a client that waits for them knows that
+    what is published afterwards reaches the consumer. Half-closing the
+    request side ends the stream.
+    """
 
 @_typing.type_check_only
 class BusServiceAsyncStub(BusServiceStub):
@@ -54,6 +66,18 @@ class BusServiceAsyncStub(BusServiceStub):
     Subscribe: _aio.UnaryStreamMultiCallable[_bus_pb2.SubscribeRequest, _bus_pb2.SubscribeResponse]  # type: ignore[assignment]
     """Subscribe streams the messages published on matching subjects. A
     subscriber that does not keep up is cut off with RESOURCE_EXHAUSTED.
+    """
+    SubscribeDurable: _aio.StreamStreamMultiCallable[_bus_pb2.SubscribeDurableRequest, _bus_pb2.SubscribeDurableResponse]  # type: ignore[assignment]
+    """SubscribeDurable streams the messages of a durable consumer (JetStream on
+    NATS), at least once. The first request opens the consumer; later ones
+    acknowledge deliveries by id. A message not acknowledged when the stream
+    ends goes back to the consumer and comes again, to another open stream
+    of the same consumer or to the next one opened; acknowledged messages
+    never come again. Messages published while no stream is open wait in the
+    consumer (from its creation on). The response headers (initial metadata)
+    come once the consumer exists: a client that waits for them knows that
+    what is published afterwards reaches the consumer. Half-closing the
+    request side ends the stream.
     """
 
 class BusServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -77,6 +101,24 @@ class BusServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_bus_pb2.SubscribeResponse], _abc.AsyncIterator[_bus_pb2.SubscribeResponse]]:
         """Subscribe streams the messages published on matching subjects. A
         subscriber that does not keep up is cut off with RESOURCE_EXHAUSTED.
+        """
+
+    @_abc_1.abstractmethod
+    def SubscribeDurable(
+        self,
+        request_iterator: _MaybeAsyncIterator[_bus_pb2.SubscribeDurableRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_bus_pb2.SubscribeDurableResponse], _abc.AsyncIterator[_bus_pb2.SubscribeDurableResponse]]:
+        """SubscribeDurable streams the messages of a durable consumer (JetStream on
+        NATS), at least once. The first request opens the consumer; later ones
+        acknowledge deliveries by id. A message not acknowledged when the stream
+        ends goes back to the consumer and comes again, to another open stream
+        of the same consumer or to the next one opened; acknowledged messages
+        never come again. Messages published while no stream is open wait in the
+        consumer (from its creation on). The response headers (initial metadata)
+        come once the consumer exists: a client that waits for them knows that
+        what is published afterwards reaches the consumer. Half-closing the
+        request side ends the stream.
         """
 
 def add_BusServiceServicer_to_server(servicer: BusServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
