@@ -7,7 +7,7 @@ import contextlib
 import datetime as dt
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -33,6 +33,7 @@ from agent_sdk._types import (
     AgentEvent,
     AgentInfo,
     BusMessage,
+    DurableMessage,
     MeshStats,
     RetryPolicy,
     StateEntry,
@@ -824,6 +825,47 @@ class MeshClient:
                                            queue_group=queue_group)
         return self._stream(lambda c: c.bus.Subscribe(request),
                             lambda r: bus_message_from_proto(r.message))
+
+
+    async def subscribe_durable(self, subject: str, name: str, *,
+                                max_in_flight: int = 0) -> AsyncGenerator[DurableMessage, None]:
+        """Messages of the durable consumer ``name`` (at least once; see the proto).
+
+        ``await message.ack()`` once a message is handled. Messages published
+        while no subscription of ``name`` is open wait for the next one; one
+        not acked when the subscription ends comes again. The subscription
+        exists once the first ``__anext__`` is awaited; it does not fail over
+        by itself (open it again: nothing acked is lost).
+        """
+        conn = self._conn()
+        requests: asyncio.Queue[bus_pb2.SubscribeDurableRequest] = asyncio.Queue()
+        requests.put_nowait(bus_pb2.SubscribeDurableRequest(open=bus_pb2.DurableOpen(
+            namespace=self._namespace, subject=subject, durable_name=name,
+            max_in_flight=max_in_flight)))
+
+        async def outgoing() -> AsyncIterator[bus_pb2.SubscribeDurableRequest]:
+            while True:
+                yield await requests.get()
+
+        call = conn.bus.SubscribeDurable(outgoing())
+
+        def acker(delivery_id: int) -> Callable[[], Awaitable[None]]:
+            async def ack() -> None:
+                requests.put_nowait(bus_pb2.SubscribeDurableRequest(
+                    ack=bus_pb2.DurableAck(delivery_ids=[delivery_id])))
+            return ack
+
+        try:
+            async for response in call:
+                m = bus_message_from_proto(response.message)
+                yield DurableMessage(m.subject, m.value, m.headers, m.publish_time,
+                                     response.delivery_id, acker(response.delivery_id))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self._targets.failover(conn)
+            raise rpc_error_from(exc) from None
+        finally:
+            call.cancel()
 
 
 async def _flatten(batches: AsyncGenerator[list[Item], None]) -> AsyncGenerator[Item, None]:

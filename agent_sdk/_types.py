@@ -7,7 +7,7 @@ callers receive are the dataclasses below.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -428,6 +428,24 @@ class BusMessage:
     headers: dict[str, str]
     #: When it was published.
     publish_time: datetime | None
+
+
+async def _no_ack() -> None:
+    """The ``ack`` of a message built by hand: nothing to acknowledge."""
+
+
+@dataclass(frozen=True, slots=True)
+class DurableMessage(BusMessage):
+    """A message of a durable subscription: ``await ack()`` once it is handled.
+
+    One not acked when its subscription ends comes again (to another open
+    subscription of the same name, or the next one opened).
+    """
+
+    #: Delivery id within its subscription.
+    delivery_id: int = 0
+    #: Acknowledges this delivery (set by ``MeshClient.subscribe_durable``).
+    ack: Callable[[], Awaitable[None]] = field(default=_no_ack, repr=False, compare=False)
 
 
 def bus_message_from_proto(m: bus_pb2.BusMessage) -> BusMessage:

@@ -14,7 +14,8 @@ import grpc
 import pytest
 from agentmesh.v1 import bus_pb2, bus_pb2_grpc, common_pb2
 
-from server.app import running_server
+from agent_sdk import MeshClient
+from server.app import Mesh, running_server
 from tests._services import require_nats, unique_prefix
 from tests.conftest import embedded_settings
 
@@ -22,11 +23,16 @@ IA = grpc.StatusCode.INVALID_ARGUMENT
 
 
 @pytest.fixture(params=["memory", "nats"])
-async def stub(request: pytest.FixtureRequest) -> AsyncIterator[bus_pb2_grpc.BusServiceStub]:
+async def mesh(request: pytest.FixtureRequest) -> AsyncIterator[Mesh]:
     bus = "memory://" if request.param == "memory" else require_nats()
     settings = embedded_settings(bus=bus, key_prefix=unique_prefix("durable"))
-    async with running_server(settings) as mesh, \
-            grpc.aio.insecure_channel(mesh.address) as channel:
+    async with running_server(settings) as running:
+        yield running
+
+
+@pytest.fixture
+async def stub(mesh: Mesh) -> AsyncIterator[bus_pb2_grpc.BusServiceStub]:
+    async with grpc.aio.insecure_channel(mesh.address) as channel:
         yield bus_pb2_grpc.BusServiceStub(channel)
 
 
@@ -147,3 +153,25 @@ async def test_bad_streams_are_refused(stub: bus_pb2_grpc.BusServiceStub) -> Non
     assert await code(open_(durable_name="fixed", subject="other.>")) == \
         grpc.StatusCode.FAILED_PRECONDITION
     await keep.close()
+
+
+async def test_sdk_subscribe_durable_acks_and_redelivers(mesh: Mesh) -> None:
+    async with MeshClient(mesh.address) as client:
+        first = client.subscribe_durable("sdk.>", "sdk-workers")
+        pending = asyncio.ensure_future(anext(first))
+        for i in range(50):  # until the consumer exists
+            await client.publish("sdk.job", {"n": i})
+            done, _ = await asyncio.wait({pending}, timeout=0.2)
+            if done:
+                break
+        msg = await pending
+        await msg.ack()
+        await client.publish("sdk.job", "keep-me")
+        while (held := await anext(first)).value != "keep-me":
+            await held.ack()  # probes sent before the consumer was ready
+        await first.aclose()  # leaves with "keep-me" unacked
+        second = client.subscribe_durable("sdk.>", "sdk-workers")
+        again = await asyncio.wait_for(anext(second), 10)
+        assert (again.subject, again.value) == ("sdk.job", "keep-me")
+        await again.ack()
+        await second.aclose()

@@ -57,9 +57,7 @@ __all__ = ["NatsBus"]
 _log = logging.getLogger(__name__)
 
 _FETCH_TIMEOUT = 1.0
-"""Life of one pull request. A request outlives a cancelled fetch on the server
-(nats-server before 2.10 does not notice the requester left), and anything
-JetStream delivers to it meanwhile waits for ack_wait: so keep it short."""
+"""Life of one pull request, and so the longest a durable unsubscribe waits."""
 _FETCH_RETRY_DELAY = 0.5
 
 
@@ -78,6 +76,9 @@ class _Sub:
     task: asyncio.Task[None] | None = None
     unacked: dict[int, Msg] = field(default_factory=dict)
     """Durable messages this subscription fetched and has not acked yet."""
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set: the pull loop is to end after the fetch in progress (see ``_release``)."""
+    fetching: bool = False
 
 
 class NatsBus:
@@ -334,11 +335,14 @@ class NatsBus:
         strip = self._strip
         pull, mailbox, unacked = record.pull, record.handle.mailbox, record.unacked
         assert pull is not None
-        while True:
+        while not record.stopping.is_set():
             # nats-py's fetch turns a cancellation into its own TimeoutError:
-            # without this check, unsubscribing would wait forever.
+            # without this check, a cancelled loop would go on for ever.
             raise_if_cancelling()
             await mailbox.wait_for_space()
+            if record.stopping.is_set():
+                return
+            record.fetching = True
             try:
                 msgs = await pull.fetch(1, timeout=_FETCH_TIMEOUT)
             except nats.errors.TimeoutError:
@@ -349,6 +353,8 @@ class NatsBus:
                 _log.warning("nats durable fetch failed (%s); retrying", exc)
                 await asyncio.sleep(_FETCH_RETRY_DELAY)
                 continue
+            finally:
+                record.fetching = False
             for msg in msgs:
                 unacked[id(msg)] = msg
                 mailbox.put_nowait(BusMessage(
@@ -366,6 +372,14 @@ class NatsBus:
         await asyncio.shield(self._release(record))
 
     async def _release(self, record: _Sub) -> None:
+        if record.task is not None and record.pull is not None and record.fetching:
+            # Let the fetch in progress end by itself (within its expiry) rather
+            # than cancel it: a cancelled fetch leaves its pull request on a
+            # nats-server older than 2.10, which would deliver the next message
+            # to an inbox nobody reads, where it would wait for ack_wait.
+            record.stopping.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(record.task), _FETCH_TIMEOUT + 1.0)
         if record.task is not None:
             await _stop(record.task)
         try:
@@ -377,13 +391,11 @@ class NatsBus:
         except nats.errors.Error as exc:
             _log.debug("nats unsubscribe: %s", exc)
         # What this subscriber fetched and never acked goes back to the consumer
-        # now, rather than after ack_wait. The nak is delayed past the life of a
-        # pull request this subscriber may have left on the server, which would
-        # otherwise receive the message again, into an inbox nobody reads.
+        # now, rather than after ack_wait: the next subscriber gets it at once.
         pending, record.unacked = list(record.unacked.values()), {}
         for msg in pending:
             try:
-                await msg.nak(delay=_FETCH_TIMEOUT)
+                await msg.nak()
             except nats.errors.Error as exc:  # redelivered after ack_wait anyway
                 _log.debug("nats nak: %s", exc)
 
