@@ -84,7 +84,7 @@ class Mesh:
         grace = self.settings.drain_grace if grace is None else grace
         await self.health.enter_graceful_shutdown()
         self.scheduler.drain_sessions()
-        told = self.registry.drain_all("server shutting down", grace)
+        told = await self.registry.drain_all("server shutting down", grace)
         log.info("draining: told %d agent(s); %d task(s) in flight", told,
                  self.scheduler.in_flight_local())
         loop = asyncio.get_running_loop()

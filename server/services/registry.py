@@ -75,6 +75,8 @@ class Registry:
         self.config = config or RegistryConfig()
         self.on_gone: Callable[[Agent], Awaitable[None]] | None = None
         self._streams: dict[str, Callable[[Drain], None]] = {}
+        self._loads: dict[str, tuple[int, float]] = {}
+        """Last (in_flight, load) beaten by each agent attached here."""
 
     @property
     def ttl(self) -> float:
@@ -124,11 +126,15 @@ class Registry:
         if agent is None:
             raise FailedPreconditionError(
                 f"agents/{agent_id} session ended; register again", reason="SESSION_ENDED")
+        if agent_id in self._streams and self._loads.get(agent_id) != (in_flight, load):
+            self._loads[agent_id] = (in_flight, load)
+            await self._publish(AgentEventType.UPDATED, agent)
         return agent
 
     async def detach(self, agent_id: str, reason: str) -> None:
         """The heartbeat stream ended: the agent is gone at once."""
         self._streams.pop(agent_id, None)
+        self._loads.pop(agent_id, None)
         await self.mark_gone(agent_id, reason)
 
     async def deregister(self, agent_id: str, session_token: str) -> None:
@@ -138,6 +144,7 @@ class Registry:
 
     async def mark_gone(self, agent_id: str, reason: str) -> None:
         """End a session and hand its leases back."""
+        self._loads.pop(agent_id, None)
         before = await self._agents.get(agent_id)
         if before is None or before.state is AgentState.GONE:
             return
@@ -158,11 +165,21 @@ class Registry:
         await self._agents.purge(now - self.config.gone_retention)
         return len(expired)
 
-    def drain_all(self, reason: str, grace_period: float) -> int:
-        """Ask every agent attached here to drain; returns how many were told."""
-        for send in list(self._streams.values()):
+    async def drain_all(self, reason: str, grace_period: float) -> int:
+        """Ask every agent attached here to drain; returns how many were told.
+
+        Each is DRAINING from now on (its in-flight work still finishes and is
+        accepted; it takes no new work) and watchers get an UPDATED event.
+        """
+        told = 0
+        for agent_id, send in list(self._streams.items()):
             send(Drain(reason, grace_period))
-        return len(self._streams)
+            told += 1
+            agent = await self._agents.set_state(agent_id, AgentState.DRAINING,
+                                                 now=self._clock.now())
+            if agent is not None and agent.state is AgentState.DRAINING:
+                await self._publish(AgentEventType.UPDATED, agent)
+        return told
 
     async def get(self, agent_id: str) -> Agent:
         """One agent (NotFoundError)."""
@@ -208,4 +225,5 @@ class Registry:
 
     async def _publish(self, kind: AgentEventType, agent: Agent) -> None:
         await events.announce(self._bus, events.agent_subject(agent.namespace), events.encode(
-            {"id": agent.id, "type": int(kind), "time": self._clock.now()}))
+            {"id": agent.id, "type": int(kind), "state": int(agent.state),
+             "time": self._clock.now()}))

@@ -752,7 +752,10 @@ class Scheduler:
         """Agents joining or leaving change who may serve as a fallback: re-poll."""
         async for message in sub:
             body = events.decode(message.data)
-            if int(body.get("type", 0)) == 3:  # LEFT
+            kind = int(body.get("type", 0))
+            if kind == 2 and body.get("state") == 1:  # UPDATED, still ACTIVE: a load change
+                continue
+            if kind == 3:  # LEFT
                 self.breakers.forget(str(body.get("id", "")))
             self._live.clear()
             self._wake.set()
