@@ -196,12 +196,11 @@ async def test_workflow_outputs_flow_downstream(channel: grpc.aio.Channel) -> No
             output=js(json.loads(a.task.input.data or b"0") * 10))))
         agent.out.put_nowait(task_pb2.ProcessTasksRequest(credit=task_pb2.TaskCredit(count=1)))
     assert set(seen) == {"first", "second", "join"}
-    for _ in range(50):
-        got = (await tasks.GetWorkflow(task_pb2.GetWorkflowRequest(name=wf.name))).workflow
-        if got.state != task_pb2.WORKFLOW_STATE_RUNNING:
-            break
-        await asyncio.sleep(0.02)
-    assert got.state == task_pb2.WORKFLOW_STATE_SUCCEEDED
+    async with asyncio.timeout(10):  # WatchWorkflow: the current state, then every change
+        async for update in tasks.WatchWorkflow(task_pb2.WatchWorkflowRequest(name=wf.name)):
+            if update.workflow.state != task_pb2.WORKFLOW_STATE_RUNNING:
+                break
+    assert update.workflow.state == task_pb2.WORKFLOW_STATE_SUCCEEDED
     agent.out.put_nowait(None)
     agent.hb_out.put_nowait(None)
 
