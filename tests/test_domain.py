@@ -1,8 +1,9 @@
 """Domain unit tests: DAG validation, retry decisions, token buckets, task versions.
 
 Pure functions of ``server/domain``: no gRPC, no store, no event loop. The
-task state machine itself is proven once per store by the conformance suite
-(``tests/conformance/test_task_store.py``); here are the rules it relies on.
+task state machine is a table (``TASK_TRANSITIONS``) checked here for shape;
+the conformance suite (``tests/conformance/test_task_store.py``) checks every
+change each store reports against it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from server.domain.errors import InvalidArgumentError
 from server.domain.limits import bucket_has, bucket_take
 from server.domain.models import (
     LIVE_TASK_STATES,
+    TASK_TRANSITIONS,
     TERMINAL_TASK_STATES,
     Jitter,
     Payload,
@@ -116,6 +118,21 @@ def test_random_graphs_agree_with_a_brute_force_cycle_check() -> None:
 
 
 # -- task states and retries ---------------------------------------------------------
+
+
+def test_the_state_machine_table() -> None:
+    assert set(TASK_TRANSITIONS) == {None, *TaskState}
+    assert TASK_TRANSITIONS[None] == {TaskState.PENDING, TaskState.QUEUED}
+    assert TASK_TRANSITIONS[TaskState.SUCCEEDED] == frozenset()  # final
+    for state, targets in TASK_TRANSITIONS.items():
+        assert state not in targets
+        if state in TERMINAL_TASK_STATES:  # only a human re-drive leaves them
+            assert targets <= {TaskState.QUEUED, TaskState.PENDING}
+    # every state can be reached, and every live state can end
+    reachable = set().union(*TASK_TRANSITIONS.values())
+    assert reachable == set(TaskState)
+    for state in LIVE_TASK_STATES:
+        assert TASK_TRANSITIONS[state] & (TERMINAL_TASK_STATES | {TaskState.QUEUED})
 
 
 def test_every_state_is_either_live_or_terminal() -> None:

@@ -40,6 +40,36 @@ TERMINAL_TASK_STATES = frozenset(
 )
 
 
+TASK_TRANSITIONS: Mapping[TaskState | None, frozenset[TaskState]] = {
+    None: frozenset({TaskState.PENDING, TaskState.QUEUED}),
+    TaskState.PENDING: frozenset({TaskState.QUEUED, TaskState.CANCELLED}),
+    TaskState.QUEUED: frozenset({TaskState.RUNNING, TaskState.CANCELLED, TaskState.FAILED}),
+    TaskState.RUNNING: frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.RETRYING,
+                                  TaskState.DEAD_LETTERED, TaskState.CANCELLED,
+                                  TaskState.QUEUED}),
+    TaskState.RETRYING: frozenset({TaskState.QUEUED, TaskState.CANCELLED}),
+    TaskState.FAILED: frozenset({TaskState.QUEUED, TaskState.PENDING}),
+    TaskState.DEAD_LETTERED: frozenset({TaskState.QUEUED, TaskState.PENDING}),
+    TaskState.CANCELLED: frozenset({TaskState.QUEUED, TaskState.PENDING}),
+    TaskState.SUCCEEDED: frozenset(),
+}
+"""The task state machine: the states a task may move to from each state
+(``None``: it is created). Every store keeps to it; the conformance suite
+checks each change a store reports against this table.
+
+- created: QUEUED, or PENDING when it depends on other workflow steps;
+- PENDING -> QUEUED when its dependencies succeeded, CANCELLED when one failed;
+- QUEUED -> RUNNING (leased), FAILED (schedule-to-start timeout), CANCELLED;
+- RUNNING -> SUCCEEDED, FAILED (non-retryable), RETRYING (backoff timer),
+  DEAD_LETTERED (attempts exhausted), CANCELLED, or QUEUED again (its agent
+  left, or the lease went back unused);
+- RETRYING -> QUEUED when the timer fires, CANCELLED;
+- FAILED, DEAD_LETTERED, CANCELLED -> QUEUED only by a human re-drive (or
+  PENDING: a re-driven workflow step whose dependencies run again);
+- SUCCEEDED is final.
+"""
+
+
 class AgentState(enum.IntEnum):
     """Lifecycle of an agent session (values match the proto enum)."""
 

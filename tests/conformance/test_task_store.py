@@ -6,8 +6,10 @@ The clock is injected (``now``), so nothing here sleeps.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import inspect
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -21,9 +23,11 @@ from server.domain.errors import (
 )
 from server.domain.limits import DispatchLimits, LeaseScope
 from server.domain.models import (
+    TASK_TRANSITIONS,
     Payload,
     RetryPolicy,
     Task,
+    TaskChange,
     TaskFailure,
     TaskState,
     Workflow,
@@ -37,16 +41,52 @@ NS = "ns1"
 T0 = 1_000.0
 
 
+class TransitionChecked:
+    """A TaskStore whose every reported task change is checked against the
+    domain's state machine (``TASK_TRANSITIONS``), whatever the operation."""
+
+    def __init__(self, inner: TaskStore) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+
+        async def checked(*args: Any, **kwargs: Any) -> Any:
+            result = await attr(*args, **kwargs)
+            for change in _changes(result):
+                allowed = TASK_TRANSITIONS.get(change.previous_state, frozenset())
+                if change.task.state is not change.previous_state:
+                    assert change.task.state in allowed, (
+                        f"{name}: {change.previous_state} -> {change.task.state} "
+                        f"is not in TASK_TRANSITIONS")
+            return result
+
+        return checked
+
+
+def _changes(value: Any) -> Iterator[TaskChange]:
+    if isinstance(value, TaskChange):
+        yield value
+    elif isinstance(value, Transition):
+        yield from value.tasks
+    elif isinstance(value, tuple | list):
+        for item in value:
+            yield from _changes(item)
+
+
 @pytest.fixture(params=["memory", "redis"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[TaskStore]:
-    """One TaskStore per backend; the Redis one under a unique key prefix."""
+    """One TaskStore per backend (the Redis one under a unique key prefix), with
+    every change it reports checked against the domain's state machine."""
     if request.param == "memory":
         mem = InMemoryTaskStore()
-        yield mem
+        yield TransitionChecked(mem)  # type: ignore[misc]
         await mem.aclose()
         return
     async with redis_stores("tasks") as stores:
-        yield stores.tasks
+        yield TransitionChecked(stores.tasks)  # type: ignore[misc]
 
 
 def mk(task_id: str, cap: str = "cap", *, priority: int = 0, ns: str = NS,
