@@ -17,6 +17,7 @@ EXPECTED = {
     "AlreadyExistsError",
     "AttemptInfo",
     "BusMessage",
+    "DurableMessage",
     "ChannelConfig",
     "Lock",
     "LockLostError",
