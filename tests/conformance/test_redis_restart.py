@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import shutil
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from server.backends.redis import RedisStores
 from server.domain.errors import StaleLeaseError
 from server.domain.models import Payload, Task, TaskFailure, TaskState
 from server.ports import FailVerdict
-from tests._services import free_port, skip_or_fail, unique_prefix
+from tests._services import free_port, unique_prefix
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 HAVE_REDIS_SERVER = Path(REDIS_SERVER).exists()
@@ -74,19 +73,6 @@ class PrivateRedis:
                 self.proc.kill()
             await self.proc.wait()
             self.proc = None
-
-
-@pytest.fixture
-async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
-    """A private redis-server, stopped at the end whatever happens."""
-    if not HAVE_REDIS_SERVER:
-        skip_or_fail("redis-server is not installed")
-    server = PrivateRedis(tmp_path)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
 
 
 async def test_nothing_lost_after_sigkill_and_client_recovers(

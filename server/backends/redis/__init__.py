@@ -1,15 +1,44 @@
 """Redis backends: the source of truth shared by several server replicas.
 
-Every multi-key transition is ONE Lua script (``tasks.lua``, ``agents.lua``,
-``state.lua``, run with EVALSHA through ``register_script``), so two replicas
-can never both lease a task or both accept a result. Each script is one round
-trip; no hot path uses KEYS or SCAN.
+Every multi-key transition is ONE call of a Lua function (``tasks.lua``,
+``agents.lua``, ``state.lua``), so two replicas can never both lease a task or
+both accept a result. Each call is one round trip; no hot path uses KEYS or SCAN.
+
+Redis 7.0 or later is required. The Lua files are Redis Functions libraries
+(``_scripts.py``): loaded once with FUNCTION LOAD, then called with FCALL (or
+FCALL_RO for the reads). Under EVALSHA Redis ran the whole file, defining every
+Lua function, before each op (about 20 microseconds of Redis time); a function
+call skips that. :meth:`RedisStores.connect` refuses an older server with
+:class:`RedisVersionError` (there is no EVALSHA fallback: one code path).
+
+- Names: ``agentmesh_<file>_<12 hex>``, a hash of the code, so replicas
+  running different versions during a rolling upgrade each call their own code.
+  ``connect`` loads the three libraries (FUNCTION LOAD REPLACE: harmless with
+  such names); a library that goes missing later (Redis restarted without
+  persistence, ``FUNCTION FLUSH``, failover to a node without it) is loaded
+  again by the first call that meets "Function not found", which is retried once.
+- Old versions stay in Redis after an upgrade (``FUNCTION LIST LIBRARYNAME
+  'agentmesh_*'``); ``FUNCTION DELETE`` them at leisure: a replica still running
+  one loads it again on its next call.
+- Functions are saved with the data (RDB/AOF) and replicated to a node's
+  replicas, but Redis Cluster does not copy them between shards. The loader
+  loads them only through the connection it has: the node serving the ``{P}``
+  slot (a deployment's keys are all in that slot). An operator should load
+  them on every primary that may come to own the slot (after adding a node or
+  migrating the slot), as the Redis docs advise: ``redis-cli
+  --cluster-only-masters --cluster call <host:port> FUNCTION LOAD REPLACE
+  "<code>"``, with the code from ``_scripts.library_code("tasks")`` (and
+  "agents", "state"). A node without them costs one failed call per library:
+  the reload-on-missing then loads them there.
+- With Redis ACLs, the stores' user needs FUNCTION LOAD, FCALL and FCALL_RO
+  (instead of EVALSHA and SCRIPT LOAD), besides the plain key commands.
 
 Key layout (``P`` is the deployment prefix, default ``agentmesh``). Every key
-carries the one hash tag ``{P}``, so the scripts also run on Redis Cluster;
+carries the one hash tag ``{P}``, so the functions also run on Redis Cluster;
 one tag per deployment means one slot (one shard). Sharding by namespace,
-with a tag per namespace, is future work. The scripts receive ``{P}`` as
-KEYS[1] and derive every other key from it.
+with a tag per namespace, is future work. The functions receive ``{P}`` as
+KEYS[1] and derive every other key from it (per call: one library serves every
+prefix).
 
 Tasks (``tasks.lua``)::
 
@@ -54,13 +83,16 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from server.backends.redis._scripts import RedisVersionError, check_version
 from server.backends.redis.agents import RedisAgentRegistry
 from server.backends.redis.state import DEFAULT_LOG_SIZE, RedisStateStore
 from server.backends.redis.tasks import RedisTaskStore
 
-__all__ = ["RedisAgentRegistry", "RedisStateStore", "RedisStores", "RedisTaskStore"]
+__all__ = ["RedisAgentRegistry", "RedisStateStore", "RedisStores", "RedisTaskStore",
+           "RedisVersionError"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +117,12 @@ class RedisStores:
     async def connect(cls, url: str, *, prefix: str = "agentmesh",
                       state_log_size: int = DEFAULT_LOG_SIZE, retries: int = 8,
                       socket_timeout: float = 5.0) -> RedisStores:
-        """Connect to ``url`` (``redis://``, ``rediss://``, ``unix://``) and check it answers.
+        """Connect to ``url`` (``redis://``, ``rediss://``, ``unix://``) and load the functions.
 
+        Raises :class:`RedisVersionError` when the server is older than Redis 7.0.
         Commands are retried ``retries`` times with jittered exponential backoff
         on connection errors and timeouts, so the stores ride out a Redis
-        restart. A retried script may run twice when the first reply was lost;
+        restart. A retried call may run twice when the first reply was lost;
         the fencing checks make that harmless for results and leases.
         """
         if not prefix or any(c in prefix for c in "{}"):
@@ -101,11 +134,24 @@ class RedisStores:
             retry_on_error=[RedisConnectionError, RedisTimeoutError])
         try:
             await client.ping()
+            try:
+                info = await client.info("server")
+            except ResponseError:  # INFO disabled: an old server fails FUNCTION LOAD below
+                pass
+            else:
+                check_version(str(info.get("redis_version", "")))
+            stores = cls(client, prefix, state_log_size=state_log_size)
+            await stores.load_libraries()
         except BaseException:
             await client.aclose()
             raise
         logger.info("connected to Redis, key prefix %s", prefix)
-        return cls(client, prefix, state_log_size=state_log_size)
+        return stores
+
+    async def load_libraries(self) -> None:
+        """FUNCTION LOAD (REPLACE) the three Lua libraries on the connection's server."""
+        for library in (self.tasks.library, self.agents.library, self.state.library):
+            await library.load()
 
     async def delete_all_keys(self) -> int:
         """Delete every key of this prefix (tests and tear-down only: it SCANs)."""

@@ -1,9 +1,14 @@
--- agentmesh RedisAgentRegistry: each write is one atomic script.
--- KEYS[1] is the deployment's hash-tagged base ("{prefix}"); ARGV[1] names the op.
-local B = KEYS[1]
+#!lua name=agentmesh_agents
+-- agentmesh RedisAgentRegistry: each write is one atomic call. A Redis Functions
+-- library (see _scripts.py): each FCALL runs `call` (at the end). KEYS[1] is the
+-- deployment's hash-tagged base ("{prefix}"); ARGV[1] names the op.
 local ACTIVE, DRAINING, GONE = 1, 2, 3
-local LIVE_KEY = B .. ':agents_live' -- ACTIVE/DRAINING agents scored by expire_time
-local GONE_KEY = B .. ':agents_gone' -- GONE agents scored by heartbeat_time
+
+-- Per-call state, set by `call` at the start of each call (the library's
+-- locals outlive the call and one library serves every key prefix).
+local ARGV, B
+local LIVE_KEY -- ACTIVE/DRAINING agents scored by expire_time
+local GONE_KEY -- GONE agents scored by heartbeat_time
 
 local function key(id) return B .. ':agent:' .. id end
 local function ns_key(ns) return B .. ':agents:' .. ns end
@@ -26,14 +31,29 @@ local function load(id)
   return cjson.decode(raw)
 end
 
+local function same_list(x, y)
+  if #x ~= #y then return false end
+  for i = 1, #x do
+    if x[i] ~= y[i] then return false end
+  end
+  return true
+end
+
 -- Save an agent version and keep the indexes and ACTIVE capability counts.
+-- A stored agent is in ns_key(namespace), and in GONE_KEY if GONE else in
+-- LIVE_KEY; what a new version leaves as it was (a heartbeat: same namespace,
+-- state and capabilities) is not written again. ZADD moves a member's score.
 local function put(a, prev)
   local id = a.id
+  local same_ns = prev and prev.namespace == a.namespace
+  local same_caps = same_ns and prev.state == ACTIVE and a.state == ACTIVE
+                    and same_list(cap_names(prev), cap_names(a))
   if prev then
-    redis.call('ZREM', ns_key(prev.namespace), id)
-    redis.call('ZREM', LIVE_KEY, id)
-    redis.call('ZREM', GONE_KEY, id)
-    if prev.state == ACTIVE then
+    if not same_ns then redis.call('ZREM', ns_key(prev.namespace), id) end
+    if (prev.state == GONE) ~= (a.state == GONE) then
+      redis.call('ZREM', prev.state == GONE and GONE_KEY or LIVE_KEY, id)
+    end
+    if prev.state == ACTIVE and not same_caps then
       for _, name in ipairs(cap_names(prev)) do
         if redis.call('HINCRBY', caps_key(prev.namespace), name, -1) <= 0 then
           redis.call('HDEL', caps_key(prev.namespace), name)
@@ -41,13 +61,13 @@ local function put(a, prev)
       end
     end
   end
-  redis.call('ZADD', ns_key(a.namespace), 0, id)
+  if not same_ns then redis.call('ZADD', ns_key(a.namespace), 0, id) end
   if a.state == GONE then
     redis.call('ZADD', GONE_KEY, a.heartbeat_time, id)
   else
     redis.call('ZADD', LIVE_KEY, a.expire_time, id)
   end
-  if a.state == ACTIVE then
+  if a.state == ACTIVE and not same_caps then
     for _, name in ipairs(cap_names(a)) do redis.call('HINCRBY', caps_key(a.namespace), name, 1) end
   end
   local raw = cjson.encode(a)
@@ -65,7 +85,8 @@ end
 function OPS.heartbeat()
   local prev = load(ARGV[2])
   if not prev or prev.state == GONE then return false end
-  local a = cjson.decode(cjson.encode(prev))
+  local a = {}
+  for k, v in pairs(prev) do a[k] = v end -- put() reads prev, never changes it
   a.in_flight = tonumber(ARGV[3])
   a.load = ARGV[4]
   a.heartbeat_time = ARGV[5]
@@ -144,6 +165,21 @@ function OPS.list()
   return out
 end
 
-local op = OPS[ARGV[1]]
-if not op then return redis.error_reply('agentmesh: unknown agent op ' .. tostring(ARGV[1])) end
-return op()
+-- Entry points, registered by _scripts.py: `call` runs any op, `call_ro` (a
+-- no-writes function, FCALL_RO) only these reads.
+local READ_ONLY = {list = true, expired = true}
+
+local function call(keys, args)
+  ARGV, B = args, keys[1]
+  LIVE_KEY, GONE_KEY = B .. ':agents_live', B .. ':agents_gone'
+  local op = OPS[args[1]]
+  if not op then return redis.error_reply('agentmesh: unknown agent op ' .. tostring(args[1])) end
+  return op()
+end
+
+local function call_ro(keys, args)
+  if not READ_ONLY[args[1]] then
+    return redis.error_reply('agentmesh: not a read-only agent op ' .. tostring(args[1]))
+  end
+  return call(keys, args)
+end

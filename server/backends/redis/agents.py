@@ -9,7 +9,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from server.backends.redis import codec
-from server.backends.redis._scripts import load_script
+from server.backends.redis._scripts import Library
 from server.domain.models import Agent, AgentState
 from server.ports import AgentFilter
 
@@ -27,10 +27,15 @@ class RedisAgentRegistry:
     def __init__(self, client: aioredis.Redis, prefix: str = "agentmesh") -> None:
         self._r = client
         self._base = "{" + prefix + "}"
-        self._script = client.register_script(load_script("agents.lua"))
+        self.library = Library(client, "agents")
+        """The ``agents.lua`` library (loaded by :meth:`RedisStores.connect`, or on first use)."""
 
     async def _call(self, *args: str | int | float) -> Any:
-        return await self._script(keys=[self._base], args=list(args))
+        return await self.library.call([self._base], args)
+
+    async def _read(self, *args: str | int | float) -> Any:
+        """A read-only op (FCALL_RO)."""
+        return await self.library.call_ro([self._base], args)
 
     async def register(self, agent: Agent) -> Agent:
         """See AgentRegistry.register."""
@@ -47,7 +52,7 @@ class RedisAgentRegistry:
             return []
         doc = json.dumps({"states": sorted(int(s) for s in flt.states),
                           "capability": flt.capability, "labels": dict(flt.labels)})
-        raws = await self._call("list", flt.namespace, doc, after_id, limit)
+        raws = await self._read("list", flt.namespace, doc, after_id, limit)
         return [codec.decode_agent(r) for r in raws]
 
     async def heartbeat(self, agent_id: str, *, in_flight: int, load: float, now: float,
@@ -64,7 +69,7 @@ class RedisAgentRegistry:
 
     async def expired(self, now: float) -> list[Agent]:
         """See AgentRegistry.expired."""
-        return [codec.decode_agent(r) for r in await self._call("expired", codec.fstr(now))]
+        return [codec.decode_agent(r) for r in await self._read("expired", codec.fstr(now))]
 
     async def live_capabilities(self, namespace: str) -> frozenset[str]:
         """See AgentRegistry.live_capabilities (counts kept by the scripts)."""

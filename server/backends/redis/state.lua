@@ -1,13 +1,21 @@
+#!lua name=agentmesh_state
 -- agentmesh RedisStateStore: each write (with its revision and change-log
--- entry) is one atomic script. KEYS[1] is the deployment's hash-tagged base
+-- entry) is one atomic call. A Redis Functions library (see _scripts.py): each
+-- FCALL runs `call` (at the end). KEYS[1] is the deployment's hash-tagged base
 -- ("{prefix}"); ARGV[1] names the op, ARGV[2] the namespace, ARGV[3] the log size.
-local B = KEYS[1]
-local NS = ARGV[2]
-local LOG_SIZE = tonumber(ARGV[3])
-local S = B .. ':st:' .. #NS .. ':' .. NS
-local ENTRIES, KEYSET, REV, LOG = S .. ':e', S .. ':k', S .. ':rev', S .. ':log'
-local LOCKS = S .. ':locks'
-local NSS = B .. ':st_nss'
+
+-- Per-call state, set by begin() at the start of each call (the library's
+-- locals outlive the call and one library serves every key prefix).
+local ARGV, B, NS, LOG_SIZE, S, ENTRIES, KEYSET, REV, LOG, LOCKS, NSS
+
+local function begin(keys, args)
+  ARGV, B = args, keys[1]
+  NS, LOG_SIZE = args[2], tonumber(args[3])
+  S = B .. ':st:' .. #NS .. ':' .. NS
+  ENTRIES, KEYSET, REV, LOG = S .. ':e', S .. ':k', S .. ':rev', S .. ':log'
+  LOCKS = S .. ':locks'
+  NSS = B .. ':st_nss'
+end
 
 local function ns_keys(ns)
   local s = B .. ':st:' .. #ns .. ':' .. ns
@@ -41,8 +49,8 @@ local function fence_error(lock_name, token, now)
 end
 
 local function log_event(kind, entry_raw)
-  redis.call('RPUSH', LOG, '{"type":' .. kind .. ',"entry":' .. entry_raw .. '}')
-  redis.call('LTRIM', LOG, -LOG_SIZE, -1)
+  local n = redis.call('RPUSH', LOG, '{"type":' .. kind .. ',"entry":' .. entry_raw .. '}')
+  if n > LOG_SIZE then redis.call('LTRIM', LOG, -LOG_SIZE, -1) end
 end
 
 local function remove(key, entry, now)
@@ -89,7 +97,7 @@ function OPS.put()
               (version + 1) .. ',"revision":' .. rev .. ',"update_time":' .. cjson.encode(now) ..
               ',"expire_time":' .. cjson.encode(expire) .. '}'
   redis.call('HSET', ENTRIES, key, raw)
-  redis.call('ZADD', KEYSET, 0, key)
+  if not cur then redis.call('ZADD', KEYSET, 0, key) end -- a live entry's key is there
   log_event(1, raw)
   return {'ok', raw}
 end
@@ -277,6 +285,20 @@ function OPS.import()
   return {'ok'}
 end
 
-local op = OPS[ARGV[1]]
-if not op then return redis.error_reply('agentmesh: unknown state op ' .. tostring(ARGV[1])) end
-return op()
+-- Entry points, registered by _scripts.py: `call` runs any op, `call_ro` (a
+-- no-writes function, FCALL_RO) only these reads.
+local READ_ONLY = {events = true, export = true}
+
+local function call(keys, args)
+  begin(keys, args)
+  local op = OPS[args[1]]
+  if not op then return redis.error_reply('agentmesh: unknown state op ' .. tostring(args[1])) end
+  return op()
+end
+
+local function call_ro(keys, args)
+  if not READ_ONLY[args[1]] then
+    return redis.error_reply('agentmesh: not a read-only state op ' .. tostring(args[1]))
+  end
+  return call(keys, args)
+end

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from server.backends.memory.state import lock_held, stale_token  # same errors, one wording
 from server.backends.redis import codec
-from server.backends.redis._scripts import load_script
+from server.backends.redis._scripts import Library
 from server.domain.errors import (
     AbortedError,
     FailedPreconditionError,
@@ -50,11 +50,16 @@ class RedisStateStore:
         self._r = client
         self._base = "{" + prefix + "}"
         self._log_size = log_size
-        self._script = client.register_script(load_script("state.lua"))
+        self.library = Library(client, "state")
+        """The ``state.lua`` library (loaded by :meth:`RedisStores.connect`, or on first use)."""
 
     async def _call(self, op: str, namespace: str, *args: str | int | float) -> Any:
-        return await self._script(keys=[self._base],
-                                  args=[op, namespace, self._log_size, *args])
+        return await self.library.call([self._base], [op, namespace, self._log_size, *args])
+
+    async def _read(self, op: str, namespace: str, *args: str | int | float) -> Any:
+        """A read-only op (FCALL_RO)."""
+        return await self.library.call_ro([self._base],
+                                          [op, namespace, self._log_size, *args])
 
     def _rev_key(self, namespace: str) -> str:
         return f"{self._base}:st:{len(namespace)}:{namespace}:rev"
@@ -118,7 +123,7 @@ class RedisStateStore:
     async def events_since(self, namespace: str, prefix: str, after_revision: int,
                            limit: int) -> list[StateEvent]:
         """See StateStore.events_since."""
-        reply = await self._call("events", namespace, prefix, after_revision, max(limit, 0))
+        reply = await self._read("events", namespace, prefix, after_revision, max(limit, 0))
         if reply[0] == "range":
             oldest, current = int(reply[1]), int(reply[2])
             raise OutOfRangeError(
@@ -182,7 +187,7 @@ class RedisStateStore:
         (each namespace at one revision). It blocks Redis while it copies, in
         O(entries): the price of consistency without MVCC.
         """
-        rows = await self._call("export", namespace or "", "1" if namespace is not None else "",
+        rows = await self._read("export", namespace or "", "1" if namespace is not None else "",
                                 codec.fstr(now))
         out: dict[str, NamespaceDump] = {}
         for ns, revision, entries, tokens in rows:

@@ -1,16 +1,24 @@
--- agentmesh RedisTaskStore: every TaskStore transition as one atomic script.
--- KEYS[1] is the deployment's hash-tagged base ("{prefix}"); every key used
--- below is derived from it, so all of them live in one Redis Cluster slot.
--- ARGV[1] names the operation; the rest are its arguments (see tasks.py).
--- Times are strings (exact Python float reprs); computed times use %.17g.
-local B = KEYS[1]
+#!lua name=agentmesh_tasks
+-- agentmesh RedisTaskStore: every TaskStore transition as one atomic call.
+-- A Redis Functions library (see _scripts.py): loaded once, then each FCALL runs
+-- `call` (at the end). KEYS[1] is the deployment's hash-tagged base ("{prefix}");
+-- every key used below is derived from it, so all of them live in one Redis
+-- Cluster slot. ARGV[1] names the operation; the rest are its arguments (see
+-- tasks.py). Times are strings (exact Python float reprs); computed times use %.17g.
+
+-- Per-call state. A library's locals outlive the call, and one library serves
+-- every key prefix: begin() sets all of these at the start of each call, and
+-- nothing else may keep call-dependent values between calls.
+local ARGV, B, S2S_KEY, RETRY_KEY, LEASE_KEY, SEQ_KEY
+local NULL -- cjson.null (cjson cannot be reached while Redis 7.0 loads a library)
+local cache -- id -> task decoded or written by this call
+local delta, delta_order, counted -- counters: see bump()
 local PENDING, QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, RETRYING, DEAD = 1, 2, 3, 4, 5, 6, 7, 8
 local WF_RUNNING, WF_SUCCEEDED, WF_FAILED, WF_CANCELLED = 1, 2, 3, 4
 local TERMINAL = {[SUCCEEDED] = true, [FAILED] = true, [CANCELLED] = true, [DEAD] = true}
 local LIVE = {[PENDING] = true, [QUEUED] = true, [RUNNING] = true, [RETRYING] = true}
 local STATE_NAME = {'PENDING', 'QUEUED', 'RUNNING', 'SUCCEEDED', 'FAILED', 'CANCELLED',
                     'RETRYING', 'DEAD_LETTERED'}
-local NULL = cjson.null
 local PRIORITY_SHIFT = 1099511627776 -- 2^40: score = -priority * 2^40 + seq
 
 local function fmt(x) return string.format('%.17g', x) end
@@ -29,11 +37,7 @@ local function rkey(ns) return B .. ':running:' .. seg(ns) end
 local function bkey(ns) return B .. ':bucket:' .. seg(ns) end
 local function fbqkey(ns, fb, cap) return B .. ':fbq:' .. seg(ns) .. ':' .. seg(fb) .. ':' .. cap end
 local function fbpkey(ns, fb) return B .. ':fbp:' .. seg(ns) .. ':' .. fb end
-local S2S_KEY = B .. ':s2s'
 local KEY_SCAN = 32
-local RETRY_KEY = B .. ':retry'
-local LEASE_KEY = B .. ':leases'
-local SEQ_KEY = B .. ':seq'
 
 local function pyrepr(s) return "'" .. s .. "'" end
 
@@ -43,7 +47,6 @@ local function copy(t)
   return c
 end
 
-local cache = {}
 local function load(id)
   local t = cache[id]
   if t then return t end
@@ -68,12 +71,61 @@ end
 
 local function num(x) return tonumber(x) or 0 end
 
+-- Counters: the stats:<ns> and running:<ns> hashes. A task transition changes
+-- several fields and a batch changes the same fields many times, so put_task
+-- only adds to `delta` here, and `call` writes each key and field once, at the
+-- end of the call (one HINCRBY with the net change, none when it is 0).
+-- Nothing else writes these hashes, so a field read once in the call (kept in
+-- `counted`) plus its pending delta is its current value: counter() and
+-- counter_sum() are what an HGET/HMGET right after each HINCRBY would give.
+local function bump(key, field, by)
+  local d = delta[key]
+  if not d then
+    d = {}
+    delta[key] = d
+  end
+  local cur = d[field]
+  if cur == nil then
+    cur = 0
+    delta_order[#delta_order + 1] = {key, field}
+  end
+  d[field] = cur + by
+end
+
+local function counter_sum(key, fields)
+  local c = counted[key]
+  if not c then
+    c = {}
+    counted[key] = c
+  end
+  local missing = {}
+  for _, f in ipairs(fields) do
+    if c[f] == nil then missing[#missing + 1] = f end
+  end
+  if #missing > 0 then
+    local v = redis.call('HMGET', key, unpack(missing))
+    for i, f in ipairs(missing) do c[f] = num(v[i]) end
+  end
+  local d, sum = delta[key], 0
+  for _, f in ipairs(fields) do sum = sum + c[f] + (d and d[f] or 0) end
+  return sum
+end
+
+local function counter(key, field) return counter_sum(key, {field}) end
+
+local function flush_counters()
+  for _, kf in ipairs(delta_order) do
+    local n = delta[kf[1]][kf[2]]
+    if n ~= 0 then redis.call('HINCRBY', kf[1], kf[2], n) end
+  end
+end
+
 -- RUNNING counters a task occupies: its capability and each label.
 local function running_incr(t, by)
   local rk = rkey(t.namespace)
-  redis.call('HINCRBY', rk, 'c:' .. t.capability, by)
+  bump(rk, 'c:' .. t.capability, by)
   if type(t.labels) == 'table' then
-    for k, v in pairs(t.labels) do redis.call('HINCRBY', rk, 'l:' .. k .. '=' .. v, by) end
+    for k, v in pairs(t.labels) do bump(rk, 'l:' .. k .. '=' .. v, by) end
   end
 end
 
@@ -90,19 +142,20 @@ local function put_task(t, prev, R)
   end
   if prev then
     local psk = skey(prev.namespace)
-    redis.call('HINCRBY', psk, prev.state, -1)
+    bump(psk, tostring(prev.state), -1)
     if LIVE[prev.state] then
-      redis.call('HINCRBY', psk, 'c:' .. prev.state .. ':' .. prev.capability, -1)
+      bump(psk, 'c:' .. prev.state .. ':' .. prev.capability, -1)
     end
     if TERMINAL[prev.state] then
-      redis.call('HINCRBY', psk, 'ended', -1)
+      bump(psk, 'ended', -1)
       if prev.state == SUCCEEDED and not prev.human_intervened then
-        redis.call('HINCRBY', psk, 'autonomous', -1)
+        bump(psk, 'autonomous', -1)
       end
     end
     if prev.state == QUEUED then
       redis.call('ZREM', qkey(prev.namespace, prev.capability), id)
-      redis.call('ZREM', S2S_KEY, id)
+      -- only a QUEUED version with a queue_deadline is in S2S_KEY (below)
+      if num(prev.queue_deadline) > 0 then redis.call('ZREM', S2S_KEY, id) end
       local fb = prev.fallback_capability
       if fb and fb ~= '' then
         local fq = fbqkey(prev.namespace, fb, prev.capability)
@@ -120,14 +173,14 @@ local function put_task(t, prev, R)
     end
   end
   local sk = skey(t.namespace)
-  redis.call('HINCRBY', sk, t.state, 1)
+  bump(sk, tostring(t.state), 1)
   if LIVE[t.state] then
-    redis.call('HINCRBY', sk, 'c:' .. t.state .. ':' .. t.capability, 1)
+    bump(sk, 'c:' .. t.state .. ':' .. t.capability, 1)
   end
   if TERMINAL[t.state] then
-    redis.call('HINCRBY', sk, 'ended', 1)
+    bump(sk, 'ended', 1)
     if t.state == SUCCEEDED and not t.human_intervened then
-      redis.call('HINCRBY', sk, 'autonomous', 1)
+      bump(sk, 'autonomous', 1)
     end
   end
   if t.state == QUEUED then
@@ -148,7 +201,9 @@ local function put_task(t, prev, R)
   end
   local raw = cjson.encode(t)
   redis.call('SET', tkey(id), raw)
-  redis.call('ZADD', B .. ':tasks:' .. t.namespace, t.seq, id)
+  if not (prev and prev.seq == t.seq and prev.namespace == t.namespace) then
+    redis.call('ZADD', B .. ':tasks:' .. t.namespace, t.seq, id) -- else it is there already
+  end
   cache[id] = t
   if R then
     R[#R + 1] = prev and prev.state or 0
@@ -157,10 +212,8 @@ local function put_task(t, prev, R)
   return raw
 end
 
-local function backlog(ns)
-  local c = redis.call('HMGET', skey(ns), PENDING, QUEUED, RETRYING)
-  return (tonumber(c[1]) or 0) + (tonumber(c[2]) or 0) + (tonumber(c[3]) or 0)
-end
+local BACKLOG = {PENDING .. '', QUEUED .. '', RETRYING .. ''} -- the counters' field names
+local function backlog(ns) return counter_sum(skey(ns), BACKLOG) end
 
 local function close_attempt(attempts, now, failure)
   local n = #attempts
@@ -361,7 +414,7 @@ end
 
 local function cap_allows(ns, cap, L, now)
   local most = num(L.cap[cap])
-  if most > 0 and num(redis.call('HGET', rkey(ns), 'c:' .. cap)) >= most then return false end
+  if most > 0 and counter(rkey(ns), 'c:' .. cap) >= most then return false end
   local rate = num(L.rates[cap])
   if rate > 0 then return bucket_take(ns, cap, rate, now, false) end
   return true
@@ -376,7 +429,7 @@ local function key_allows(t, ns, L)
   if lim == nil then lim = L.key_default end
   lim = num(lim)
   if lim <= 0 then return true end
-  return num(redis.call('HGET', rkey(ns), 'l:' .. label .. '=' .. v)) < lim
+  return counter(rkey(ns), 'l:' .. label .. '=' .. v) < lim
 end
 
 -- Best entry of a queue the key limit lets through: id, score (stale entries dropped).
@@ -400,8 +453,21 @@ local function eligible(q, ns, L)
   end
 end
 
+-- The primaries with tasks in a fallback queue of fb, read once per lease_batch
+-- (memo): while it runs the set can only lose members, and a member it lost has
+-- an empty queue, where eligible() finds nothing, as if it were not listed.
+local function fallback_primaries(ns, fb, memo)
+  local k = fbpkey(ns, fb)
+  local m = memo[k]
+  if not m then
+    m = redis.call('SMEMBERS', k)
+    memo[k] = m
+  end
+  return m
+end
+
 -- Lease the best eligible task (or nil); limits are re-checked on every call.
-local function lease_one(ns, agent, now, dflt, scope, L, caps)
+local function lease_one(ns, agent, now, dflt, scope, L, caps, memo)
   local nnow = tonumber(now)
   local own, avail = {}, {}
   local queues = {}
@@ -411,7 +477,7 @@ local function lease_one(ns, agent, now, dflt, scope, L, caps)
   end
   for _, c in ipairs(scope.avail) do avail[c] = true end
   for _, fb in ipairs(scope.fb) do
-    for _, primary in ipairs(redis.call('SMEMBERS', fbpkey(ns, fb))) do
+    for _, primary in ipairs(fallback_primaries(ns, fb, memo)) do
       if not avail[primary] and not own[primary] and cap_allows(ns, primary, L, nnow) then
         queues[#queues + 1] = {fbqkey(ns, fb, primary), true}
       end
@@ -454,9 +520,9 @@ function OPS.lease_batch()
   local caps = {}
   for i = 9, #ARGV do caps[#caps + 1] = ARGV[i] end
   local scope, L = cjson.decode(ARGV[6]), cjson.decode(ARGV[7])
-  local J = {'['}
+  local J, memo = {'['}, {}
   for i = 1, count do
-    local r = lease_one(ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), scope, L, caps)
+    local r = lease_one(ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), scope, L, caps, memo)
     if not r then break end
     if i > 1 then J[#J + 1] = ',' end
     J[#J + 1] = r
@@ -843,6 +909,34 @@ function OPS.import()
   return {'ok'}
 end
 
-local op = OPS[ARGV[1]]
-if not op then return redis.error_reply('agentmesh: unknown task op ' .. tostring(ARGV[1])) end
-return op()
+-- Entry points, registered by _scripts.py: `call` runs any op, `call_ro` (a
+-- no-writes function, FCALL_RO) only these reads.
+local READ_ONLY = {list_tasks = true, list_workflows = true, expired_leases = true,
+                   leases_of = true, export = true}
+
+local function begin(keys, args)
+  ARGV = args
+  B = keys[1]
+  S2S_KEY, RETRY_KEY, LEASE_KEY, SEQ_KEY = B .. ':s2s', B .. ':retry', B .. ':leases', B .. ':seq'
+  NULL = cjson.null
+  cache, delta, delta_order, counted = {}, {}, {}, {}
+end
+
+local function call(keys, args)
+  begin(keys, args)
+  local op = OPS[args[1]]
+  if not op then return redis.error_reply('agentmesh: unknown task op ' .. tostring(args[1])) end
+  -- Counters are written even when the op fails half-way, like its other writes
+  -- (a call's writes are never rolled back).
+  local ok, res = pcall(op)
+  flush_counters()
+  if not ok then error(res, 0) end
+  return res
+end
+
+local function call_ro(keys, args)
+  if not READ_ONLY[args[1]] then
+    return redis.error_reply('agentmesh: not a read-only task op ' .. tostring(args[1]))
+  end
+  return call(keys, args)
+end

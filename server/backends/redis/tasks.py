@@ -1,4 +1,4 @@
-"""Redis TaskStore: every transition is one Lua script (``tasks.lua``).
+"""Redis TaskStore: every transition is one call of a Lua function (``tasks.lua``).
 
 See the package docstring for the key layout. Each method is one round trip.
 The resilience indexes (schedule-to-start timers, fallback queues, RUNNING
@@ -21,7 +21,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from server.backends.redis import codec
-from server.backends.redis._scripts import load_script
+from server.backends.redis._scripts import Library
 from server.domain.errors import (
     AgentMeshError,
     FailedPreconditionError,
@@ -79,13 +79,18 @@ class RedisTaskStore:
     def __init__(self, client: aioredis.Redis, prefix: str = "agentmesh") -> None:
         self._r = client
         self._base = "{" + prefix + "}"
-        self._script = client.register_script(load_script("tasks.lua"))
+        self.library = Library(client, "tasks")
+        """The ``tasks.lua`` library (loaded by :meth:`RedisStores.connect`, or on first use)."""
 
     def _key(self, kind: str, name: str) -> str:
         return f"{self._base}:{kind}:{name}"
 
     async def _call(self, *args: str | int | float) -> Any:
-        return await self._script(keys=[self._base], args=list(args))
+        return await self.library.call([self._base], args)
+
+    async def _read(self, *args: str | int | float) -> Any:
+        """A read-only op (FCALL_RO)."""
+        return await self.library.call_ro([self._base], args)
 
     def _raise(self, task_id: str, fencing_token: int, reply: list[Any]) -> None:
         status = reply[0]
@@ -174,7 +179,7 @@ class RedisTaskStore:
         if limit <= 0:
             return []
         state = int(flt.state) if flt.state is not None else 0
-        raws = await self._call("list_tasks", flt.namespace, state, flt.capability,
+        raws = await self._read("list_tasks", flt.namespace, state, flt.capability,
                                 flt.workflow_id, before_seq, limit)
         return [codec.decode_task(r) for r in raws]
 
@@ -189,7 +194,7 @@ class RedisTaskStore:
         """See TaskStore.list_workflows."""
         if limit <= 0:
             return []
-        raws = await self._call("list_workflows", namespace,
+        raws = await self._read("list_workflows", namespace,
                                 int(state) if state is not None else 0, before_seq, limit)
         return [codec.decode_workflow(r) for r in raws]
 
@@ -240,12 +245,12 @@ class RedisTaskStore:
         """
         if limit <= 0:
             return []
-        raws = await self._call("expired_leases", codec.fstr(now), limit)
+        raws = await self._read("expired_leases", codec.fstr(now), limit)
         return [codec.decode_task(r) for r in raws]
 
     async def leases_of(self, agent_id: str) -> list[Task]:
         """See TaskStore.leases_of."""
-        raws = await self._call("leases_of", agent_id)
+        raws = await self._read("leases_of", agent_id)
         return [codec.decode_task(r) for r in raws]
 
     # -- results ---------------------------------------------------------------------
@@ -355,7 +360,7 @@ class RedisTaskStore:
         ``{P}:tasks:*`` / ``{P}:wfs:*`` indexes, so it blocks Redis for a walk
         of the keyspace: fine for a snapshot, never on a hot path.
         """
-        reply = await self._call("export", namespace or "", "1" if namespace is not None else "")
+        reply = await self._read("export", namespace or "", "1" if namespace is not None else "")
         seq, tasks, wfs = int(reply[0]), reply[1], reply[2]
         return TaskRecords(tuple(sorted((codec.decode_task(t) for t in tasks),
                                         key=lambda t: t.seq)),
