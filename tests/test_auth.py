@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -353,17 +354,37 @@ async def test_watch_stream_limit() -> None:
     async with running_server(embedded_settings(max_watch_streams=2)) as mesh, \
             grpc.aio.insecure_channel(mesh.address) as ch:
         t = task_pb2_grpc.TaskServiceStub(ch)
+
+        async def first_event(watch: Any) -> Any:
+            """Submit until the watch shows a task (it is open on the server then)."""
+            async def feed() -> None:
+                while True:
+                    await t.SubmitTask(submit("default"))
+                    await asyncio.sleep(0.05)
+            feeder = asyncio.ensure_future(feed())
+            try:
+                async with asyncio.timeout(10):
+                    return await watch.read()
+            finally:
+                feeder.cancel()
+
         watches = [t.WatchTasks(task_pb2.WatchTasksRequest()) for _ in range(2)]
-        await asyncio.sleep(0.2)
+        for w in watches:
+            assert (await first_event(w)).task.capability == "work"
         third = t.WatchTasks(task_pb2.WatchTasksRequest())
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await third.read()
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         watches[0].cancel()
-        await asyncio.sleep(0.2)
-        again = t.WatchTasks(task_pb2.WatchTasksRequest())
-        await t.SubmitTask(submit("default"))
-        async with asyncio.timeout(5):
-            assert (await again.read()).task.capability == "work"
+        async with asyncio.timeout(10):  # until the server has seen the cancel
+            while True:
+                again = t.WatchTasks(task_pb2.WatchTasksRequest())
+                try:
+                    got = await first_event(again)
+                except grpc.aio.AioRpcError as refused:
+                    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    continue
+                assert got.task.capability == "work"
+                break
         for w in (*watches, again):
             w.cancel()
