@@ -31,6 +31,7 @@ import yaml
 
 from server.observability.logging import bind_context, configure_logging
 from server.observability.metrics import MeshMetrics
+from tests._services import skip_or_fail
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -374,7 +375,7 @@ def test_dashboard_exprs_parse(promtool: str, tmp_path: Path) -> None:
 def test_alertmanager_config() -> None:
     amtool = shutil.which("amtool")
     if amtool is None:
-        pytest.skip("amtool is not on PATH (Debian package prometheus-alertmanager)")
+        skip_or_fail("amtool is not on PATH (Debian package prometheus-alertmanager)")
     result = _run(amtool, "check-config", str(OBS / "alertmanager.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -382,7 +383,7 @@ def test_alertmanager_config() -> None:
 def test_install_script_shellcheck() -> None:
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
-        pytest.skip("shellcheck is not on PATH")
+        skip_or_fail("shellcheck is not on PATH (Debian package shellcheck)")
     result = _run(shellcheck, str(ROOT / "scripts" / "install-system-deps.sh"))
     assert result.returncode == 0, result.stdout + result.stderr
 
