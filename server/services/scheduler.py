@@ -947,8 +947,20 @@ class Scheduler:
         for session in list(self._sessions.values()):
             if session.closed:
                 continue
-            for task in await self._tasks.leases_of(session.agent_id):
-                if task.id in session.in_flight or now - task.start_time < ORPHAN_AGE:
+            # What the agent was sent, taken before the read: a lease reported
+            # (and its slot freed) while the read is under way is no orphan,
+            # though the copy read may still say RUNNING.
+            held = dict(session.in_flight)
+            for listed in await self._tasks.leases_of(session.agent_id):
+                if (listed.id in session.in_flight
+                        or held.get(listed.id) == listed.fencing_token
+                        or now - listed.start_time < ORPHAN_AGE):
+                    continue
+                task = await self._tasks.get_task(listed.id)  # the list may be stale
+                if (task is None or task.state is not TaskState.RUNNING
+                        or task.fencing_token != listed.fencing_token
+                        or task.agent_id != session.agent_id
+                        or task.id in session.in_flight):
                     continue
                 found += 1
                 lease = Lease(task, task.fencing_token, task.lease_deadline)

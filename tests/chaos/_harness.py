@@ -207,3 +207,59 @@ async def assert_invariants(client: Client, names: list[str], agents: list[Agent
 
 PY_RETRY = common_pb2.RetryPolicy(max_attempts=20, initial_backoff={"nanos": 10_000_000},
                                   max_backoff={"nanos": 50_000_000})
+
+
+# -- Additive helpers (replica restart tests) ------------------------------------------
+
+
+def start_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    """A private ``redis-server`` on ``port`` without persistence (the caller kills it)."""
+    return subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def wait_listening(port: int, timeout: float = 20.0) -> None:  # noqa: ASYNC109
+    """Wait until something accepts TCP connections on ``127.0.0.1:port``."""
+
+    async def accepts() -> bool:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return False
+        writer.close()
+        return True
+
+    await until(accepts, timeout, what=f"port {port} listening")
+
+
+async def restart_server(server: Server) -> Server:
+    """Reap ``server``'s process (SIGKILL if it still runs), then start it on the same port."""
+    server.kill()
+    if server.proc is not None:
+        await asyncio.to_thread(server.proc.wait, 10)
+    return await server.start()
+
+
+async def submit_batch(target: str, cap: str, count: int, **task: Any) -> list[str]:
+    """Queue ``count`` tasks in one BatchSubmitTasks call (one store step); their names."""
+    async with grpc.aio.insecure_channel(target) as ch:
+        resp = await task_pb2_grpc.TaskServiceStub(ch).BatchSubmitTasks(
+            task_pb2.BatchSubmitTasksRequest(requests=[task_pb2.SubmitTaskRequest(
+                task=task_pb2.Task(capability=cap, input=js(i), **task)) for i in range(count)]),
+            timeout=10)
+    return [str(t.name) for t in resp.tasks]
+
+
+async def complete_with(target: str, name: str, token: int, output: object) -> grpc.StatusCode:
+    """Report a result for ``name`` under ``token`` with CompleteTask (what a zombie does).
+
+    Returns the call's status code: OK when accepted, ABORTED when refused as stale.
+    """
+    async with grpc.aio.insecure_channel(target) as ch:
+        try:
+            await task_pb2_grpc.TaskServiceStub(ch).CompleteTask(task_pb2.CompleteTaskRequest(
+                task=name, fencing_token=token, output=js(output)), timeout=10)
+        except grpc.aio.AioRpcError as err:
+            return err.code()
+    return grpc.StatusCode.OK

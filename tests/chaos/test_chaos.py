@@ -13,7 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -26,15 +26,6 @@ from tests.chaos.proxy import FaultyProxy
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 
 Record = Callable[[str, object], None]
-
-
-@pytest.fixture
-def procs() -> Iterator[list[AgentProc | Server]]:
-    """Every process a test starts; all are killed at the end."""
-    started: list[AgentProc | Server] = []
-    yield started
-    for p in started:
-        p.stop()
 
 
 def started(events: list[dict[str, object]], task: str) -> list[dict[str, object]]:
