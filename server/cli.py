@@ -45,7 +45,13 @@ from agent_sdk import (
     WorkflowSpec,
     load_workflow_file,
 )
-from agent_sdk.errors import NotFoundError, RPCError, TaskFailedError, WorkflowFailedError
+from agent_sdk.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    RPCError,
+    TaskFailedError,
+    WorkflowFailedError,
+)
 from server.settings import Settings
 
 EXIT_OK = 0
@@ -207,10 +213,14 @@ async def cmd_agents_list(client: MeshClient, args: argparse.Namespace) -> int:
 
 
 async def find_agent(client: MeshClient, name: str) -> AgentInfo:
-    """The agent with id ``name`` (or "agents/{id}"), else the live one with that display name."""
+    """The agent with id ``name`` (or "agents/{id}"), else the live one with that display name.
+
+    A display name may hold any text, so a name that is not even a valid id
+    (INVALID_ARGUMENT) is looked up as a display name too.
+    """
     try:
         return await client.get_agent(name)
-    except NotFoundError:
+    except (NotFoundError, InvalidArgumentError):
         matches = [a for a in await client.list_agents() if a.display_name == name]
         if len(matches) != 1:
             raise
