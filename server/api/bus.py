@@ -87,7 +87,9 @@ class BusServicer(bus_pb2_grpc.BusServiceServicer):
             raise FailedPreconditionError(str(exc), reason="DURABLE_PATTERN") from None
         await context.send_initial_metadata(())  # the consumer exists: see the proto
         acks = asyncio.create_task(_read_acks(request_iterator, receiver))
-        acks.add_done_callback(lambda _: asyncio.ensure_future(receiver.close()))
+        # The request side ended (half-close, a bad message): end the deliveries too.
+        closing: set[asyncio.Task[None]] = set()
+        acks.add_done_callback(lambda _: closing.add(asyncio.create_task(receiver.close())))
         try:
             async for delivery, message in receiver.deliveries():
                 yield bus_pb2.SubscribeDurableResponse(

@@ -360,8 +360,14 @@ class _Durable:
                 del unacked[key]
                 taker.pop(key, None)
 
+        mailbox = self.member.mailbox
+        if len(unacked) >= mailbox.max_pending:
+            # Buffered plus delivered-and-unacked is bounded too (JetStream's
+            # max_ack_pending): a consumer that never acks cannot grow memory.
+            mailbox.record_drop()
+            return
         msg = BusMessage(subject, data, headers, when, ack)
-        if self.member.mailbox.put_nowait(msg):
+        if mailbox.put_nowait(msg):
             unacked[id(msg)] = msg
 
     def taken(self, sub: QueueSubscription, msg: BusMessage) -> None:
@@ -417,7 +423,9 @@ class InProcessBus:
     subscriptions share the consumer (each message goes to one). Delivery is
     at least once within the process: a message taken and not acked goes back
     to the head of the consumer's queue when the subscription that took it
-    unsubscribes. Nothing survives the process.
+    unsubscribes. Messages buffered plus delivered-and-unacked are bounded by
+    ``max_pending`` (past it, new ones are dropped and counted). Nothing
+    survives the process.
     """
 
     def __init__(self) -> None:

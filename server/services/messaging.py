@@ -43,11 +43,6 @@ class DurableReceiver:
                 done += 1
         return done
 
-    @property
-    def unacked(self) -> int:
-        """Deliveries of this stream not acknowledged yet."""
-        return len(self._acks)
-
     async def close(self) -> None:
         """Unsubscribe (what was not acked goes back to the consumer). Safe to repeat."""
         await self._sub.unsubscribe()
