@@ -273,6 +273,9 @@ class Scheduler:
             task, request_id=request_id, max_queued=self.config.max_queued_per_namespace)
         if created:
             await self._after(transition, now)
+            # Let the dispatcher, just woken, lease it before this caller goes on
+            # to build and send its response: the task reaches an agent sooner.
+            await asyncio.sleep(0)
         return stored
 
     async def submit_many(self, items: Sequence[tuple[Task, str]]) -> list[Task]:
