@@ -7,7 +7,7 @@ import contextlib
 import datetime as dt
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeVar
@@ -318,9 +318,10 @@ class MeshClient:
                 log.debug("%s on %s; retrying in %.2fs", code.name, conn.target, delay)
                 await asyncio.sleep(delay)
 
-    async def _stream(self, rpc: Callable[[_Conn], grpc.aio.UnaryStreamCall[Any, Resp]],
+    async def _stream(self, rpc: Callable[[_Conn], grpc.aio.UnaryStreamCall[Any, Resp]
+                                          | grpc.aio.StreamStreamCall[Any, Resp]],
                       convert: Callable[[Resp], Item]) -> AsyncGenerator[Item, None]:
-        """Iterate a server stream, converting items and errors; cancel it when left."""
+        """Iterate a stream's responses, converting items and errors; cancel it when left."""
         conn = self._conn()
         call = rpc(conn)
         try:
@@ -827,8 +828,8 @@ class MeshClient:
                             lambda r: bus_message_from_proto(r.message))
 
 
-    async def subscribe_durable(self, subject: str, name: str, *,
-                                max_in_flight: int = 0) -> AsyncGenerator[DurableMessage, None]:
+    def subscribe_durable(self, subject: str, name: str, *,
+                          max_in_flight: int = 0) -> AsyncGenerator[DurableMessage, None]:
         """Messages of the durable consumer ``name`` (at least once; see the proto).
 
         ``await message.ack()`` once a message is handled. Messages published
@@ -837,7 +838,6 @@ class MeshClient:
         exists once the first ``__anext__`` is awaited; it does not fail over
         by itself (open it again: nothing acked is lost).
         """
-        conn = self._conn()
         requests: asyncio.Queue[bus_pb2.SubscribeDurableRequest] = asyncio.Queue()
         requests.put_nowait(bus_pb2.SubscribeDurableRequest(open=bus_pb2.DurableOpen(
             namespace=self._namespace, subject=subject, durable_name=name,
@@ -847,25 +847,16 @@ class MeshClient:
             while True:
                 yield await requests.get()
 
-        call = conn.bus.SubscribeDurable(outgoing())
-
-        def acker(delivery_id: int) -> Callable[[], Awaitable[None]]:
+        def delivered(response: bus_pb2.SubscribeDurableResponse) -> DurableMessage:
             async def ack() -> None:
                 requests.put_nowait(bus_pb2.SubscribeDurableRequest(
-                    ack=bus_pb2.DurableAck(delivery_ids=[delivery_id])))
-            return ack
+                    ack=bus_pb2.DurableAck(delivery_ids=[response.delivery_id])))
 
-        try:
-            async for response in call:
-                m = bus_message_from_proto(response.message)
-                yield DurableMessage(m.subject, m.value, m.headers, m.publish_time,
-                                     response.delivery_id, acker(response.delivery_id))
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                self._targets.failover(conn)
-            raise rpc_error_from(exc) from None
-        finally:
-            call.cancel()
+            m = bus_message_from_proto(response.message)
+            return DurableMessage(m.subject, m.value, m.headers, m.publish_time,
+                                  response.delivery_id, ack)
+
+        return self._stream(lambda c: c.bus.SubscribeDurable(outgoing()), delivered)
 
 
 async def _flatten(batches: AsyncGenerator[list[Item], None]) -> AsyncGenerator[Item, None]:

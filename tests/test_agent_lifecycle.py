@@ -21,7 +21,7 @@ from agent_sdk import Agent, MeshClient, TaskContext
 from server.app import Mesh, running_server
 from server.services.clock import ManualClock
 from tests.conftest import embedded_settings
-from tests.test_protocol import RawAgent, js, next_kind, until_state
+from tests.test_protocol import RawAgent, js, next_kind, refused_as_stale, until_state
 
 INTERVAL = 1.0  # heartbeat interval of the manual-clock meshes (misses: 3)
 WAIT = 10.0
@@ -130,10 +130,7 @@ async def test_silent_agent_is_gone_after_three_missed_intervals_and_its_task_mo
     assert second.fencing_token > first.fencing_token
     assert second.task.attempt == 2
     # The hung agent's late result is refused; the survivor's is accepted.
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await tasks.CompleteTask(task_pb2.CompleteTaskRequest(
-            task=sub.task.name, fencing_token=first.fencing_token, output=js("late")))
-    assert err.value.code() == grpc.StatusCode.ABORTED
+    await refused_as_stale(tasks, sub.task.name, first.fencing_token)
     done = await tasks.CompleteTask(task_pb2.CompleteTaskRequest(
         task=sub.task.name, fencing_token=second.fencing_token, output=js("ok")))
     assert done.task.state == task_pb2.TASK_STATE_SUCCEEDED
@@ -285,10 +282,7 @@ async def test_cancel_running_task_reaches_the_agent_and_refuses_its_result(
     ack = (await next_kind(work, "ack")).ack
     assert (ack.task, ack.outcome) == (sub.task.name, task_pb2.TASK_REPORT_OUTCOME_STALE_LEASE)
     # ...and so is one sent through CompleteTask.
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await tasks.CompleteTask(task_pb2.CompleteTaskRequest(
-            task=sub.task.name, fencing_token=assignment.fencing_token, output=js("too late")))
-    assert err.value.code() == grpc.StatusCode.ABORTED
+    await refused_as_stale(tasks, sub.task.name, assignment.fencing_token, "too late")
     got = (await tasks.GetTask(task_pb2.GetTaskRequest(name=sub.task.name))).task
     assert got.state == task_pb2.TASK_STATE_CANCELLED
     assert not got.HasField("output")

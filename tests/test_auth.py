@@ -11,7 +11,15 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from agentmesh.v1 import common_pb2, discovery_pb2, discovery_pb2_grpc, task_pb2, task_pb2_grpc
+from agentmesh.v1 import (
+    bus_pb2,
+    bus_pb2_grpc,
+    common_pb2,
+    discovery_pb2,
+    discovery_pb2_grpc,
+    task_pb2,
+    task_pb2_grpc,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent_sdk import Agent, ChannelConfig, MeshClient, PermissionDeniedError, TaskContext
@@ -156,6 +164,21 @@ async def test_namespaces_are_bound_and_invisible(secured: Mesh) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await watch.read()
         assert err.value.code() == DENIED
+        # A bidi stream names its namespace in its first message: checked there.
+        b = bus_pb2_grpc.BusServiceStub(ch)
+
+        async def opens(ns: str) -> AsyncIterator[bus_pb2.SubscribeDurableRequest]:
+            yield bus_pb2.SubscribeDurableRequest(open=bus_pb2.DurableOpen(
+                namespace=ns, subject="jobs.>", durable_name="d"))
+            await asyncio.sleep(30)  # keep the request side open
+
+        denied = b.SubscribeDurable(opens("team-b"), metadata=md("alice"))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await denied.read()
+        assert err.value.code() == DENIED
+        allowed = b.SubscribeDurable(opens("team-a"), metadata=md("alice"))
+        await asyncio.wait_for(allowed.initial_metadata(), 10)  # the consumer exists
+        allowed.cancel()
         # Resources of another namespace, named by id, do not exist for the caller.
         assert await code_of(t.GetTask(task_pb2.GetTaskRequest(name=theirs.name),
                                        metadata=md("alice"))) == grpc.StatusCode.NOT_FOUND

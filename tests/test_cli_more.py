@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -27,7 +26,6 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import grpc
@@ -37,26 +35,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agent_sdk import Agent, AgentInfo, MeshClient, TaskContext
 from server.app import Mesh
 from server.cli import main_async
-
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
+from tests.test_cli import EXAMPLES, ROOT, CLIResult, example_agents
 
 #: Generous upper bound of any single wait (the machine is small and shared).
 DEADLINE = 60.0
 
-CLIResult = tuple[int, str, str]
 
-
-def _load_example_agents() -> ModuleType:
-    """examples/agents.py as a module (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("example_agents_more", EXAMPLES / "agents.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-example_agents = _load_example_agents()
 
 
 # ------------------------------------------------------------------ helpers

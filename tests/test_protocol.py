@@ -67,6 +67,16 @@ class RawAgent:
         return task_pb2_grpc.TaskServiceStub(self.channel).ProcessTasks(self._drain(self.out))
 
 
+async def refused_as_stale(tasks: task_pb2_grpc.TaskServiceStub, name: str, token: int,
+                           output: str = "late") -> grpc.aio.AioRpcError:
+    """CompleteTask with a token that is not the current lease's: ABORTED (returned)."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await tasks.CompleteTask(task_pb2.CompleteTaskRequest(
+            task=name, fencing_token=token, output=js(output)))
+    assert err.value.code() == grpc.StatusCode.ABORTED
+    return err.value
+
+
 async def until_state(tasks: task_pb2_grpc.TaskServiceStub, name: str, state: int,
                       limit: float = 5.0) -> task_pb2.Task:
     """Poll GetTask until the task reaches ``state`` (accepted results are not acked)."""
@@ -127,11 +137,8 @@ async def test_task_round_trip_and_stale_token(channel: grpc.aio.Channel) -> Non
         task=sub.task.name, fencing_token=token, output=js("late")))
     assert json.loads(again.task.output.data) == {"y": 2}, "the first result stays"
     # Any other token is refused with LEASE_EXPIRED.
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await tasks.CompleteTask(task_pb2.CompleteTaskRequest(
-            task=sub.task.name, fencing_token=token + 1, output=js("forged")))
-    assert err.value.code() == grpc.StatusCode.ABORTED
-    status = rpc_status.from_call(err.value)
+    err = await refused_as_stale(tasks, sub.task.name, token + 1, "forged")
+    status = rpc_status.from_call(err)
     assert status is not None
     info = error_details_pb2.ErrorInfo()
     assert status.details[0].Unpack(info) and info.reason == "LEASE_EXPIRED"
@@ -159,10 +166,7 @@ async def test_broken_stream_requeues_to_another_agent(channel: grpc.aio.Channel
     assert second.fencing_token > first.fencing_token
     assert second.task.attempt == 2
     # The zombie's late result is refused; the survivor's is accepted.
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await tasks.CompleteTask(task_pb2.CompleteTaskRequest(
-            task=sub.task.name, fencing_token=first.fencing_token, output=js("zombie")))
-    assert err.value.code() == grpc.StatusCode.ABORTED
+    await refused_as_stale(tasks, sub.task.name, first.fencing_token, "zombie")
     a2.out.put_nowait(task_pb2.ProcessTasksRequest(result=task_pb2.TaskResult(
         task=sub.task.name, fencing_token=second.fencing_token, output=js("ok"))))
     await until_state(tasks, sub.task.name, task_pb2.TASK_STATE_SUCCEEDED)

@@ -28,7 +28,7 @@ from server.services.clock import Clock, ManualClock
 from server.services.scheduler import SchedulerObserver
 from tests._services import require_nats, require_redis, unique_prefix
 from tests.conftest import embedded_settings
-from tests.test_protocol import RawAgent, js, next_kind, until_state
+from tests.test_protocol import RawAgent, js, next_kind, refused_as_stale, until_state
 
 PATIENT = {"heartbeat_misses": 150}
 """RawAgent never beats: a 30 s registration keeps its agents ACTIVE for any test here."""
@@ -403,10 +403,7 @@ async def test_lease_expiry_and_retry_timer_are_handled_once_with_two_replicas()
         ack = (await next_kind(hw, "ack")).ack
         assert (ack.task, ack.outcome) == (name, task_pb2.TASK_REPORT_OUTCOME_STALE_LEASE)
         for stub in (ta, tb):
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.CompleteTask(task_pb2.CompleteTaskRequest(
-                    task=name, fencing_token=first.fencing_token, output=js("late")))
-            assert err.value.code() == grpc.StatusCode.ABORTED
+            await refused_as_stale(stub, name, first.fencing_token)
         now = (await tb.GetTask(task_pb2.GetTaskRequest(name=name))).task
         assert (now.state, now.attempt, now.agent) == (
             task_pb2.TASK_STATE_RUNNING, 2, finisher.agent)

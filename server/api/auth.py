@@ -287,6 +287,15 @@ def caller() -> Principal | None:
     return _caller.get()
 
 
+def namespace_denied(principal: Principal | None, namespace: str) -> PermissionDeniedError | None:
+    """The error for a principal that may not use ``namespace`` (None when it may)."""
+    if principal is None or principal.can_see(namespace):
+        return None
+    return PermissionDeniedError(
+        f"the token is not bound to namespace {namespace!r}", reason="NAMESPACE_DENIED",
+        metadata={"namespace": namespace[:64]})
+
+
 def require_visible(namespace: str, kind: str, name: str) -> None:
     """NOT_FOUND for a resource in a namespace the caller is not bound to.
 
@@ -525,10 +534,9 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         if principal is None or isinstance(request, Malformed):
             return None
         for ns in requested_namespaces(method, request):
-            if not principal.can_see(ns):
-                return PermissionDeniedError(
-                    f"the token is not bound to namespace {ns!r}", reason="NAMESPACE_DENIED",
-                    metadata={"namespace": ns[:64]})
+            error = namespace_denied(principal, ns)
+            if error is not None:
+                return error
         return None
 
     def _open(self, principal: Principal | None, watch: bool) -> AgentMeshError | None:

@@ -13,11 +13,7 @@ from agentmesh.v1 import bus_pb2, bus_pb2_grpc
 
 from server.api import auth, convert, errors, streams
 from server.api.convert import Limits
-from server.domain.errors import (
-    FailedPreconditionError,
-    InvalidArgumentError,
-    PermissionDeniedError,
-)
+from server.domain.errors import FailedPreconditionError, InvalidArgumentError
 from server.services.messaging import DurableReceiver, Messaging
 
 DURABLE_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -69,10 +65,9 @@ class BusServicer(bus_pb2_grpc.BusServiceServicer):
         first = await streams.first_message(request_iterator, "open", "open")
         opened = first.open
         ns = convert.namespace(opened.namespace, "open.namespace")
-        who = auth.caller()
-        if who is not None and not who.can_see(ns):
-            raise PermissionDeniedError(f"the token is not bound to namespace {ns!r}",
-                                        reason="NAMESPACE_DENIED")
+        denied = auth.namespace_denied(auth.caller(), ns)  # a stream: checked here
+        if denied is not None:
+            raise denied
         pattern = convert.subject_pattern(opened.subject, "open.subject")
         if not DURABLE_NAME_RE.match(opened.durable_name):
             raise InvalidArgumentError.field(

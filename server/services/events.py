@@ -64,12 +64,20 @@ def breaker_subject(namespace: str) -> str:
 
 
 BREAKER_ALL = "_sys.breaker.*"
-AGENT_ALL = "_sys.agent.*"
+AGENT_STATE_ALL = "_sys.agent.*.state"
+"""Agents joining, leaving or changing state, in every namespace (not load changes)."""
 
 
-def agent_subject(namespace: str) -> str:
-    """Agent join/update/leave events of a namespace."""
-    return f"_sys.agent.{namespace}"
+def agent_subject(namespace: str, *, load: bool = False) -> str:
+    """Agent events of a namespace: ``.state`` for joins, leaves and state changes,
+    ``.load`` for beats that only change in-flight/load (the dispatcher, which
+    subscribes to ``AGENT_STATE_ALL``, never receives those)."""
+    return f"_sys.agent.{namespace}.{'load' if load else 'state'}"
+
+
+def agent_pattern(namespace: str) -> str:
+    """Every agent event of a namespace (what WatchAgents streams)."""
+    return f"_sys.agent.{namespace}.*"
 
 
 def state_subject(namespace: str) -> str:

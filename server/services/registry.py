@@ -128,7 +128,7 @@ class Registry:
                 f"agents/{agent_id} session ended; register again", reason="SESSION_ENDED")
         if agent_id in self._streams and self._loads.get(agent_id) != (in_flight, load):
             self._loads[agent_id] = (in_flight, load)
-            await self._publish(AgentEventType.UPDATED, agent)
+            await self._publish(AgentEventType.UPDATED, agent, load=True)
         return agent
 
     async def detach(self, agent_id: str, reason: str) -> None:
@@ -195,7 +195,7 @@ class Registry:
     async def watch(self, namespace: str, capability: str, *, include_existing: bool,
                     max_pending: int = 1000) -> AsyncIterator[AgentEvent]:
         """Agent events of a namespace, optionally starting with every live agent."""
-        sub = await self._bus.subscribe(events.agent_subject(namespace), max_pending=max_pending)
+        sub = await self._bus.subscribe(events.agent_pattern(namespace), max_pending=max_pending)
         try:
             if include_existing:
                 after = ""
@@ -223,7 +223,7 @@ class Registry:
         finally:
             await sub.unsubscribe()
 
-    async def _publish(self, kind: AgentEventType, agent: Agent) -> None:
-        await events.announce(self._bus, events.agent_subject(agent.namespace), events.encode(
-            {"id": agent.id, "type": int(kind), "state": int(agent.state),
-             "time": self._clock.now()}))
+    async def _publish(self, kind: AgentEventType, agent: Agent, *, load: bool = False) -> None:
+        await events.announce(
+            self._bus, events.agent_subject(agent.namespace, load=load),
+            events.encode({"id": agent.id, "type": int(kind), "time": self._clock.now()}))

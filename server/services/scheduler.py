@@ -59,6 +59,7 @@ from server.ports import (
 from server.services import events
 from server.services.breakers import BreakerBoard, BreakerConfig
 from server.services.clock import Clock
+from server.services.registry import AgentEventType
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ class Scheduler:
         """Start the dispatcher, the maintenance loop and the bus listeners."""
         ready = await self._bus.subscribe(events.READY_ALL)
         cancels = await self._bus.subscribe(events.CANCEL_SUBJECT)
-        agents = await self._bus.subscribe(events.AGENT_ALL)
+        agents = await self._bus.subscribe(events.AGENT_STATE_ALL)
         await self.breakers.start()
         self._runner = asyncio.create_task(self._run(ready, cancels, agents), name="scheduler")
         await self._started.wait()
@@ -752,13 +753,13 @@ class Scheduler:
                 self._wake.set()
 
     async def _agent_listener(self, sub: Subscription) -> None:
-        """Agents joining or leaving change who may serve as a fallback: re-poll."""
+        """Agents joining, leaving or draining change who may serve as a fallback: re-poll.
+
+        Load-only updates travel on another subject and never reach here.
+        """
         async for message in sub:
             body = events.decode(message.data)
-            kind = int(body.get("type", 0))
-            if kind == 2 and body.get("state") == 1:  # UPDATED, still ACTIVE: a load change
-                continue
-            if kind == 3:  # LEFT
+            if body.get("type") == AgentEventType.LEFT:
                 self.breakers.forget(str(body.get("id", "")))
             self._live.clear()
             self._wake.set()
