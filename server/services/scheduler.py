@@ -274,9 +274,6 @@ class Scheduler:
             task, request_id=request_id, max_queued=self.config.max_queued_per_namespace)
         if created:
             await self._after(transition, now)
-            # Let the dispatcher, just woken, lease it before this caller goes on
-            # to build and send its response: the task reaches an agent sooner.
-            await asyncio.sleep(0)
         return stored
 
     async def submit_many(self, items: Sequence[tuple[Task, str]]) -> list[Task]:
@@ -746,6 +743,9 @@ class Scheduler:
             for namespace, caps in ready.items():
                 await events.announce(self._bus, events.ready_subject(namespace),
                                         events.encode({"caps": sorted(caps)}), self._origin)
+            # Let the dispatcher, just woken, lease the new work before this caller
+            # goes on (to build and send its response): it reaches an agent sooner.
+            await asyncio.sleep(0)
 
     async def _ready_listener(self, sub: Subscription) -> None:
         async for message in sub:
