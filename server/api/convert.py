@@ -8,6 +8,7 @@ mapping turns into INVALID_ARGUMENT with BadRequest field violations.
 from __future__ import annotations
 
 import base64
+import enum
 import functools
 import hashlib
 import json
@@ -15,7 +16,7 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, cast, overload
 
 from agentmesh.v1 import (
     bus_pb2,
@@ -25,6 +26,8 @@ from agentmesh.v1 import (
     task_pb2,
 )
 from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import Message
 
 from server.domain.errors import FieldViolation, InvalidArgumentError, ResourceExhaustedError
 from server.domain.models import (
@@ -67,6 +70,130 @@ class Limits:
     max_attempts: int = 100
     max_watch_pending: int = 10_000
     """Events buffered per watch stream before the watcher is cut off (RESOURCE_EXHAUSTED)."""
+
+
+MAX_LABELS = 64
+"""Entries of a labels or headers map (``Limits.max_labels`` may be lower, not higher)."""
+MAX_TRACE_ENTRIES = 8
+MAX_TRACE_KEY_BYTES = 64
+MAX_TRACE_VALUE_BYTES = 1024
+"""A W3C ``traceparent`` is 55 bytes and ``tracestate`` should stay within 512."""
+MAX_PAYLOAD_METADATA = 64
+MAX_PAYLOAD_METADATA_KEY_BYTES = 256
+MAX_WORKFLOW_STEPS = 10_000
+"""Hard ceiling of ``Settings.max_workflow_steps`` (which the scheduler enforces)."""
+MAX_BATCH = 1000
+"""Requests of one BatchSubmitTasks, names of one WatchTasks, reports of one batch."""
+MAX_DELIVERY_IDS = 10_000
+"""Ids of one DurableAck (the most a durable stream may have in flight)."""
+
+REPEATED_BOUNDS: dict[str, int] = {
+    "agentmesh.v1.Payload.metadata": MAX_PAYLOAD_METADATA,
+    "agentmesh.v1.RetryPolicy.non_retryable_error_types": 64,
+    "agentmesh.v1.BusMessage.headers": MAX_LABELS,
+    "agentmesh.v1.DurableAck.delivery_ids": MAX_DELIVERY_IDS,
+    "agentmesh.v1.Agent.capabilities": 256,
+    "agentmesh.v1.Agent.labels": MAX_LABELS,
+    "agentmesh.v1.ListAgentsRequest.labels": MAX_LABELS,
+    "agentmesh.v1.Task.labels": MAX_LABELS,
+    "agentmesh.v1.Task.trace_context": MAX_TRACE_ENTRIES,
+    # Output-only fields of Task, ignored on submit (a client may send back a Task
+    # it read): bounded by what the server itself would ever put there.
+    "agentmesh.v1.Task.attempts": 100,
+    "agentmesh.v1.Task.dependency_outputs": MAX_WORKFLOW_STEPS,
+    "agentmesh.v1.BatchSubmitTasksRequest.requests": MAX_BATCH,
+    "agentmesh.v1.WatchTasksRequest.names": MAX_BATCH,
+    "agentmesh.v1.WatchTasksRequest.states": 16,
+    "agentmesh.v1.Workflow.steps": MAX_WORKFLOW_STEPS,
+    "agentmesh.v1.Workflow.labels": MAX_LABELS,
+    "agentmesh.v1.WorkflowStep.depends_on": MAX_WORKFLOW_STEPS,
+    "agentmesh.v1.TaskReportBatch.results": MAX_BATCH,
+    "agentmesh.v1.TaskReportBatch.failures": MAX_BATCH,
+}
+"""Most entries of every repeated and map field a request can carry, by field.
+
+Checked for every request of every RPC before a servicer sees it
+(``count_violation``, called by the deserializer in ``handlers.py``), so a
+list or map past its bound is INVALID_ARGUMENT naming it, whatever RPC it came
+in. Sizes of the entries are checked where they are stored (``labels``,
+``trace_context``, ``payload``...). A field missing here (a new proto field)
+gets ``DEFAULT_REPEATED_BOUND``; a test lists every reachable field, so the
+table must grow with the protos.
+"""
+DEFAULT_REPEATED_BOUND = 1000
+
+
+def _short(key: object) -> str:
+    """A map key for a field path, cut so an error stays small."""
+    text = repr(key)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_MAP, _LIST, _MESSAGE = 0, 1, 2
+_Rules = tuple[tuple[str, int, int, bool], ...]
+"""Per field: name, kind, bound, and whether its messages need walking too."""
+_RULES: dict[str, _Rules] = {}
+
+
+def _rules(desc: Descriptor) -> _Rules:
+    """The fields of ``desc`` that hold (or lead to) a bounded repeated field."""
+    rules = _RULES.get(desc.full_name)
+    if rules is not None:
+        return rules
+    _RULES[desc.full_name] = ()  # a recursive message type (none yet) ends here
+    found: list[tuple[str, int, int, bool]] = []
+    for f in desc.fields:
+        sub = f.message_type
+        is_map = sub is not None and sub.GetOptions().map_entry
+        if sub is not None and is_map:
+            sub = sub.fields_by_name["value"].message_type
+        deep = sub is not None and bool(_rules(sub))
+        if f.is_repeated:
+            found.append((f.name, _MAP if is_map else _LIST,
+                          REPEATED_BOUNDS.get(f.full_name, DEFAULT_REPEATED_BOUND), deep))
+        elif deep:
+            found.append((f.name, _MESSAGE, 0, True))
+    _RULES[desc.full_name] = rules = tuple(found)
+    return rules
+
+
+_BY_TYPE: dict[type[Message], _Rules] = {}
+
+
+def count_violation(msg: Message) -> FieldViolation | None:
+    """The first repeated or map field of ``msg`` (at any depth) past its bound."""
+    found = _walk(msg)
+    if found is None:
+        return None
+    path, description = found
+    return FieldViolation("".join(reversed(path)), description)
+
+
+def _walk(msg: Message) -> tuple[list[str], str] | None:
+    """(path parts, innermost first; description) of the first field past its bound."""
+    rules = _BY_TYPE.get(type(msg))
+    if rules is None:
+        rules = _BY_TYPE[type(msg)] = _rules(cast(Descriptor, msg.DESCRIPTOR))
+    for name, kind, bound, deep in rules:
+        if kind == _MESSAGE:
+            if msg.HasField(name):
+                found = _walk(getattr(msg, name))
+                if found is not None:
+                    found[0].append(name + ".")
+                    return found
+            continue
+        value = getattr(msg, name)
+        if len(value) > bound:
+            return [name], f"at most {bound} entries (got {len(value)})"
+        if deep and value:
+            items = value.items() if kind == _MAP else enumerate(value)
+            for key, item in items:
+                found = _walk(item)
+                if found is not None:
+                    where = _short(key) if kind == _MAP else str(key)
+                    found[0].append(f"{name}[{where}].")
+                    return found
+    return None
 
 
 def _bad(field: str, description: str) -> InvalidArgumentError:
@@ -134,9 +261,32 @@ def labels(value: Mapping[str, str], field: str, limits: Limits) -> dict[str, st
     for k, v in value.items():
         if not k:
             raise _bad(field, "label keys must not be empty")
-        _text(k, f"{field}[{k!r}]", limits.max_label_bytes)
-        _text(v, f"{field}[{k!r}]", limits.max_label_bytes)
+        _text(k, f"{field}[{_short(k)}]", limits.max_label_bytes)
+        _text(v, f"{field}[{_short(k)}]", limits.max_label_bytes)
     return dict(value)
+
+
+def trace_context_field(value: Mapping[str, str], field: str) -> dict[str, str]:
+    """A trace context given in the request: within the entry and size bounds."""
+    if len(value) > MAX_TRACE_ENTRIES:
+        raise _bad(field, f"at most {MAX_TRACE_ENTRIES} entries")
+    for k, v in value.items():
+        if not k:
+            raise _bad(field, "keys must not be empty")
+        _text(k, f"{field}[{_short(k)}]", MAX_TRACE_KEY_BYTES)
+        _text(v, f"{field}[{_short(k)}]", MAX_TRACE_VALUE_BYTES)
+    return dict(value)
+
+
+def call_trace_context(value: Mapping[str, str]) -> Mapping[str, str]:
+    """The call's own trace context (metadata), without entries past the bounds.
+
+    A tracer's header is not a request field: an oversized one is dropped, as
+    W3C asks of a tracestate it cannot handle, rather than failing the call.
+    """
+    if all(len(v) <= MAX_TRACE_VALUE_BYTES for v in value.values()):
+        return value
+    return {k: v for k, v in value.items() if len(v) <= MAX_TRACE_VALUE_BYTES}
 
 
 def page_size(value: int) -> int:
@@ -146,28 +296,85 @@ def page_size(value: int) -> int:
     return min(value or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
+class Cursor(enum.Enum):
+    """What a list's page token resumes from; each list RPC names its kind."""
+
+    SEQ = "seq"
+    """A store sequence number: an int in 0..2**63-1 (tasks, workflows)."""
+    ID = "id"
+    """A resource id (``ID_RE``: agents)."""
+    KEY = "key"
+    """A printable key of at most ``MAX_KEY_CURSOR_BYTES`` (state keys, snapshot names)."""
+
+
+MAX_SEQ = (1 << 63) - 1
+MAX_KEY_CURSOR_BYTES = 1024
+"""Longest KEY cursor: at least ``Limits.max_key_bytes`` and any snapshot name."""
+MAX_PAGE_TOKEN_CHARS = 8192
+"""Longest page token accepted (a KEY cursor of 1024 bytes, JSON-escaped, fits)."""
+
+
 def encode_page_token(cursor: str | int, filter_key: str) -> str:
     """An opaque token for a keyset cursor, bound to the request's filter."""
-    body = {"c": cursor, "f": hashlib.sha256(filter_key.encode()).hexdigest()[:16]}
+    body = {"c": cursor, "f": _fingerprint(filter_key)}
     return base64.urlsafe_b64encode(json.dumps(body).encode()).decode().rstrip("=")
 
 
-def decode_page_token(token: str, filter_key: str) -> str | int | None:
-    """The cursor of a token made by encode_page_token; None for an empty token."""
+def _fingerprint(filter_key: str) -> str:
+    return hashlib.sha256(filter_key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+@overload
+def decode_page_token(token: str, filter_key: str, kind: Literal[Cursor.SEQ]) -> int: ...
+
+
+@overload
+def decode_page_token(token: str, filter_key: str,
+                      kind: Literal[Cursor.ID, Cursor.KEY]) -> str: ...
+
+
+def decode_page_token(token: str, filter_key: str, kind: Cursor) -> int | str:
+    """The cursor of a token made by encode_page_token, checked to be of ``kind``.
+
+    An empty token means the first page: 0 for a SEQ cursor, "" otherwise.
+    Anything else that is not a well-formed token of this list and filter is
+    INVALID_ARGUMENT on ``page_token``; a servicer never parses a cursor itself.
+
+    Decision: tokens are validated, not authenticated. The filter fingerprint
+    is a plain hash anyone can compute, so a client can forge a token; but a
+    cursor only says where a keyset scan of the *same* filter resumes, which
+    paging reaches anyway, and the namespace checks apply to the request
+    either way. So every token is checked in full (size, shape, fingerprint,
+    the cursor's type, range and length for its list) instead of signed: an
+    HMAC would need a secret shared by every replica behind a load balancer
+    (a per-process one would break paging across replicas) and its rotation,
+    for no gain in what a caller can see.
+    """
     if not token:
-        return None
+        return 0 if kind is Cursor.SEQ else ""
+    if len(token) > MAX_PAGE_TOKEN_CHARS:
+        raise _bad("page_token", "not a token returned by this API")
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         body = json.loads(raw)
-        cursor = body["c"]
-        fingerprint = body["f"]
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise _bad("page_token", "not a token returned by this API") from exc
-    if fingerprint != hashlib.sha256(filter_key.encode()).hexdigest()[:16]:
-        raise _bad("page_token", "was issued for a different filter")
-    if not isinstance(cursor, str | int):
+    if not isinstance(body, dict) or set(body) != {"c", "f"}:
         raise _bad("page_token", "not a token returned by this API")
-    return cursor
+    cursor, fingerprint = body["c"], body["f"]
+    if not isinstance(fingerprint, str) or fingerprint != _fingerprint(filter_key):
+        raise _bad("page_token", "was issued for a different filter")
+    if kind is Cursor.SEQ:
+        # bool is an int in Python: refuse it explicitly.
+        if isinstance(cursor, int) and not isinstance(cursor, bool) and 0 <= cursor <= MAX_SEQ:
+            return cursor
+    elif isinstance(cursor, str):
+        if kind is Cursor.ID and ID_RE.match(cursor):
+            return cursor
+        if kind is Cursor.KEY and len(cursor.encode("utf-8", "surrogatepass")) \
+                <= MAX_KEY_CURSOR_BYTES and not _CONTROL_RE.search(cursor):
+            return cursor
+    raise _bad("page_token", "not a token returned by this API")
 
 
 def duration(value: duration_pb2.Duration, field: str) -> float:
@@ -214,7 +421,11 @@ def payload(msg: common_pb2.Payload, field: str, limits: Limits) -> Payload:
         raise ResourceExhaustedError(
             f"{field} is {size} bytes; the limit is {limits.max_payload_bytes}",
             reason="PAYLOAD_TOO_LARGE")
-    return Payload(bytes(msg.data), dict(msg.metadata))
+    metadata = msg.metadata
+    if metadata:
+        for key in metadata:
+            _text(key, f"{field}.metadata[{_short(key)}]", MAX_PAYLOAD_METADATA_KEY_BYTES)
+    return Payload(bytes(msg.data), dict(metadata))
 
 
 def payload_msg(value: Payload) -> common_pb2.Payload:
@@ -294,7 +505,8 @@ def task_from_submit(req: task_pb2.SubmitTaskRequest, limits: Limits,
         fallback_capability=capability(t.fallback_capability, "task.fallback_capability",
                                        required=False),
         # A batch's tasks share the call's context mapping (never mutated).
-        trace_context=dict(t.trace_context) if t.trace_context else trace_context,
+        trace_context=(trace_context_field(t.trace_context, "task.trace_context")
+                       if t.trace_context else call_trace_context(trace_context)),
         schedule_to_start_timeout=duration(t.schedule_to_start_timeout,
                                            "task.schedule_to_start_timeout"),
         heartbeat_timeout=duration(t.heartbeat_timeout, "task.heartbeat_timeout"),
@@ -463,7 +675,7 @@ def workflow_from_submit(req: task_pb2.SubmitWorkflowRequest, limits: Limits,
         namespace=namespace(w.namespace, "workflow.namespace"),
         display_name=_text(w.display_name, "workflow.display_name", 256),
         steps=tuple(steps), labels=labels(w.labels, "workflow.labels", limits),
-        trace_context=dict(trace_context))
+        trace_context=dict(call_trace_context(trace_context)))
 
 
 def workflow_to_proto(wf: Workflow, steps: Mapping[str, Task] | None = None, *,

@@ -58,9 +58,9 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
         cap = convert.capability(request.capability, "capability", required=False)
         labels = convert.labels(request.labels, "labels", self._limits)
         fkey = f"{ns}|{cap}|{request.state}|{sorted(labels.items())}"
-        after = convert.decode_page_token(request.page_token, fkey) or ""
+        after = convert.decode_page_token(request.page_token, fkey, convert.Cursor.ID)
         flt = AgentFilter(ns, cap, frozenset({state}) if state else _LIVE, labels)
-        agents = await self._registry.list(flt, after_id=str(after), limit=size + 1)
+        agents = await self._registry.list(flt, after_id=after, limit=size + 1)
         token = convert.encode_page_token(agents[size - 1].id, fkey) if len(agents) > size else ""
         return discovery_pb2.ListAgentsResponse(
             agents=[convert.agent_to_proto(a) for a in agents[:size]], next_page_token=token)

@@ -66,21 +66,40 @@ def _pack(message: Any) -> any_pb2.Any:
     return packed
 
 
+MAX_MESSAGE_BYTES = 512
+MAX_VIOLATIONS = 10
+MAX_FIELD_BYTES = 128
+MAX_DESCRIPTION_BYTES = 256
+"""UTF-8 sizes. The status travels in the trailers, which a gRPC client refuses past 8 KiB
+(its soft metadata limit): the client would see RESOURCE_EXHAUSTED instead of
+the error. Messages and violations built from hostile input (a 100 KB label
+key, a workflow naming thousands of unknown steps) are cut to these sizes."""
+
+
+def _cut(text: str, limit: int) -> str:
+    raw = text.encode("utf-8", "replace")  # a lone surrogate would fail serialization
+    if len(raw) <= limit:
+        return raw.decode("utf-8")
+    return raw[:limit - 3].decode("utf-8", "ignore") + "..."
+
+
 def to_status(error: AgentMeshError) -> grpc.Status:
-    """A grpc.Status with rich details for a domain error."""
+    """A grpc.Status with rich details for a domain error (sized to fit the trailers)."""
     code = status_code_of(error)
     details = [_pack(error_details_pb2.ErrorInfo(
         reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata))]
     if isinstance(error, InvalidArgumentError) and error.violations:
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in error.violations])))
+            error_details_pb2.BadRequest.FieldViolation(
+                field=_cut(v.field, MAX_FIELD_BYTES),
+                description=_cut(v.description, MAX_DESCRIPTION_BYTES))
+            for v in error.violations[:MAX_VIOLATIONS]])))
     if isinstance(error, ResourceExhaustedError) and error.retry_after is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     return rpc_status.to_status(status_pb2.Status(
-        code=code.value[0], message=error.message, details=details))
+        code=code.value[0], message=_cut(error.message, MAX_MESSAGE_BYTES), details=details))
 
 
 _INTERNAL = rpc_status.to_status(status_pb2.Status(
@@ -104,8 +123,11 @@ def _method(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 
 
 def check(request: object) -> None:
-    """Refuse a request that could not be parsed (see ``handlers.Malformed``)."""
+    """Refuse a request that could not be parsed or is past a bound (``handlers.Malformed``)."""
     if isinstance(request, Malformed):
+        if request.violation is not None:
+            raise InvalidArgumentError(request.error, [request.violation],
+                                       reason="TOO_MANY_ENTRIES")
         raise InvalidArgumentError(
             f"cannot parse {request.type_name}: {request.error}",
             [FieldViolation("(message)", f"not a valid {request.type_name}")],

@@ -100,8 +100,8 @@ class StateServicer(state_pb2_grpc.StateServiceServicer):
         size = convert.page_size(request.page_size)
         prefix = convert.state_prefix(request.prefix, self._limits)
         fkey = f"{ns}|{prefix}"
-        after = convert.decode_page_token(request.page_token, fkey)
-        entries = await self._state.list(ns, prefix, after_key=str(after or ""), limit=size + 1)
+        after = convert.decode_page_token(request.page_token, fkey, convert.Cursor.KEY)
+        entries = await self._state.list(ns, prefix, after_key=after, limit=size + 1)
         token = (convert.encode_page_token(entries[size - 1].key, fkey)
                  if len(entries) > size else "")
         return state_pb2.ListResponse(
@@ -178,8 +178,8 @@ class StateServicer(state_pb2_grpc.StateServiceServicer):
                             context: Ctx) -> state_pb2.ListSnapshotsResponse:
         """See the proto."""
         size = convert.page_size(request.page_size)
-        before = convert.decode_page_token(request.page_token, "snapshots")
-        infos = await self._snapshot_service().list(before_name=str(before or ""),
+        before = convert.decode_page_token(request.page_token, "snapshots", convert.Cursor.KEY)
+        infos = await self._snapshot_service().list(before_name=before,
                                                     limit=size + 1)
         token = (convert.encode_page_token(infos[size - 1].name, "snapshots")
                  if len(infos) > size else "")

@@ -109,8 +109,8 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                          convert.capability(request.capability, "capability", required=False),
                          wf)
         fkey = f"{ns}|{request.state}|{flt.capability}|{wf}"
-        before = convert.decode_page_token(request.page_token, fkey)
-        tasks = await self._scheduler.list_tasks(flt, before_seq=int(before or 0),
+        before = convert.decode_page_token(request.page_token, fkey, convert.Cursor.SEQ)
+        tasks = await self._scheduler.list_tasks(flt, before_seq=before,
                                                  limit=size + 1)
         token = convert.encode_page_token(tasks[size - 1].seq, fkey) if len(tasks) > size else ""
         live = await self._scheduler.live_capabilities(ns)
@@ -200,8 +200,8 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         ns = convert.namespace(request.namespace)
         state = convert.workflow_state(request.state)
         fkey = f"{ns}|{request.state}"
-        before = convert.decode_page_token(request.page_token, fkey)
-        wfs = await self._scheduler.list_workflows(ns, state, before_seq=int(before or 0),
+        before = convert.decode_page_token(request.page_token, fkey, convert.Cursor.SEQ)
+        wfs = await self._scheduler.list_workflows(ns, state, before_seq=before,
                                                    limit=size + 1)
         token = convert.encode_page_token(wfs[size - 1].seq, fkey) if len(wfs) > size else ""
         return task_pb2.ListWorkflowsResponse(
