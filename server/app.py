@@ -98,7 +98,8 @@ async def open_stores(settings: Settings, stack: AsyncExitStack,
                       ) -> tuple[TaskStore, AgentRegistry, StateStore]:
     """The stores named by ``settings.store``."""
     if settings.store in ("memory://", "memory", ""):
-        return InMemoryTaskStore(), InMemoryAgentRegistry(), InMemoryStateStore()
+        agents = InMemoryAgentRegistry()  # the task store reads liveness from it to lease
+        return InMemoryTaskStore(agents=agents), agents, InMemoryStateStore()
     if settings.store.startswith(("redis://", "rediss://", "unix://")):
         stores = await RedisStores.connect(settings.store, prefix=settings.key_prefix)
         stack.push_async_callback(stores.aclose)

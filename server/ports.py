@@ -86,28 +86,57 @@ class TaskStore(Protocol):
     Ready queues are per (namespace, capability), ordered by priority (higher
     first) then ``seq`` (FIFO). Every method is one atomic step: two replicas
     can never both lease a task or both accept a result for it.
+
+    Task ids and workflow ids are each unique in the store (across
+    namespaces): a create never replaces an existing task or workflow.
+    A TaskStore shares its AgentRegistry (the same Redis prefix; the
+    in-memory store is built with its registry), and a lease step reads the
+    agent's liveness from it atomically with the grant.
     """
 
     async def create_task(
         self, task: Task, *, request_id: str = "", max_queued: int = 0
     ) -> tuple[Task, bool, Transition]:
-        """Insert a QUEUED task. Atomic with the idempotency check.
+        """Insert a QUEUED task. Atomic with the idempotency and uniqueness checks.
 
-        If ``request_id`` was used before in the task's namespace, returns the
-        first task and ``False`` and changes nothing. If ``max_queued`` > 0 and
-        the namespace holds that many QUEUED/PENDING/RETRYING tasks, raises
-        ResourceExhaustedError. The store assigns ``seq``.
+        In this order, in one step:
+
+        1. ``request_id`` (non-empty) was used before in the task's namespace:
+           returns the task that request created and ``False``, and changes
+           nothing. The request id wins (AIP-155): this holds whatever
+           ``task`` is now, also when ``task.id`` is another id (no task of
+           that id is created) or the id of another existing task.
+        2. A task ``task.id`` exists (in any namespace): raises
+           AlreadyExistsError naming it (``tasks/<id>``, also in
+           ``metadata["existing"]``) and changes nothing. So a caller that
+           may repeat a create (a retry after a lost reply) passes a
+           ``request_id``; without one the repeat is refused.
+        3. ``max_queued`` > 0 and the namespace holds that many
+           QUEUED/PENDING/RETRYING tasks: raises ResourceExhaustedError.
+
+        The store assigns ``seq``.
         """
         ...
 
     async def create_tasks(
         self, items: Sequence[tuple[Task, str]], *, max_queued: int = 0,
     ) -> tuple[list[tuple[Task, bool, Transition]], bool]:
-        """Several ``create_task`` calls (task, request_id) in order, in one step.
+        """Several ``create_task`` calls (task, request_id) in order, in one atomic step.
 
-        Each item is atomic on its own, as ``create_task``. Stops at the first
-        item that would exceed ``max_queued``: returns the results before it and
-        ``True`` (the batch was cut short); otherwise all results and ``False``.
+        First the whole batch is checked, before anything is written. An item
+        whose ``request_id`` was used before in its namespace, in the store or
+        by an earlier item of the batch, is a replay: it will return that
+        request's task (``False``) and its own id is not checked. Every other
+        item's id must be neither a stored task's id nor the id of an earlier
+        non-replay item (a batch may not repeat an id). The first item that
+        breaks this raises AlreadyExistsError naming ``tasks/<id>`` (also in
+        ``metadata["existing"]``), and nothing of the batch is written, even
+        items before it and whatever the queue bound.
+
+        Then each item as ``create_task``, in order. Stops at the first item
+        that would exceed ``max_queued``: returns the results before it and
+        ``True`` (the batch was cut short, those before it are written);
+        otherwise all results and ``False``.
         """
         ...
 
@@ -117,7 +146,16 @@ class TaskStore(Protocol):
     ) -> tuple[Workflow, bool, Transition]:
         """Insert a workflow and its step tasks (PENDING, or QUEUED if no deps) atomically.
 
-        Idempotency and queue limit as in ``create_task``.
+        In this order, in one step: a ``request_id`` used before (for a
+        workflow of the namespace) returns that workflow and ``False``, changing
+        nothing, whatever ``workflow`` is now (the request id wins, as in
+        ``create_task``). Then the workflow's id must not be a stored
+        workflow's (AlreadyExistsError ``workflows/<id>``), and no step task id
+        (``<workflow>-<step>``) may be a stored task's or repeat another step's
+        (AlreadyExistsError ``tasks/<id>``); the name is also in
+        ``metadata["existing"]``. Then the queue bound, as in ``create_task``
+        (counting every step). A refusal writes nothing: neither the workflow
+        nor any step.
         """
         ...
 
@@ -155,6 +193,11 @@ class TaskStore(Protocol):
         ``lease_deadline = now + min(execution_timeout or default_timeout,
         heartbeat_timeout or inf)``. Returns None when nothing may be taken.
 
+        Only a live agent gets a lease: in the same atomic step the store reads
+        ``agent_id`` in the AgentRegistry it shares, and unless that agent
+        exists, is ACTIVE (not DRAINING, not GONE) and has ``expire_time >
+        now``, nothing is leased and None is returned (not an error).
+
         Also eligible, in the same priority order: tasks whose primary
         capability is not in ``scope.available`` and whose fallback capability
         is in ``scope.fallback_for``; such a task gets ``served_by_fallback``.
@@ -172,7 +215,10 @@ class TaskStore(Protocol):
         limits: DispatchLimits = NO_LIMITS,
     ) -> list[Lease]:
         """Up to ``count`` leases in one atomic step, as ``count`` calls of
-        ``lease_next`` would give them (same order, limits re-checked each time)."""
+        ``lease_next`` would give them (same order, limits re-checked each time).
+
+        ``[]`` unless the agent is live, checked as in ``lease_next`` in the same step.
+        """
         ...
 
     async def expire_queued(self, now: float, limit: int) -> Transition:
@@ -271,7 +317,14 @@ class TaskStore(Protocol):
 
 @runtime_checkable
 class AgentRegistry(Protocol):
-    """Agent cards and sessions. Each method is atomic on one agent."""
+    """Agent cards and sessions. Each method is atomic on one agent.
+
+    The TaskStore sharing this registry reads an agent's state and
+    ``expire_time`` in its lease step (see ``TaskStore.lease_next``): only an
+    ACTIVE agent whose ``expire_time`` is later than the lease's ``now`` gets
+    a lease, so every change here (heartbeat, set_state, a new registration)
+    counts for the next lease.
+    """
 
     async def register(self, agent: Agent) -> Agent:
         """Insert an agent (its id is unique)."""

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.backends.redis import RedisTaskStore, codec
-from server.domain.errors import NotFoundError, StaleLeaseError
+from server.domain.errors import AlreadyExistsError, NotFoundError, StaleLeaseError
 from server.domain.models import (
     DEFAULT_RETRY_POLICY,
     Jitter,
@@ -34,6 +34,7 @@ from server.domain.models import (
 )
 from server.ports import Transition
 from tests._services import redis_stores
+from tests.conformance.conftest import live_agents
 
 NS = "codec-ns"
 T0 = 1_732_000_000.123456
@@ -134,7 +135,9 @@ def test_retry_policies_are_shared_only_between_equal_documents() -> None:
 
 @pytest.fixture
 async def store() -> AsyncIterator[RedisTaskStore]:
+    """A Redis TaskStore under a fresh prefix, with the live agent "ag"."""
     async with redis_stores("codec") as stores:
+        await live_agents(stores.agents, "ag", namespace=NS)
         yield stores.tasks
 
 
@@ -188,21 +191,19 @@ async def test_create_over_an_existing_task_and_repeated_request_ids(
                  schedule_to_start_timeout=5.0)
     [(stored, created, _)], _ = await store.create_tasks([(first, "rq")])
     assert created and stored.queue_deadline == T0 + 5.0
-    # Same id again (a client-chosen id raced past the service's check): the new
-    # version replaces the QUEUED one, which keeps its queue deadline.
+    # Same id again (a client-chosen id): refused ("exists" reply), the first stays.
     again = Task(id="x", capability="cap", namespace=NS, create_time=T0 + 1,
-                 update_time=T0 + 1, labels={"k": "v"}, queue_deadline=T0 + 5.0,
-                 schedule_to_start_timeout=5.0)
-    [(replaced, c1, tr1)], _ = await store.create_tasks([(again, "")])
-    assert c1 and tr1.tasks[0].previous_state is TaskState.QUEUED
-    assert replaced == await store.get_task("x")
-    assert replaced.queue_deadline == T0 + 5.0 and replaced.labels == {"k": "v"}
-    results, full = await store.create_tasks([(first, "rq"), (first, "rq2")])
+                 update_time=T0 + 1, labels={"k": "v"}, schedule_to_start_timeout=5.0)
+    for items in ([(again, "")], [(again, "rq2")], [(first, "rq"), (again, "rq3")]):
+        with pytest.raises(AlreadyExistsError) as err:
+            await store.create_tasks(items)
+        assert err.value.metadata == {"existing": "tasks/x"}
+        assert err.value.message == "tasks/x already exists"
+    assert await store.get_task("x") == stored
+    # Replays of "rq" ("dup" replies) decode to exactly the stored task.
+    results, full = await store.create_tasks([(again, "rq"), (first, "rq")])
     assert not full
-    (dup, c2, tr2), (third, c3, tr3) = results
-    assert not c2 and tr2 == Transition() and dup == replaced  # "rq" names task x
-    assert c3 and third.seq > replaced.seq and tr3.tasks[0].previous_state is TaskState.QUEUED
-    assert third == await store.get_task("x")
+    assert results == [(stored, False, Transition()), (stored, False, Transition())]
 
 
 async def test_batch_replies_carry_leases_results_and_refusals(store: RedisTaskStore) -> None:

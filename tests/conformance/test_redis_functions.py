@@ -45,6 +45,7 @@ from server.domain.models import (
 )
 from server.ports import AgentFilter, FailVerdict, TaskFilter
 from tests._services import redis_stores, require_redis, unique_prefix
+from tests.conformance.conftest import live_agents, memory_stores
 from tests.conformance.test_redis_restart import PrivateRedis
 
 NS = "fn-ns"
@@ -143,6 +144,8 @@ async def test_nothing_of_a_call_leaks_into_the_next() -> None:
     """Two deployments (prefixes) on one Redis run the same library, with the same task ids."""
     async with redis_stores("fn-a") as sa, redis_stores("fn-b") as sb:
         a, b = sa.tasks, sb.tasks
+        for s in (sa, sb):
+            await live_agents(s.agents, "ag", namespace=NS)
         limits = DispatchLimits(capability_limits={"cap": 1})
         _, created, tr = await a.create_task(mk("same", labels={"k": "v"}))
         assert created and tr.tasks[0].previous_state is None
@@ -185,6 +188,7 @@ async def test_a_lost_library_is_loaded_again(private_redis: PrivateRedis) -> No
     try:
         r, tasks = stores.client, stores.tasks
         await tasks.create_tasks([(mk(f"t{i}"), f"req-{i}") for i in range(6)])
+        await live_agents(stores.agents, "ag", *(f"ag{i}" for i in range(5)), namespace=NS)
         first = await tasks.lease_next(NS, ["cap"], "ag", now=T0, default_timeout=30)
         assert first is not None and first.task.id == "t0"
         await stores.state.put(NS, "k", Payload(b"v"), expected_version=0, ttl=0, now=T0)
@@ -241,9 +245,12 @@ def _libraries(stores: RedisStores) -> dict[str, Library]:
 
 @pytest.fixture
 async def pair() -> AsyncIterator[tuple[InMemoryTaskStore, RedisTaskStore]]:
-    """The reference in-memory store and a Redis store under a fresh prefix."""
-    mem = InMemoryTaskStore()
+    """The reference in-memory store and a Redis store under a fresh prefix, both
+    with the live agent "ag"."""
+    mem, registry = memory_stores()
     async with redis_stores("fn-diff") as stores:
+        for reg in (registry, stores.agents):
+            await live_agents(reg, "ag", namespace=NS)
         yield mem, stores.tasks
     await mem.aclose()
 
@@ -438,7 +445,8 @@ async def _assert_counters_match_tasks(store: RedisTaskStore, namespace: str) ->
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_agent_registry_matches_the_memory_one(seed: int) -> None:
-    """Heartbeats skip the index and capability-count writes that would change nothing."""
+    """Heartbeats skip the index and capability-count writes that would change nothing;
+    the ACTIVE index that leases read matches the cards."""
     rnd = random.Random(seed)
     mem = InMemoryAgentRegistry()
     async with redis_stores("fn-agents") as stores:
@@ -477,6 +485,13 @@ async def test_agent_registry_matches_the_memory_one(seed: int) -> None:
                 assert {k: int(v) for k, v in counts.items()} == dict(want)
             expired = [sorted(a.id for a in await reg.expired(now)) for reg in (mem, red)]
             assert expired[0] == expired[1]
+            # the index a lease reads: every ACTIVE agent with its expire_time, no other
+            active = await stores.client.hgetall(f"{{{stores.prefix}}}:agents_active")
+            want_active = {a.id: a.expire_time for ns in namespaces
+                           for a in await mem.list_agents(
+                               AgentFilter(ns, states=frozenset({AgentState.ACTIVE})),
+                               after_id="", limit=100)}
+            assert {k: float(v) for k, v in active.items()} == want_active
 
 
 async def test_state_log_keeps_exactly_log_size_events() -> None:

@@ -20,7 +20,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from server.backends.redis import RedisStores
 from server.domain.errors import StaleLeaseError
-from server.domain.models import Payload, Task, TaskFailure, TaskState
+from server.domain.models import Agent, Payload, Task, TaskFailure, TaskState
 from server.ports import FailVerdict
 from tests._services import free_port, unique_prefix
 
@@ -84,6 +84,9 @@ async def test_nothing_lost_after_sigkill_and_client_recovers(
             await tasks.create_task(Task(id=f"t{i}", capability="cap", namespace=NS,
                                          priority=i % 3, input=Payload(f"in{i}".encode())),
                                     request_id=f"req-{i}")
+        for i in (*range(4), "new", "x"):
+            await stores.agents.register(Agent(id=f"agent-{i}", display_name="a", namespace=NS,
+                                               expire_time=T0 + 3600))
         leases = []
         for i in range(4):
             lease = await tasks.lease_next(NS, ["cap"], f"agent-{i}", now=T0,

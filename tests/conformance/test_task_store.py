@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from server.backends.memory import InMemoryTaskStore
 from server.backends.redis import RedisStores
 from server.domain.errors import (
+    AlreadyExistsError,
     FailedPreconditionError,
     NotFoundError,
     ResourceExhaustedError,
@@ -24,6 +24,7 @@ from server.domain.errors import (
 from server.domain.limits import DispatchLimits, LeaseScope
 from server.domain.models import (
     TASK_TRANSITIONS,
+    AgentState,
     Payload,
     RetryPolicy,
     Task,
@@ -34,8 +35,9 @@ from server.domain.models import (
     WorkflowState,
     WorkflowStep,
 )
-from server.ports import FailVerdict, TaskFilter, TaskStore, Transition
+from server.ports import AgentRegistry, FailVerdict, TaskFilter, TaskStore, Transition
 from tests._services import redis_stores, require_redis, unique_prefix
+from tests.conformance.conftest import live_agents, memory_stores
 
 NS = "ns1"
 T0 = 1_000.0
@@ -77,16 +79,31 @@ def _changes(value: Any) -> Iterator[TaskChange]:
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[TaskStore]:
-    """One TaskStore per backend (the Redis one under a unique key prefix), with
-    every change it reports checked against the domain's state machine."""
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[tuple[TaskStore,
+                                                                         AgentRegistry]]:
+    """One TaskStore per backend (the Redis one under a unique key prefix) and the
+    AgentRegistry it leases against, with every change the store reports checked
+    against the domain's state machine."""
     if request.param == "memory":
-        mem = InMemoryTaskStore()
-        yield TransitionChecked(mem)  # type: ignore[misc]
+        mem, registry = memory_stores()
+        yield TransitionChecked(mem), registry
         await mem.aclose()
         return
     async with redis_stores("tasks") as stores:
-        yield TransitionChecked(stores.tasks)  # type: ignore[misc]
+        yield TransitionChecked(stores.tasks), stores.agents
+
+
+@pytest.fixture
+def store(backend: tuple[TaskStore, AgentRegistry]) -> TaskStore:
+    """The backend's TaskStore."""
+    return backend[0]
+
+
+@pytest.fixture
+def agents(backend: tuple[TaskStore, AgentRegistry]) -> AgentRegistry:
+    """The AgentRegistry the backend's TaskStore reads liveness from when leasing
+    (register agents with ``live_agents`` before leasing to them)."""
+    return backend[1]
 
 
 def mk(task_id: str, cap: str = "cap", *, priority: int = 0, ns: str = NS,
@@ -174,7 +191,108 @@ async def test_create_idempotent_with_request_id(store: TaskStore) -> None:
     assert fresh3
 
 
-async def test_queue_limit(store: TaskStore) -> None:
+async def test_create_refuses_an_existing_task_id(store: TaskStore) -> None:
+    first, _, _ = await store.create_task(mk("t1"))
+    for again in (replace(mk("t1"), input=Payload(b"other")), mk("t1", ns="other")):
+        with pytest.raises(AlreadyExistsError) as err:
+            await store.create_task(again)
+        assert err.value.metadata["existing"] == "tasks/t1"
+        assert "tasks/t1" in err.value.message
+    assert await store.get_task("t1") == first, "the first task is never replaced"
+    # a new request id does not make a taken id free either
+    with pytest.raises(AlreadyExistsError):
+        await store.create_task(mk("t1"), request_id="r-new")
+    _, fresh, _ = await store.create_task(mk("t-other"), request_id="r-new")
+    assert fresh, "the refused create did not record its request id"
+    assert dict((await store.stats(NS)).tasks_by_state) == {TaskState.QUEUED: 2}
+    assert dict((await store.stats("other")).tasks_by_state) == {}
+
+
+async def test_request_id_wins_over_the_task_id(store: TaskStore) -> None:
+    """A request id seen before replays its first answer, whatever the id asked now."""
+    first, _, _ = await store.create_task(mk("t1"), request_id="r1")
+    same, fresh, tr = await store.create_task(mk("t1"), request_id="r1")
+    assert not fresh and same == first and tr.tasks == ()
+    other, fresh, tr = await store.create_task(mk("t9"), request_id="r1")
+    assert not fresh and other == first and tr.tasks == ()
+    assert await store.get_task("t9") is None
+    await store.create_task(mk("t2"))
+    taken, fresh, _ = await store.create_task(mk("t2"), request_id="r1")
+    assert not fresh and taken == first
+    results, full = await store.create_tasks([(mk("t2"), "r1"), (mk("t3"), "")])
+    assert not full and [(t.id, c) for t, c, _ in results] == [("t1", False), ("t3", True)]
+
+
+async def test_create_tasks_refuses_the_whole_batch_on_a_taken_id(store: TaskStore) -> None:
+    pre, _, _ = await store.create_task(mk("pre"), request_id="r-pre")
+    before = await store.stats(NS)
+    batches = [
+        [(mk("b1"), "r1"), (mk("b2"), ""), (mk("pre"), ""), (mk("b3"), "r3")],  # stored id
+        [(mk("b1"), ""), (mk("b2"), "r2"), (mk("b1"), "r9")],  # an id twice in the batch
+        [(mk("b1"), "r1"), (mk("b2"), ""), (mk("pre"), "r-other")],  # new request id
+    ]
+    for items, name in zip(batches, ("tasks/pre", "tasks/b1", "tasks/pre"), strict=True):
+        with pytest.raises(AlreadyExistsError) as err:
+            await store.create_tasks(items, max_queued=100)
+        assert err.value.metadata["existing"] == name
+        assert await store.get_tasks(["b1", "b2", "b3"]) == [None, None, None]
+        assert await store.stats(NS) == before
+    # Refused before anything is written, even past the point where the bound cuts it.
+    with pytest.raises(AlreadyExistsError):
+        await store.create_tasks([(mk("c1"), ""), (mk("c2"), ""), (mk("pre"), "")],
+                                 max_queued=2)
+    assert await store.get_task("c1") is None
+    # Nothing of the refused batches was recorded: their request ids are still free.
+    results, full = await store.create_tasks([(mk("n1"), "r1"), (mk("n2"), "r2")])
+    assert not full and [(t.id, c) for t, c, _ in results] == [("n1", True), ("n2", True)]
+    assert await store.get_task("pre") == pre
+
+
+async def test_create_tasks_replays_within_a_batch(store: TaskStore) -> None:
+    """An item repeating an earlier item's request id is a replay of it, not a new id."""
+    results, full = await store.create_tasks(
+        [(mk("x1"), "rx"), (mk("x1"), "rx"), (mk("x2"), "rx"), (mk("x3"), "")])
+    assert not full
+    assert [(t.id, c) for t, c, _ in results] == [
+        ("x1", True), ("x1", False), ("x1", False), ("x3", True)]
+    assert results[1][0] == results[0][0] == await store.get_task("x1")
+    assert results[1][2].tasks == () and await store.get_task("x2") is None
+
+
+async def test_create_workflow_refuses_taken_ids(store: TaskStore) -> None:
+    wf, tasks = diamond()
+    created, _, _ = await store.create_workflow(wf, tasks, request_id="w")
+    # the same workflow id again, with no or another request id
+    for rid in ("", "w-other"):
+        with pytest.raises(AlreadyExistsError) as err:
+            await store.create_workflow(wf, tasks, request_id=rid)
+        assert err.value.metadata["existing"] == "workflows/wf1"
+    # the request id wins: its workflow is returned, whatever is asked now
+    again, fresh, tr = await store.create_workflow(*diamond("wf-new"), request_id="w")
+    assert not fresh and again == created and tr.tasks == ()
+    assert await store.get_workflow("wf-new") is None
+    # a step task id taken by a stored task refuses the whole workflow
+    await store.create_task(mk("wf2-c"))
+    before = await store.stats(NS)
+    with pytest.raises(AlreadyExistsError) as err:
+        await store.create_workflow(*diamond("wf2"), request_id="w2")
+    assert err.value.metadata["existing"] == "tasks/wf2-c"
+    assert await store.get_workflow("wf2") is None
+    assert await store.get_tasks(["wf2-a", "wf2-b", "wf2-d"]) == [None, None, None]
+    assert await store.stats(NS) == before
+    # two steps with the same task id
+    wf3, tasks3 = workflow("wf3", [WorkflowStep("a", "cap"), WorkflowStep("b", "cap")])
+    with pytest.raises(AlreadyExistsError) as err:
+        await store.create_workflow(wf3, [tasks3[0], replace(tasks3[1], id=tasks3[0].id)])
+    assert err.value.metadata["existing"] == "tasks/wf3-a"
+    assert await store.get_workflow("wf3") is None and await store.get_task("wf3-a") is None
+    # nothing was recorded: "w2" is still free
+    made, fresh, _ = await store.create_workflow(*diamond("wf4"), request_id="w2")
+    assert fresh and made.id == "wf4"
+
+
+async def test_queue_limit(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "a")
     await store.create_task(mk("t1"), max_queued=2)
     await store.create_task(mk("t2"), max_queued=2)
     with pytest.raises(ResourceExhaustedError):
@@ -192,7 +310,8 @@ async def test_queue_limit(store: TaskStore) -> None:
     assert await store.get_workflow("wf1") is None
 
 
-async def test_list_tasks_filters_and_pagination(store: TaskStore) -> None:
+async def test_list_tasks_filters_and_pagination(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "a")
     for i in range(5):
         await store.create_task(mk(f"t{i}", "cap" if i % 2 == 0 else "other"))
     await store.create_task(mk("x", ns="other"))
@@ -215,7 +334,8 @@ async def test_list_tasks_filters_and_pagination(store: TaskStore) -> None:
 # -- leases -----------------------------------------------------------------------
 
 
-async def test_lease_order_priority_then_fifo(store: TaskStore) -> None:
+async def test_lease_order_priority_then_fifo(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "a")
     await store.create_task(mk("low1", priority=0))
     await store.create_task(mk("high1", priority=5))
     await store.create_task(mk("low2", priority=0))
@@ -229,7 +349,9 @@ async def test_lease_order_priority_then_fifo(store: TaskStore) -> None:
     assert order == ["high1", "high2", "other", "low1", "low2", "neg"]
 
 
-async def test_lease_fields_and_namespace_isolation(store: TaskStore) -> None:
+async def test_lease_fields_and_namespace_isolation(
+        store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "a", "agent-1")
     await store.create_task(mk("t1", execution_timeout=7.5))
     await store.create_task(mk("t2"))
     assert await store.lease_next("other", ["cap"], "a", now=T0, default_timeout=10) is None
@@ -250,8 +372,68 @@ async def test_lease_fields_and_namespace_isolation(store: TaskStore) -> None:
     assert await store.leases_of("nobody") == []
 
 
-async def test_exactly_one_lease_under_concurrency(store: TaskStore) -> None:
+@pytest.mark.parametrize("batch", [False, True], ids=["lease_next", "lease_batch"])
+async def test_no_lease_to_an_agent_that_is_not_live(
+        store: TaskStore, agents: AgentRegistry, batch: bool) -> None:
+    for i in range(3):
+        await store.create_task(mk(f"t{i}"))
+    await live_agents(agents, "draining", state=AgentState.DRAINING)
+    await live_agents(agents, "gone", state=AgentState.GONE)
+    await live_agents(agents, "expired", expire_time=T0 - 1)
+    await live_agents(agents, "expiring-now", expire_time=T0)  # expire_time must be > now
+    await live_agents(agents, "live", expire_time=T0 + 0.001)
+
+    async def take(agent_id: str) -> list[str]:
+        if batch:
+            leases = await store.lease_batch(NS, ["cap"], agent_id, now=T0, default_timeout=10,
+                                             count=5)
+            return [x.task.id for x in leases]
+        lease = await store.lease_next(NS, ["cap"], agent_id, now=T0, default_timeout=10)
+        return [lease.task.id] if lease else []
+
+    for agent_id in ("unknown", "draining", "gone", "expired", "expiring-now"):
+        assert await take(agent_id) == [], agent_id
+        assert await store.leases_of(agent_id) == []
+    assert dict((await store.stats(NS)).tasks_by_state) == {TaskState.QUEUED: 3}
+    assert [await state_of(store, f"t{i}") for i in range(3)] == [TaskState.QUEUED] * 3
+    assert await take("live") == (["t0", "t1", "t2"] if batch else ["t0"])
+
+
+async def test_lease_follows_the_agent_registry(store: TaskStore, agents: AgentRegistry) -> None:
+    """Every registry change counts for the next lease: heartbeat, set_state, register."""
+    for i in range(5):
+        await store.create_task(mk(f"t{i}"))
+
+    async def take(now: float) -> str | None:
+        lease = await store.lease_next(NS, ["cap"], "ag", now=now, default_timeout=10)
+        return lease.task.id if lease else None
+
+    await live_agents(agents, "ag", expire_time=T0 + 5)
+    assert await take(T0) == "t0"
+    assert await take(T0 + 5) is None, "expired"
+    assert await agents.heartbeat("ag", in_flight=1, load=0.1, now=T0 + 5,
+                                  expire_time=T0 + 20) is not None
+    assert await take(T0 + 6) == "t1"
+    await agents.set_state("ag", AgentState.DRAINING, now=T0 + 7)
+    assert await take(T0 + 7) is None, "draining"
+    await agents.set_state("ag", AgentState.ACTIVE, now=T0 + 8)
+    assert await take(T0 + 8) == "t2"
+    await agents.set_state("ag", AgentState.GONE, now=T0 + 9)
+    assert await take(T0 + 9) is None, "gone"
+    assert await agents.heartbeat("ag", in_flight=0, load=0.0, now=T0 + 9,
+                                  expire_time=T0 + 30) is None
+    assert await take(T0 + 10) is None, "GONE is final"
+    await live_agents(agents, "ag", expire_time=T0 + 30)  # registered again
+    assert await take(T0 + 10) == "t3"
+    assert await store.lease_batch(NS, ["cap"], "ag", now=T0 + 30, default_timeout=10,
+                                   count=3) == []
+    assert await state_of(store, "t4") is TaskState.QUEUED
+
+
+async def test_exactly_one_lease_under_concurrency(store: TaskStore,
+                                                  agents: AgentRegistry) -> None:
     n = 40
+    await live_agents(agents, *(f"agent-{i}" for i in range(n + 20)))
     for i in range(n):
         await store.create_task(mk(f"t{i}"))
     leases = await asyncio.gather(*[
@@ -261,7 +443,8 @@ async def test_exactly_one_lease_under_concurrency(store: TaskStore) -> None:
     assert len(got) == n and len(set(got)) == n
 
 
-async def test_complete_and_fencing(store: TaskStore) -> None:
+async def test_complete_and_fencing(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "a")
     await store.create_task(mk("t1"))
     lease = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
     assert lease is not None
@@ -288,7 +471,8 @@ async def test_complete_and_fencing(store: TaskStore) -> None:
     assert await store.leases_of("a") == []
 
 
-async def test_requeue_refuses_old_token(store: TaskStore) -> None:
+async def test_requeue_refuses_old_token(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "zombie", "healthy")
     await store.create_task(mk("t1"))
     first = await store.lease_next(NS, ["cap"], "zombie", now=T0, default_timeout=10)
     assert first is not None
@@ -312,7 +496,8 @@ async def test_requeue_refuses_old_token(store: TaskStore) -> None:
     assert task is not None and task.output == Payload(b"ok")
 
 
-async def test_renew_and_expired_leases(store: TaskStore) -> None:
+async def test_renew_and_expired_leases(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "a", "b")
     await store.create_task(mk("t1"))
     await store.create_task(mk("t2"))
     l1 = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
@@ -331,7 +516,8 @@ async def test_renew_and_expired_leases(store: TaskStore) -> None:
     assert len(expired) == 1
 
 
-async def test_retry_and_promote_due(store: TaskStore) -> None:
+async def test_retry_and_promote_due(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "a", "b")
     await store.create_task(mk("t1"))
     lease = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
     assert lease is not None
@@ -352,7 +538,8 @@ async def test_retry_and_promote_due(store: TaskStore) -> None:
     assert again is not None and again.task.attempt == 2
 
 
-async def test_promote_due_limit(store: TaskStore) -> None:
+async def test_promote_due_limit(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "a")
     for i in range(3):
         await store.create_task(mk(f"t{i}"))
         lease = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
@@ -365,7 +552,8 @@ async def test_promote_due_limit(store: TaskStore) -> None:
     assert [c.task.id for c in second.tasks] == ["t2"]
 
 
-async def test_fail_terminal_and_dead_letter(store: TaskStore) -> None:
+async def test_fail_terminal_and_dead_letter(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "a")
     await store.create_task(mk("t1"))
     await store.create_task(mk("t2"))
     l1 = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
@@ -382,7 +570,8 @@ async def test_fail_terminal_and_dead_letter(store: TaskStore) -> None:
 # -- workflows --------------------------------------------------------------------
 
 
-async def test_workflow_diamond_progression(store: TaskStore) -> None:
+async def test_workflow_diamond_progression(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "agent", "x")
     wf, tasks = diamond()
     created, fresh, tr = await store.create_workflow(wf, tasks, request_id="w")
     assert fresh and created.seq > 0 and tr.workflow == created
@@ -430,7 +619,8 @@ async def test_list_workflows(store: TaskStore) -> None:
     assert await store.list_workflows(NS, WorkflowState.FAILED, before_seq=0, limit=2) == []
 
 
-async def test_workflow_failure_cascades(store: TaskStore) -> None:
+async def test_workflow_failure_cascades(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "agent", "x", "y")
     wf, tasks = diamond()
     await store.create_workflow(wf, tasks)
     await run_ok(store, "wf1-a", b"A")
@@ -452,7 +642,8 @@ async def test_workflow_failure_cascades(store: TaskStore) -> None:
     assert await state_of(store, "wf1-d") is TaskState.CANCELLED
 
 
-async def test_cancel_step_fails_workflow(store: TaskStore) -> None:
+async def test_cancel_step_fails_workflow(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "x")
     wf, tasks = workflow("w", [WorkflowStep("a", "cap"), WorkflowStep("b", "cap"),
                                WorkflowStep("c", "cap", depends_on=("a",))])
     await store.create_workflow(wf, tasks)
@@ -467,7 +658,8 @@ async def test_cancel_step_fails_workflow(store: TaskStore) -> None:
     assert await state_of(store, "w-c") is TaskState.QUEUED
 
 
-async def test_cancel_task(store: TaskStore) -> None:
+async def test_cancel_task(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "a")
     await store.create_task(mk("t1"))
     await store.create_task(mk("t2"))
     tr = await store.cancel_task("t1", "changed my mind", now=T0 + 1)
@@ -488,7 +680,8 @@ async def test_cancel_task(store: TaskStore) -> None:
         await store.cancel_task("nope", "x", now=T0)
 
 
-async def test_cancel_workflow(store: TaskStore) -> None:
+async def test_cancel_workflow(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "agent", "x")
     wf, tasks = diamond()
     await store.create_workflow(wf, tasks)
     await run_ok(store, "wf1-a", b"A")
@@ -506,7 +699,8 @@ async def test_cancel_workflow(store: TaskStore) -> None:
         await store.cancel_workflow("nope", "x", now=T0)
 
 
-async def test_redrive_task(store: TaskStore) -> None:
+async def test_redrive_task(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "a", "b")
     await store.create_task(mk("t1"))
     lease = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
     assert lease is not None
@@ -532,7 +726,8 @@ async def test_redrive_task(store: TaskStore) -> None:
     assert stats.tasks_ended == 1 and stats.tasks_succeeded_autonomously == 0
 
 
-async def test_redrive_workflow_step(store: TaskStore) -> None:
+async def test_redrive_workflow_step(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "agent", "x")
     wf, tasks = diamond()
     await store.create_workflow(wf, tasks)
     await run_ok(store, "wf1-a", b"A")
@@ -559,7 +754,8 @@ async def test_redrive_workflow_step(store: TaskStore) -> None:
     assert final is not None and final.state is WorkflowState.SUCCEEDED
 
 
-async def test_stats_and_autonomy(store: TaskStore) -> None:
+async def test_stats_and_autonomy(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "agent", "a")
     empty = await store.stats(NS)
     assert empty.tasks_ended == 0 and empty.autonomy == 1.0
     for i in range(4):
@@ -583,7 +779,8 @@ async def test_stats_and_autonomy(store: TaskStore) -> None:
     assert dict(other.tasks_by_state) == {} and other.tasks_ended == 0
 
 
-async def test_fail_retry_at_now_queues_at_once(store: TaskStore) -> None:
+async def test_fail_retry_at_now_queues_at_once(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "a")
     await store.create_task(mk("t1"))
     lease = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
     assert lease is not None
@@ -598,9 +795,11 @@ async def test_fail_retry_at_now_queues_at_once(store: TaskStore) -> None:
 # -- the Redis store behaves exactly like the reference -----------------------------
 
 
-async def _scenario(store: TaskStore) -> tuple[list[Task | None], list[Workflow | None]]:
+async def _scenario(store: TaskStore, agents: AgentRegistry,
+                    ) -> tuple[list[Task | None], list[Workflow | None]]:
     """A mixed run with realistic (sub-millisecond) times; returns every task/workflow."""
     now = 1_732_000_000.123456
+    await live_agents(agents, "ag0", "ag1", "ag2")
     await store.create_task(mk("solo", execution_timeout=0.1, labels={"a": "b"}))
     wf, tasks = diamond("wd")
     await store.create_workflow(wf, tasks, request_id="rq")
@@ -637,8 +836,8 @@ async def test_redis_matches_memory_exactly() -> None:
     url = require_redis()
     stores = await RedisStores.connect(url, prefix=unique_prefix("diff"))
     try:
-        expected = await _scenario(InMemoryTaskStore())
-        got = await _scenario(stores.tasks)
+        expected = await _scenario(*memory_stores())
+        got = await _scenario(stores.tasks, stores.agents)
         assert got == expected
         assert await stores.tasks.stats(NS) == await _stats_of(expected[0])
     finally:
@@ -647,7 +846,7 @@ async def test_redis_matches_memory_exactly() -> None:
 
 
 async def _stats_of(tasks: list[Task | None]) -> object:
-    mem = InMemoryTaskStore()
+    mem, _ = memory_stores()
     for t in tasks:
         assert t is not None
         mem._store(t, [])
@@ -661,6 +860,7 @@ async def test_two_redis_replicas_never_double_lease_or_double_accept() -> None:
     b = await RedisStores.connect(url, prefix=prefix)
     try:
         n = 30
+        await live_agents(a.agents, *(f"ag{i}" for i in range(n + 10)))
         for i in range(n):
             await a.tasks.create_task(mk(f"t{i}"))
         calls = [(a if i % 2 else b).tasks.lease_next(NS, ["cap"], f"ag{i}", now=T0,
@@ -694,7 +894,9 @@ async def test_two_redis_replicas_never_double_lease_or_double_accept() -> None:
 # -- resilience: timeouts, fallback, limits ----------------------------------------
 
 
-async def test_schedule_to_start_timeout_fails_a_waiting_task(store: TaskStore) -> None:
+async def test_schedule_to_start_timeout_fails_a_waiting_task(
+        store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "ag")
     await store.create_task(mk("s1", schedule_to_start_timeout=5.0))
     await store.create_task(mk("s2"))
     got = await store.get_task("s1")
@@ -713,7 +915,8 @@ async def test_schedule_to_start_timeout_fails_a_waiting_task(store: TaskStore) 
     assert (await store.expire_queued(T0 + 100.0, 10)).tasks == ()
 
 
-async def test_schedule_to_start_stops_once_leased(store: TaskStore) -> None:
+async def test_schedule_to_start_stops_once_leased(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "ag")
     await store.create_task(mk("s1", schedule_to_start_timeout=5.0))
     lease = await store.lease_next(NS, ["cap"], "ag", now=T0 + 1, default_timeout=30)
     assert lease is not None and lease.task.queue_deadline == 0.0
@@ -738,7 +941,9 @@ async def test_schedule_to_start_timeout_cancels_dependents(store: TaskStore) ->
     assert "SCHEDULE_TO_START_TIMEOUT" in tr.workflow.failure_reason
 
 
-async def test_heartbeat_timeout_shortens_the_lease(store: TaskStore) -> None:
+async def test_heartbeat_timeout_shortens_the_lease(
+        store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "ag")
     await store.create_task(mk("h1", heartbeat_timeout=2.0, execution_timeout=60.0))
     await store.create_task(mk("h2", heartbeat_timeout=90.0, execution_timeout=60.0))
     l1 = await store.lease_next(NS, ["cap"], "ag", now=T0, default_timeout=30)
@@ -750,7 +955,9 @@ async def test_heartbeat_timeout_shortens_the_lease(store: TaskStore) -> None:
     assert await store.expired_leases(T0 + 3, 10) == []
 
 
-async def test_fallback_serves_only_unavailable_primaries(store: TaskStore) -> None:
+async def test_fallback_serves_only_unavailable_primaries(
+        store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "fbagent", "primary")
     await store.create_task(mk("f1", "prim", fallback_capability="fb", priority=5))
     await store.create_task(mk("f2", "fb"))
     await store.create_task(mk("f3", "other", fallback_capability="fb"))
@@ -775,7 +982,8 @@ async def test_fallback_serves_only_unavailable_primaries(store: TaskStore) -> N
                                   scope=LeaseScope(("fb",), frozenset())) is None
 
 
-async def test_capability_concurrency_limit(store: TaskStore) -> None:
+async def test_capability_concurrency_limit(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "ag")
     limits = DispatchLimits(capability_limits={"cap": 2})
     for i in range(4):
         await store.create_task(mk(f"c{i}"))
@@ -793,7 +1001,9 @@ async def test_capability_concurrency_limit(store: TaskStore) -> None:
     assert other is not None
 
 
-async def test_key_concurrency_limit_skips_to_other_keys(store: TaskStore) -> None:
+async def test_key_concurrency_limit_skips_to_other_keys(
+        store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "ag")
     limits = DispatchLimits(key_label="tenant", key_limits={"a": 1}, default_key_limit=2)
     await store.create_task(mk("k1", labels={"tenant": "a"}))
     await store.create_task(mk("k2", labels={"tenant": "a"}))
@@ -814,7 +1024,8 @@ async def test_key_concurrency_limit_skips_to_other_keys(store: TaskStore) -> No
     assert lease is not None and lease.task.id == "k2"
 
 
-async def test_capability_rate_limit_token_bucket(store: TaskStore) -> None:
+async def test_capability_rate_limit_token_bucket(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "ag")
     limits = DispatchLimits(capability_rates={"cap": 2.0})
     for i in range(5):
         await store.create_task(mk(f"r{i}"))
@@ -852,7 +1063,8 @@ async def test_create_tasks_batch(store: TaskStore) -> None:
     assert await store.get_task("c3") is None
 
 
-async def test_lease_batch_in_order(store: TaskStore) -> None:
+async def test_lease_batch_in_order(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "a", "b")
     for i in range(5):
         await store.create_task(mk(f"q{i}", priority=1 if i == 3 else 0))
     leases = await store.lease_batch(NS, ["cap"], "a", now=T0, default_timeout=10, count=3)
@@ -865,7 +1077,8 @@ async def test_lease_batch_in_order(store: TaskStore) -> None:
                                    count=10) == []
 
 
-async def test_complete_many_fenced_per_item(store: TaskStore) -> None:
+async def test_complete_many_fenced_per_item(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "a")
     for i in range(3):
         await store.create_task(mk(f"m{i}"))
     leases = await store.lease_batch(NS, ["cap"], "a", now=T0, default_timeout=10, count=3)
@@ -881,7 +1094,8 @@ async def test_complete_many_fenced_per_item(store: TaskStore) -> None:
     assert (await store.get_task("m0")).output == Payload(b"ok")  # type: ignore[union-attr]
 
 
-async def test_waiting_by_capability(store: TaskStore) -> None:
+async def test_waiting_by_capability(store: TaskStore, agents: AgentRegistry) -> None:
+    await live_agents(agents, "ag")
     await store.create_task(mk("a1", "a"))
     await store.create_task(mk("a2", "a"))
     await store.create_task(mk("b1", "b"))

@@ -11,7 +11,12 @@ _LIVE = frozenset({AgentState.ACTIVE, AgentState.DRAINING})
 
 
 class InMemoryAgentRegistry:
-    """AgentRegistry for the embedded mode."""
+    """AgentRegistry for the embedded mode.
+
+    The :class:`~server.backends.memory.InMemoryTaskStore` built with it
+    (``InMemoryTaskStore(agents=registry)``) asks :meth:`accepts_leases` in
+    each lease step.
+    """
 
     def __init__(self) -> None:
         self._agents: dict[str, Agent] = {}
@@ -24,6 +29,15 @@ class InMemoryAgentRegistry:
     async def get(self, agent_id: str) -> Agent | None:
         """See AgentRegistry.get."""
         return self._agents.get(agent_id)
+
+    def accepts_leases(self, agent_id: str, now: float) -> bool:
+        """True when the agent is known, ACTIVE and its session has not expired.
+
+        Synchronous (no await), so the task store's lease step that calls it
+        stays atomic on the event loop.
+        """
+        agent = self._agents.get(agent_id)
+        return agent is not None and agent.state is AgentState.ACTIVE and agent.expire_time > now
 
     async def list_agents(self, flt: AgentFilter, *, after_id: str, limit: int) -> list[Agent]:
         """See AgentRegistry.list_agents."""

@@ -2,7 +2,9 @@
 
 Every method runs without awaiting anything, so on one event loop each is
 atomic. Heaps use lazy deletion: an entry is checked against the task's
-current state when it is popped.
+current state when it is popped. The store is built with the
+InMemoryAgentRegistry it shares (``InMemoryTaskStore(agents=registry)``): a
+lease step reads the agent's liveness from it in the same atomic step.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 
+from server.backends.memory.agents import InMemoryAgentRegistry
 from server.domain.errors import (
     AgentMeshError,
+    AlreadyExistsError,
     FailedPreconditionError,
     NotFoundError,
     ResourceExhaustedError,
@@ -49,9 +53,15 @@ _BACKLOG_STATES = (TaskState.PENDING, TaskState.QUEUED, TaskState.RETRYING)
 
 
 class InMemoryTaskStore:
-    """TaskStore for the embedded mode (one process, nothing persisted)."""
+    """TaskStore for the embedded mode (one process, nothing persisted).
 
-    def __init__(self) -> None:
+    ``agents`` is the registry of the same mesh, required: a lease goes only to
+    an agent it holds as ACTIVE and unexpired (see TaskStore.lease_next), so a
+    store wired to no registry, or to another one, would lease nothing.
+    """
+
+    def __init__(self, *, agents: InMemoryAgentRegistry) -> None:
+        self._agents = agents
         self._tasks: dict[str, Task] = {}
         self._workflows: dict[str, Workflow] = {}
         self._dependents: dict[str, dict[str, list[str]]] = {}
@@ -151,10 +161,31 @@ class InMemoryTaskStore:
 
     # -- create / read -----------------------------------------------------------
 
+    def _check_new_ids(self, items: Sequence[tuple[Task, str]]) -> None:
+        """AlreadyExistsError for the first item that is not a replay and whose id is
+        taken (by a stored task or an earlier item); see TaskStore.create_tasks."""
+        ids: set[str] = set()
+        rids: set[tuple[str, str]] = set()
+        for task, request_id in items:
+            if request_id:
+                key = (task.namespace, request_id)
+                if key in rids or key in self._idempotency:
+                    continue  # a replay: it returns the task of its request id
+                rids.add(key)
+            if task.id in ids or task.id in self._tasks:
+                raise _already_exists(f"tasks/{task.id}")
+            ids.add(task.id)
+
     async def create_task(
         self, task: Task, *, request_id: str = "", max_queued: int = 0
     ) -> tuple[Task, bool, Transition]:
         """See TaskStore.create_task."""
+        self._check_new_ids([(task, request_id)])
+        return self._create(task, request_id, max_queued)
+
+    def _create(self, task: Task, request_id: str,
+                max_queued: int) -> tuple[Task, bool, Transition]:
+        """One create after ``_check_new_ids`` passed (idempotency, queue bound, insert)."""
         if request_id:
             existing = self._idempotency.get((task.namespace, request_id))
             if existing is not None:
@@ -173,12 +204,12 @@ class InMemoryTaskStore:
     async def create_tasks(
         self, items: Sequence[tuple[Task, str]], *, max_queued: int = 0,
     ) -> tuple[list[tuple[Task, bool, Transition]], bool]:
-        """See TaskStore.create_tasks (no await inside: atomic per item and in order)."""
+        """See TaskStore.create_tasks (no await inside: one atomic step, in order)."""
+        self._check_new_ids(items)
         out: list[tuple[Task, bool, Transition]] = []
         for task, request_id in items:
             try:
-                out.append(await self.create_task(task, request_id=request_id,
-                                                  max_queued=max_queued))
+                out.append(self._create(task, request_id, max_queued))
             except ResourceExhaustedError:
                 return out, True
         return out, False
@@ -192,6 +223,13 @@ class InMemoryTaskStore:
             existing = self._idempotency.get((workflow.namespace, "wf:" + request_id))
             if existing is not None:
                 return self._workflows[existing], False, Transition()
+        if workflow.id in self._workflows:
+            raise _already_exists(f"workflows/{workflow.id}")
+        step_ids: set[str] = set()
+        for t in tasks:
+            if t.id in step_ids or t.id in self._tasks:
+                raise _already_exists(f"tasks/{t.id}")
+            step_ids.add(t.id)
         if max_queued and self._backlog(workflow.namespace) + len(tasks) > max_queued:
             raise ResourceExhaustedError(
                 f"namespace {workflow.namespace!r} would exceed {max_queued} waiting tasks",
@@ -313,7 +351,16 @@ class InMemoryTaskStore:
         now: float, default_timeout: float, scope: LeaseScope = NO_FALLBACK,
         limits: DispatchLimits = NO_LIMITS,
     ) -> Lease | None:
-        """See TaskStore.lease_next."""
+        """See TaskStore.lease_next (the agent's liveness is read in the same step)."""
+        if not self._agents.accepts_leases(agent_id, now):
+            return None
+        return self._lease_one(namespace, capabilities, agent_id, now=now,
+                               default_timeout=default_timeout, scope=scope, limits=limits)
+
+    def _lease_one(self, namespace: str, capabilities: Sequence[str], agent_id: str, *,
+                   now: float, default_timeout: float, scope: LeaseScope,
+                   limits: DispatchLimits) -> Lease | None:
+        """Lease the best eligible task to an agent already found live."""
         heaps: list[tuple[list[tuple[int, int, str]], bool]] = []
         for cap in dict.fromkeys(capabilities):
             if self._cap_allows(namespace, cap, limits, now):
@@ -370,10 +417,11 @@ class InMemoryTaskStore:
     ) -> list[Lease]:
         """See TaskStore.lease_batch (no await inside, so the loop is atomic)."""
         leases: list[Lease] = []
+        if not self._agents.accepts_leases(agent_id, now):
+            return leases
         while len(leases) < count:
-            lease = await self.lease_next(namespace, capabilities, agent_id, now=now,
-                                          default_timeout=default_timeout, scope=scope,
-                                          limits=limits)
+            lease = self._lease_one(namespace, capabilities, agent_id, now=now,
+                                    default_timeout=default_timeout, scope=scope, limits=limits)
             if lease is None:
                 break
             leases.append(lease)
@@ -674,6 +722,11 @@ class InMemoryTaskStore:
 
     async def aclose(self) -> None:
         """Nothing to release."""
+
+
+def _already_exists(name: str) -> AlreadyExistsError:
+    """The refusal of a create whose id is taken (``tasks/<id>``, ``workflows/<id>``)."""
+    return AlreadyExistsError(f"{name} already exists", metadata={"existing": name})
 
 
 def _close_attempt(attempts: tuple[TaskAttempt, ...], now: float,

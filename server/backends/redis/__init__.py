@@ -61,6 +61,13 @@ Agents (``agents.lua``)::
     {P}:agents_live               zset    ACTIVE/DRAINING agent ids by expire_time
     {P}:agents_gone               zset    GONE agent ids by heartbeat_time (purge)
     {P}:caps:<ns>                 hash    capability -> number of ACTIVE agents
+    {P}:agents_active             hash    ACTIVE agent id -> expire_time
+
+``tasks.lua``'s ``lease_batch`` reads ``{P}:agents_active`` (one HGET, same
+hash tag) and leases nothing to an agent missing from it or whose
+expire_time has passed. The hash is written by ``agents.lua`` with each
+agent version, so it matches the cards: an agent registered by a version
+without the hash enters it at its next heartbeat (until then it gets no lease).
 
 State (``state.lua``), with ``S = {P}:st:<len(ns)>:<ns>``::
 

@@ -9,6 +9,7 @@ local ACTIVE, DRAINING, GONE = 1, 2, 3
 local ARGV, B
 local LIVE_KEY -- ACTIVE/DRAINING agents scored by expire_time
 local GONE_KEY -- GONE agents scored by heartbeat_time
+local ACTIVE_KEY -- hash: ACTIVE agent id -> expire_time (tasks.lua reads it to lease)
 
 local function key(id) return B .. ':agent:' .. id end
 local function ns_key(ns) return B .. ':agents:' .. ns end
@@ -41,8 +42,10 @@ end
 
 -- Save an agent version and keep the indexes and ACTIVE capability counts.
 -- A stored agent is in ns_key(namespace), and in GONE_KEY if GONE else in
--- LIVE_KEY; what a new version leaves as it was (a heartbeat: same namespace,
--- state and capabilities) is not written again. ZADD moves a member's score.
+-- LIVE_KEY; an ACTIVE one is in ACTIVE_KEY with its expire_time, so that a
+-- lease (tasks.lua) checks liveness with one HGET instead of decoding the card.
+-- What a new version leaves as it was (a heartbeat: same namespace, state and
+-- capabilities) is not written again. ZADD moves a member's score.
 local function put(a, prev)
   local id = a.id
   local same_ns = prev and prev.namespace == a.namespace
@@ -69,6 +72,11 @@ local function put(a, prev)
   end
   if a.state == ACTIVE and not same_caps then
     for _, name in ipairs(cap_names(a)) do redis.call('HINCRBY', caps_key(a.namespace), name, 1) end
+  end
+  if a.state == ACTIVE then
+    redis.call('HSET', ACTIVE_KEY, id, a.expire_time)
+  elseif prev and prev.state == ACTIVE then
+    redis.call('HDEL', ACTIVE_KEY, id)
   end
   local raw = cjson.encode(a)
   redis.call('SET', key(id), raw)
@@ -171,7 +179,7 @@ local READ_ONLY = {list = true, expired = true}
 
 local function call(keys, args)
   ARGV, B = args, keys[1]
-  LIVE_KEY, GONE_KEY = B .. ':agents_live', B .. ':agents_gone'
+  LIVE_KEY, GONE_KEY, ACTIVE_KEY = B .. ':agents_live', B .. ':agents_gone', B .. ':agents_active'
   local op = OPS[args[1]]
   if not op then return redis.error_reply('agentmesh: unknown agent op ' .. tostring(args[1])) end
   return op()

@@ -338,32 +338,65 @@ end
 
 local OPS = {}
 
--- Create one QUEUED task: 'dup' + existing raw, 'full', or 'ok' (R gets prev, raw).
-local function create_one(t, rid, maxq, R)
-  local ikey = B .. ':idem:' .. t.namespace
-  if rid ~= '' then
-    local existing = redis.call('HGET', ikey, rid)
-    if existing then return 'dup', redis.call('GET', tkey(existing)) end
+-- The checks of a batch of creates, all made before anything is written.
+-- Returns the name of the first id that is taken ('tasks/<id>': a stored task,
+-- or an earlier item of the batch), or nil and, per item, the id of the task its
+-- request id already names (false when it names none). An item whose request id
+-- names a task (stored, or created by an earlier item) is a replay: its own id
+-- is not checked, since the replay returns that task and creates nothing.
+local function check_creates(items)
+  local ids, rids, replay_of = {}, {}, {}
+  for i, item in ipairs(items) do
+    local t, rid = item[1], item[2]
+    local of = false
+    if rid ~= '' then
+      local ns = rids[t.namespace]
+      if not ns then
+        ns = {}
+        rids[t.namespace] = ns
+      end
+      of = ns[rid]
+      if of == nil then
+        of = redis.call('HGET', B .. ':idem:' .. t.namespace, rid) or false
+        ns[rid] = of or t.id -- a later item with rid replays this one
+      end
+    end
+    if not of then
+      if ids[t.id] or redis.call('EXISTS', tkey(t.id)) == 1 then return 'tasks/' .. t.id end
+      ids[t.id] = true
+    end
+    replay_of[i] = of
   end
+  return nil, replay_of
+end
+
+-- Create one QUEUED task whose id check_creates cleared: 'dup' + existing raw,
+-- 'full', or 'ok' (R gets prev, raw). `of` is the task its request id names.
+local function create_one(t, rid, of, maxq, R)
+  if of then return 'dup', redis.call('GET', tkey(of)) end
   if maxq > 0 and backlog(t.namespace) >= maxq then return 'full' end
   t.seq = redis.call('INCR', SEQ_KEY)
   t.state = QUEUED
-  put_task(t, load(t.id), R)
-  if rid ~= '' then redis.call('HSET', ikey, rid, t.id) end
+  put_task(t, nil, R)
+  if rid ~= '' then redis.call('HSET', B .. ':idem:' .. t.namespace, rid, t.id) end
   return 'ok'
 end
 
--- Creates in one call, each atomic with its idempotency check; stops at the first 'full'.
+-- Creates in one call: all ids checked first (a taken one refuses the whole batch,
+-- nothing written: reply [["exists", "tasks/<id>"]]), then each item in order,
+-- idempotent on its request id; stops at the first 'full'.
 -- Reply (JSON): per item ["dup", doc] | ["ok", prev, seq, queue_deadline] | ["full"] (last).
 -- A created task is the submitted document with only state (QUEUED), seq and
 -- queue_deadline changed (put_task), so the reply carries those two values and the
 -- caller rebuilds the task from the one it sent instead of decoding it again.
 function OPS.create_tasks()
   local items, maxq = cjson.decode(ARGV[2]), tonumber(ARGV[3])
+  local taken, replay_of = check_creates(items)
+  if taken then return jarray({jarray({'"exists"', cjson.encode(taken)})}) end
   local out = {}
-  for _, item in ipairs(items) do
+  for i, item in ipairs(items) do
     local t, R = item[1], {}
-    local status, raw = create_one(t, item[2], maxq, R)
+    local status, raw = create_one(t, item[2], replay_of[i], maxq, R)
     if status == 'full' then
       out[#out + 1] = '["full"]'
       break
@@ -386,6 +419,13 @@ function OPS.create_workflow()
     local existing = redis.call('HGET', ikey, 'wf:' .. rid)
     if existing then return {'dup', redis.call('GET', wkey(existing))} end
   end
+  -- Every id checked before anything is written: one taken refuses the workflow.
+  if redis.call('EXISTS', wkey(wf.id)) == 1 then return {'exists', 'workflows/' .. wf.id} end
+  local ids = {}
+  for _, t in ipairs(tasks) do
+    if ids[t.id] or redis.call('EXISTS', tkey(t.id)) == 1 then return {'exists', 'tasks/' .. t.id} end
+    ids[t.id] = true
+  end
   if maxq > 0 and backlog(wf.namespace) + #tasks > maxq then return {'full'} end
   wf.seq = redis.call('INCR', SEQ_KEY)
   local R = {'ok', save_wf(wf)}
@@ -393,7 +433,7 @@ function OPS.create_workflow()
   for _, t in ipairs(tasks) do
     t.seq = redis.call('INCR', SEQ_KEY)
     if #t.depends_on > 0 then t.state = PENDING else t.state = QUEUED end
-    put_task(t, load(t.id), R)
+    put_task(t, nil, R)
   end
   if rid ~= '' then redis.call('HSET', ikey, 'wf:' .. rid, wf.id) end
   return R
@@ -514,8 +554,12 @@ local function lease_one(ns, agent, now, dflt, scope, L, caps, memo)
 end
 
 -- Up to ARGV[8] leases in one atomic step, best first; limits re-checked per lease.
--- Reply (JSON): the leased task documents.
+-- Nothing is leased unless the agent ARGV[3] is live: ACTIVE (agents.lua keeps each
+-- ACTIVE agent's expire_time in the hash {P}:agents_active, the one key read here)
+-- with expire_time > now. Reply (JSON): the leased task documents.
 function OPS.lease_batch()
+  local expire = redis.call('HGET', B .. ':agents_active', ARGV[3])
+  if not expire or tonumber(expire) <= tonumber(ARGV[4]) then return '[]' end
   local count = tonumber(ARGV[8])
   local caps = {}
   for i = 9, #ARGV do caps[#caps + 1] = ARGV[i] end

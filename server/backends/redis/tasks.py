@@ -24,6 +24,7 @@ from server.backends.redis import codec
 from server.backends.redis._scripts import Library
 from server.domain.errors import (
     AgentMeshError,
+    AlreadyExistsError,
     FailedPreconditionError,
     NotFoundError,
     ResourceExhaustedError,
@@ -66,6 +67,11 @@ def _transition(reply: list[Any], *, parsed: bool = False) -> Transition:
 
 def _same(value: Any) -> Any:
     return value
+
+
+def _already_exists(name: str) -> AlreadyExistsError:
+    """The refusal of a create whose id is taken (``tasks/<id>``, ``workflows/<id>``)."""
+    return AlreadyExistsError(f"{name} already exists", metadata={"existing": name})
 
 
 class RedisTaskStore:
@@ -129,6 +135,8 @@ class RedisTaskStore:
         """
         docs = codec.dumps([[codec.task_to_doc(t), rid] for t, rid in items])
         reply = codec.loads(await self._call("create_tasks", docs, max_queued))
+        if reply and reply[0][0] == "exists":
+            raise _already_exists(str(reply[0][1]))
         out: list[tuple[Task, bool, Transition]] = []
         for (submitted, _), item in zip(items, reply, strict=False):
             status = item[0]
@@ -154,6 +162,8 @@ class RedisTaskStore:
                                  request_id, max_queued)
         if reply[0] == "dup":
             return codec.decode_workflow(reply[1]), False, Transition()
+        if reply[0] == "exists":
+            raise _already_exists(str(reply[1]))
         if reply[0] == "full":
             raise ResourceExhaustedError(
                 f"namespace {workflow.namespace!r} would exceed {max_queued} waiting tasks",
@@ -216,7 +226,11 @@ class RedisTaskStore:
         now: float, default_timeout: float, count: int, scope: LeaseScope = NO_FALLBACK,
         limits: DispatchLimits = NO_LIMITS,
     ) -> list[Lease]:
-        """See TaskStore.lease_batch (one script call for up to ``count`` leases)."""
+        """See TaskStore.lease_batch (one script call for up to ``count`` leases).
+
+        The script reads the agent's liveness from ``{P}:agents_active`` (kept
+        by ``agents.lua``; same hash tag) before it leases anything.
+        """
         if count <= 0 or (not capabilities and not scope.fallback_for):
             return []
         scope_doc = codec.dumps({"fb": list(scope.fallback_for),
