@@ -25,7 +25,7 @@ import grpc
 from agentmesh.v1 import discovery_pb2, task_pb2
 
 from agent_sdk._auth import PemSource
-from agent_sdk._client import ChannelConfig, _Conn, _Targets
+from agent_sdk._client import DEFAULT_MAX_MESSAGE_BYTES, ChannelConfig, _Conn, _Targets
 from agent_sdk._payload import decode_payload, encode_payload
 from agent_sdk._retry import backoff_delay
 from agent_sdk._tracing import configure_tracing, handler_span, task_log_context
@@ -115,9 +115,12 @@ class _Running:
 class _Session:
     """Per-session state shared by the stream coroutines and the handlers."""
 
-    def __init__(self, name: str, token: str, outbox_size: int) -> None:
+    def __init__(self, name: str, token: str, outbox_size: int,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.name = name
         self.token = token
+        #: Largest message the work stream may send (the channel's limit).
+        self.max_message_bytes = max_message_bytes
         self.outbox: asyncio.Queue[task_pb2.ProcessTasksRequest | None] = asyncio.Queue(
             maxsize=outbox_size)
         self.credits = 0
@@ -315,7 +318,7 @@ class Agent:
         log.info("agent %s registered as %s on %s", self._display_name, self._agent_name,
                  conn.target)
         return _Session(response.agent.name, response.session_token,
-                        2 * self._max_concurrency + 16)
+                        2 * self._max_concurrency + 16, conn.max_message_bytes)
 
     async def _deregister(self, conn: _Conn, session: _Session) -> None:
         try:
@@ -424,8 +427,8 @@ class Agent:
                 await call.write(task_pb2.ProcessTasksRequest(result=results[0]) if results
                                  else task_pb2.ProcessTasksRequest(failure=failures[0]))
             elif results or failures:
-                await call.write(task_pb2.ProcessTasksRequest(reports=task_pb2.TaskReportBatch(
-                    results=results, failures=failures)))
+                for batch in report_batches(results, failures, session.max_message_bytes):
+                    await call.write(batch)
             for _ in ready:
                 outbox.task_done()
             if session.credits and self._accepting:
@@ -500,6 +503,14 @@ class Agent:
                 message = task_pb2.ProcessTasksRequest(result=task_pb2.TaskResult(
                     task=name, fencing_token=context.fencing_token,
                     output=encode_payload(output)))
+                size = message.ByteSize()
+                if size > session.max_message_bytes - REPORT_HEADROOM:
+                    # gRPC would refuse to send it and end the stream (and every
+                    # other task's lease): report the failure instead.
+                    message = _failure(
+                        name, context.fencing_token, "OutputTooLarge",
+                        f"the output is {size} bytes; a message is limited to "
+                        f"{session.max_message_bytes} bytes", non_retryable=True)
         except asyncio.CancelledError:
             if context.cancelled.is_set() and not session.closed:
                 # Cancelled by the server: report nothing, free the slot.
@@ -571,6 +582,44 @@ class Agent:
         for job in jobs:
             job.cancel()
         await asyncio.wait(jobs)
+
+
+REPORT_HEADROOM = 1024
+"""Bytes a report message keeps under the message limit."""
+MAX_REPORTS = 1000
+"""Most results plus failures in one ``reports`` batch (the server's bound)."""
+
+
+def report_batches(results: Sequence[task_pb2.TaskResult],
+                   failures: Sequence[task_pb2.TaskFailureReport],
+                   max_message_bytes: int) -> list[task_pb2.ProcessTasksRequest]:
+    """``reports`` messages holding every report, each within the message limit.
+
+    Sizes are measured (``ByteSize`` plus the framing of each entry), so six
+    results of 1 MB finishing together go out as two or three messages instead
+    of one the server refuses (which would end the stream).
+    """
+    budget = max_message_bytes - REPORT_HEADROOM
+    out: list[task_pb2.ProcessTasksRequest] = []
+    batch = task_pb2.TaskReportBatch()
+    used = count = 0
+    reports: list[task_pb2.TaskResult | task_pb2.TaskFailureReport] = [*results, *failures]
+    for report in reports:
+        size = report.ByteSize()
+        item = size + 1 + max(1, (size.bit_length() + 6) // 7)
+        if count and (used + item + 8 > budget or count >= MAX_REPORTS):
+            out.append(task_pb2.ProcessTasksRequest(reports=batch))
+            batch = task_pb2.TaskReportBatch()
+            used = count = 0
+        if isinstance(report, task_pb2.TaskResult):
+            batch.results.append(report)
+        else:
+            batch.failures.append(report)
+        used += item
+        count += 1
+    if count:
+        out.append(task_pb2.ProcessTasksRequest(reports=batch))
+    return out
 
 
 def _failure(task: str, token: int, error_type: str, message: str, *,

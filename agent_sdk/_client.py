@@ -102,6 +102,11 @@ _TERMINAL_TASK_STATES = frozenset(task_state_value(s) for s in
                                   ("SUCCEEDED", "FAILED", "CANCELLED", "DEAD_LETTERED"))
 _MAX_PAGE = 1000
 _MAX_SUBMIT_BATCH = 500
+DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
+"""The server's default ``max_message_bytes``: what a channel sends and receives."""
+MESSAGE_HEADROOM = 64 << 10
+"""Bytes a batched message keeps under the limit (a response echoes its requests'
+payloads with the server's fields added)."""
 _WATCH_BATCH = 256
 """Most task changes the server may put in one watch response (fewer messages under load)."""
 # Errors after which a broken workflow watch is re-read and reopened.
@@ -118,6 +123,7 @@ def _name(value: str, collection: str) -> str:
 
 # Own subchannels per channel (a failed connection of another client in the
 # process must not fail ours) and reconnect quickly after a server restart.
+# The message size limits come from ChannelConfig.max_message_bytes.
 _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.use_local_subchannel_pool", 1),
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -133,11 +139,15 @@ class ChannelConfig:
     ``credentials`` switches to TLS (``grpc.ssl_channel_credentials``, with a
     client certificate for mTLS); ``interceptors`` run on every call (auth
     metadata, tracing); ``options`` are extra gRPC channel arguments.
+    ``max_message_bytes`` is the largest message sent or received: it must
+    match the server's ``max_message_bytes`` (4 MiB by default, as here);
+    the agent and the client split their batches to stay under it.
     """
 
     credentials: grpc.ChannelCredentials | None = None
     interceptors: tuple[grpc.aio.ClientInterceptor, ...] = ()
     options: tuple[tuple[str, Any], ...] = ()
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
     @classmethod
     def secure(cls, *, token: str | None = None, tls_ca: PemSource | None = None,
@@ -157,18 +167,24 @@ class ChannelConfig:
         interceptors = base.interceptors
         if token:
             interceptors = (*bearer_token_interceptors(token), *interceptors)
-        return cls(credentials, interceptors, base.options)
+        return cls(credentials, interceptors, base.options, base.max_message_bytes)
 
 
 class _Conn:
     """A channel to one target and the stubs on it."""
 
-    __slots__ = ("bus", "channel", "discovery", "state", "target", "tasks")
+    __slots__ = ("bus", "channel", "discovery", "max_message_bytes", "state", "target",
+                 "tasks")
 
     def __init__(self, target: str, config: ChannelConfig | None = None) -> None:
         self.target = target
         config = config or ChannelConfig()
-        options = [*_CHANNEL_OPTIONS, *config.options]
+        self.max_message_bytes = config.max_message_bytes
+        given = {name for name, _ in config.options}
+        sizes = [(name, config.max_message_bytes) for name in
+                 ("grpc.max_receive_message_length", "grpc.max_send_message_length")
+                 if name not in given]
+        options = [*_CHANNEL_OPTIONS, *sizes, *config.options]
         # Tracing (only when OTEL_* asks for it) runs outermost, so its span covers
         # the caller's own interceptors (auth metadata...).
         interceptors = [*_tracing_interceptors(), *config.interceptors] or None
@@ -219,6 +235,28 @@ class _Targets:
         conns, self._conns = list(self._conns.values()), {}
         for conn in conns:
             await conn.channel.close()
+
+
+_Submit = tuple[task_pb2.SubmitTaskRequest, "asyncio.Future[task_pb2.Task]"]
+
+
+def _submit_batches(pending: list[_Submit], max_message_bytes: int) -> list[list[_Submit]]:
+    """Split queued submits so each BatchSubmitTasks call, and its answer (which
+    echoes every input with the server's fields), stays within the message limit."""
+    budget = max_message_bytes - MESSAGE_HEADROOM
+    batches: list[list[_Submit]] = []
+    batch: list[_Submit] = []
+    used = 0
+    for item in pending:
+        size = item[0].ByteSize() + 512  # the answer's Task adds names, times, policy
+        if batch and used + size > budget:
+            batches.append(batch)
+            batch, used = [], 0
+        batch.append(item)
+        used += size
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 class MeshClient:
@@ -387,14 +425,16 @@ class MeshClient:
         return task_from_proto(await future)
 
     def _flush_submits(self) -> None:
-        """Send what submit_task queued in this loop iteration."""
+        """Send what submit_task queued in this loop iteration (in calls that fit a message)."""
         self._flush_scheduled = False
-        batch, self._pending = self._pending, []
-        if not batch:
+        pending, self._pending = self._pending, []
+        if not pending:
             return
-        sender = asyncio.get_running_loop().create_task(self._send_submits(batch))
-        self._senders.add(sender)
-        sender.add_done_callback(self._senders.discard)
+        loop = asyncio.get_running_loop()
+        for batch in _submit_batches(pending, self._targets.current().max_message_bytes):
+            sender = loop.create_task(self._send_submits(batch))
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
 
     async def _send_submits(self, batch: list[tuple[task_pb2.SubmitTaskRequest,
                                                     asyncio.Future[task_pb2.Task]]]) -> None:

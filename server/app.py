@@ -164,6 +164,7 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
         snapshots = SnapshotService(state_store, tasks, blob, bus, clock)
         messaging = Messaging(bus, max_pending=settings.max_watch_pending)
         limits = Limits(max_payload_bytes=settings.max_payload_bytes,
+                        max_message_bytes=settings.max_message_bytes,
                         max_watch_pending=settings.max_watch_pending)
 
         await scheduler.start()

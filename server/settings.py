@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SHORTHANDS = {
@@ -22,6 +22,18 @@ SHORTHANDS = {
 """A bare backend name means that backend's local default address, so
 ``agentmesh serve --store redis --bus nats`` runs against services on this
 machine's default ports."""
+
+
+MESSAGE_HEADROOM_BYTES = 64 << 10
+"""Room a gRPC message keeps next to one payload for everything else it carries.
+
+An assignment sends the task's input with its names, labels (at most 64 of
+256 + 256 bytes), trace context (at most 8 of 64 + 1024 bytes), lease and
+framing: under 48 KiB with every field at its bound (a test checks it). So
+``max_message_bytes >= max_payload_bytes + MESSAGE_HEADROOM_BYTES`` (checked
+when settings load) means every task that passes the submit checks can be
+assigned, and every result an agent reports can be sent.
+"""
 
 
 def backend_url(value: str) -> str:
@@ -58,11 +70,16 @@ class Settings(BaseSettings):
     default_max_attempts: int = Field(3, ge=1)
     tick: float = Field(0.05, gt=0, description="Period of the reaper and retry timers.")
 
-    max_message_bytes: int = Field(4 << 20, ge=1024, description="gRPC message size limit.")
-    max_payload_bytes: int = Field(1 << 20, ge=0, description="Limit of one payload.")
+    max_message_bytes: int = Field(
+        4 << 20, ge=1024, description="gRPC message size limit, both ways. Agents (the SDK "
+        "default is 4 MiB, ChannelConfig.max_message_bytes) must accept as much; must be at "
+        "least max_payload_bytes + 64 KiB.")
+    max_payload_bytes: int = Field(
+        1 << 20, ge=0, description="Limit of one payload (task input or output, state value, "
+        "bus message); RESOURCE_EXHAUSTED past it.")
     max_queued_per_namespace: int = Field(100_000, ge=1,
                                           description="Waiting tasks before RESOURCE_EXHAUSTED.")
-    max_workflow_steps: int = Field(1000, ge=1)
+    max_workflow_steps: int = Field(1000, ge=1, le=10_000)
     max_watch_pending: int = Field(10_000, ge=1,
                                    description="Events buffered per watcher before cut-off.")
     drain_grace: float = Field(10.0, ge=0,
@@ -101,6 +118,16 @@ class Settings(BaseSettings):
     max_streams_per_principal: int = Field(
         4096, ge=1, description="Streams (watch, heartbeat, work) open at once per "
         "authenticated principal; RESOURCE_EXHAUSTED past it.")
+
+    @model_validator(mode="after")
+    def _payload_fits_in_a_message(self) -> Settings:
+        """A payload must leave room in a message for what travels with it."""
+        if self.max_payload_bytes + MESSAGE_HEADROOM_BYTES > self.max_message_bytes:
+            raise ValueError(
+                f"max_payload_bytes ({self.max_payload_bytes}) leaves no room in a message: "
+                f"max_message_bytes ({self.max_message_bytes}) must be at least "
+                f"max_payload_bytes + {MESSAGE_HEADROOM_BYTES}")
+        return self
 
     @field_validator("store", "bus")
     @classmethod

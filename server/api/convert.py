@@ -63,6 +63,8 @@ class Limits:
     """Input limits (from settings)."""
 
     max_payload_bytes: int = 1 << 20
+    max_message_bytes: int = 4 << 20
+    """Largest message sent or received (``Settings.max_message_bytes``)."""
     max_labels: int = 64
     max_label_bytes: int = 256
     max_key_bytes: int = 512

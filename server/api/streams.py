@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Generic, TypeAlias, TypeVar
 
 from server.api.errors import check
 from server.domain.errors import InvalidArgumentError
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+Pack: TypeAlias = Callable[[list[Resp]], tuple[list[Resp], list[Req]]]
+"""Merges the responses ready at one moment: (messages to send, requests to handle
+as if the peer had sent them)."""
 
 
 async def first_message(requests: AsyncIterator[Req], kind: str, field: str) -> Req:
@@ -33,15 +36,18 @@ class Duplex(Generic[Req, Resp]):
 
     The outbox is bounded; ``send`` of a response past the bound ends the
     stream (the peer is not reading), never buffers without limit. ``pack``
-    may merge the responses that are ready at one moment into fewer messages.
+    may merge the responses that are ready at one moment into fewer messages;
+    it may also answer for the peer a response that cannot be sent at all (an
+    assignment too large for any message), returning a request that is
+    handled as if the peer had sent it. Requests are handled one at a time.
     """
 
     def __init__(self, requests: AsyncIterator[Req], handle: Callable[[Req], Awaitable[None]],
-                 max_outbox: int,
-                 pack: Callable[[list[Resp]], list[Resp]] | None = None) -> None:
+                 max_outbox: int, pack: Pack[Resp, Req] | None = None) -> None:
         self._requests = requests
         self._pack = pack
         self._handle = handle
+        self._handling = asyncio.Lock()
         self._outbox: asyncio.Queue[Resp | None] = asyncio.Queue(maxsize=max_outbox)
         self._error: BaseException | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -64,7 +70,8 @@ class Duplex(Generic[Req, Resp]):
         try:
             async for request in self._requests:
                 check(request)
-                await self._handle(request)
+                async with self._handling:
+                    await self._handle(request)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - re-raised by responses()
@@ -97,8 +104,12 @@ class Duplex(Generic[Req, Resp]):
                         ended = True
                         break
                     ready.append(more)
-                for packed in self._pack(ready):
-                    yield packed
+                packed, answered = self._pack(ready)
+                for message in packed:
+                    yield message
+                for request in answered:
+                    async with self._handling:
+                        await self._handle(request)
             if self._error is not None:
                 raise self._error
         finally:

@@ -298,7 +298,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
 
         duplex: Duplex[task_pb2.ProcessTasksRequest, task_pb2.ProcessTasksResponse] = Duplex(
             request_iterator, handle, max_outbox=4 * agent.max_concurrency + 64,
-            pack=_pack_assignments)
+            pack=lambda ready: _pack_assignments(ready, self._limits.max_message_bytes))
         scheduler.open_session(session)
         try:
             yield task_pb2.ProcessTasksResponse(
@@ -353,15 +353,74 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             autonomy=stats.autonomy, agents_live=len(live))
 
 
+PACK_HEADROOM = 1024
+"""Bytes every packed message keeps under the message limit."""
+ASSIGNMENT_TOO_LARGE = "ASSIGNMENT_TOO_LARGE"
+
+
 def _pack_assignments(
-        ready: list[task_pb2.ProcessTasksResponse]) -> list[task_pb2.ProcessTasksResponse]:
-    """Merge the assignments among ready responses into one batch message."""
-    assignments = [r.assignment for r in ready if r.WhichOneof("kind") == "assignment"]
-    if len(assignments) < 2:
-        return ready
-    others = [r for r in ready if r.WhichOneof("kind") != "assignment"]
-    return [*others, task_pb2.ProcessTasksResponse(
-        assignments=task_pb2.TaskAssignmentBatch(assignments=assignments))]
+        ready: list[task_pb2.ProcessTasksResponse], max_bytes: int,
+) -> tuple[list[task_pb2.ProcessTasksResponse], list[task_pb2.ProcessTasksRequest]]:
+    """Merge the ready assignments into batch messages, each within the message limit.
+
+    Sizes are measured (``ByteSize``, with the framing of the batch) and every
+    message stays ``PACK_HEADROOM`` under ``max_bytes``, so a burst of large
+    tasks goes out as several batches instead of one message gRPC refuses to
+    send (which ended the agent's stream). A standalone task always fits
+    (``Settings`` keeps ``MESSAGE_HEADROOM_BYTES`` next to the payload limit);
+    a workflow step carries its upstream results too, whose sizes are known
+    only once they ran, so a step whose assignment fits in no message is not
+    sent: it is answered for the agent as a non-retryable
+    ASSIGNMENT_TOO_LARGE failure (its workflow fails with that reason) and
+    the stream carries on. Returns (messages, failure reports to handle).
+    """
+    budget = max_bytes - PACK_HEADROOM
+    out: list[task_pb2.ProcessTasksResponse] = []
+    refused: list[task_pb2.ProcessTasksRequest] = []
+    batch: list[task_pb2.ProcessTasksResponse] = []
+    used = 0
+    for response in ready:
+        if response.WhichOneof("kind") != "assignment":
+            out.append(response)
+            continue
+        size = response.assignment.ByteSize()
+        item = size + 1 + _varint_len(size)  # tag and length within the batch
+        if item + 8 > budget:  # 8: the batch's own tag and length
+            refused.append(_too_large(response.assignment, size, max_bytes))
+            continue
+        if batch and used + item + 8 > budget:
+            out.append(_batch(batch))
+            batch, used = [], 0
+        batch.append(response)
+        used += item
+    if batch:
+        out.append(_batch(batch))
+    return out, refused
+
+
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def _batch(responses: list[task_pb2.ProcessTasksResponse]) -> task_pb2.ProcessTasksResponse:
+    if len(responses) == 1:
+        return responses[0]
+    return task_pb2.ProcessTasksResponse(assignments=task_pb2.TaskAssignmentBatch(
+        assignments=[r.assignment for r in responses]))
+
+
+def _too_large(assignment: task_pb2.TaskAssignment, size: int,
+               max_bytes: int) -> task_pb2.ProcessTasksRequest:
+    """The failure report that answers an assignment no message can carry."""
+    task = assignment.task
+    upstream = sum(p.ByteSize() for p in task.dependency_outputs.values())
+    return task_pb2.ProcessTasksRequest(failure=task_pb2.TaskFailureReport(
+        task=task.name, fencing_token=assignment.fencing_token,
+        failure=task_pb2.TaskFailure(
+            error_type=ASSIGNMENT_TOO_LARGE, non_retryable=True,
+            message=f"the assignment is {size} bytes (input {task.input.ByteSize()}, upstream "
+                    f"results {upstream}); a message is limited to {max_bytes} bytes: pass "
+                    "large data by reference (a state key, a blob)")))
 
 
 def _outbound(item: Outbound) -> task_pb2.ProcessTasksResponse | None:
