@@ -37,6 +37,7 @@ from server.bus import open_bus
 from server.domain.errors import NotFoundError
 from server.domain.limits import DispatchLimits
 from server.domain.models import AgentState
+from server.netutil import add_grpc_port, ensure_free
 from server.observability.bus import MeteredBus
 from server.observability.grpc_interceptors import ObservabilityInterceptor
 from server.observability.metrics import MeshMetrics
@@ -209,6 +210,9 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            # Never share a port with another process (grpc's default is to
+            # share: a second server on the same port would bind it silently).
+            ("grpc.so_reuseport", 0),
         ])
         server.add_generic_rpc_handlers((
             generic_handler(discovery_pb2.DESCRIPTOR.services_by_name["DiscoveryService"],
@@ -224,21 +228,27 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        bind = f"{settings.host}:{settings.port}"
-        port = (server.add_secure_port(bind, credentials) if credentials is not None
-                else server.add_insecure_port(bind))
-        _warn_if_exposed(settings, authenticated=tokens is not None,
-                         encrypted=credentials is not None)
-        if port == 0:
-            raise OSError(f"cannot bind {settings.host}:{settings.port}")
-        await server.start()
-        for name in (*SERVICE_NAMES, ""):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-
+        # Both ports are bound before anything serves; one in use is a
+        # PortInUseError naming it (server/netutil.py), raised from here. The
+        # metrics port goes first: a gRPC port bound but never started stays
+        # taken after stop() until the process ends.
+        ensure_free(settings.host, settings.port, "gRPC")
         metrics_server = None
         if settings.metrics_port:
             metrics_server = metrics.start_http_server(settings.metrics_port,
                                                        settings.metrics_host)
+        try:
+            port = add_grpc_port(server, settings.host, settings.port, credentials)
+        except OSError:
+            if metrics_server is not None:
+                metrics_server.close()
+            raise
+        _warn_if_exposed(settings, authenticated=tokens is not None,
+                         encrypted=credentials is not None)
+        await server.start()
+        for name in (*SERVICE_NAMES, ""):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
         mesh = Mesh(settings, f"{host}:{port}", port, scheduler, registry, state, snapshots,
                     metrics,

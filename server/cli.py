@@ -13,8 +13,13 @@ environment variables). Every other command is a thin client over
     stats
 
 Output is an aligned plain-text table (or ``--json``). Any failure prints one
-line, ``agentmesh: error: ...``, on stderr: exit status 2 for bad usage or
-input, 1 for everything else, 130 on Ctrl-C. Never a traceback.
+line, ``agentmesh: error: ...``, on stderr, never a traceback. Exit status:
+
+    0    success
+    1    failure (a refused call, an unreachable server, a task that failed...)
+    2    bad usage or input (flags, settings, files)
+    3    ``serve``: a port it must listen on (gRPC or metrics) is already in use
+    130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
@@ -57,7 +62,10 @@ from server.settings import Settings
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_PORT_IN_USE = 3
 EXIT_INTERRUPTED = 130
+EXIT_STATUS_HELP = ("exit status: 0 success, 1 failure, 2 bad usage or input, 3 serve: a port "
+                    "(gRPC or metrics) is already in use, 130 interrupted")
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 PROG = "agentmesh"
@@ -688,6 +696,7 @@ def run_serve(args: argparse.Namespace) -> int:
     """``serve``: run the control plane until SIGTERM/SIGINT, then drain."""
     # Imported here: the backends behind server.app are only needed by `serve`.
     from server.app import serve  # noqa: PLC0415
+    from server.netutil import PortInUseError  # noqa: PLC0415
     from server.observability.logging import configure_logging  # noqa: PLC0415
 
     settings = build_settings(args)
@@ -697,6 +706,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CLIError(str(exc), EXIT_USAGE) from None
     try:
         asyncio.run(serve(settings))
+    except PortInUseError as exc:  # another agentmesh (or anything) has it: say which port
+        raise CLIError(str(exc), EXIT_PORT_IN_USE) from None
     except OSError as exc:
         raise CLIError(f"cannot serve on {settings.host}:{settings.port}: {exc}") from None
     except ValueError as exc:  # e.g. an unknown --store or --bus scheme, a bad auth file
@@ -747,7 +758,8 @@ Command = Callable[[MeshClient, argparse.Namespace], Awaitable[int]]
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
-    parser = _Parser(prog=PROG, description="Control plane and client of an agentmesh fleet.")
+    parser = _Parser(prog=PROG, description="Control plane and client of an agentmesh fleet.",
+                     epilog=EXIT_STATUS_HELP)
     parser.add_argument("--server", default=os.environ.get("AGENTMESH_SERVER", DEFAULT_SERVER),
                         help="HOST:PORT of the control plane (env AGENTMESH_SERVER, "
                              f"default {DEFAULT_SERVER})")
@@ -770,7 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="PEM client key for mTLS (env AGENTMESH_CLIENT_TLS_KEY)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    serve = commands.add_parser("serve", help="run the control plane")
+    serve = commands.add_parser("serve", help="run the control plane",
+                                epilog=EXIT_STATUS_HELP)
     for flag, dest, kind, text in _SERVE_FLAGS:
         serve.add_argument(flag, dest=dest, type=kind, default=None, help=text)
     serve.add_argument("--log-format", choices=["json", "console"], default=None,

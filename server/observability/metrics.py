@@ -17,6 +17,7 @@ every replica from the same source of truth, so queries aggregate them with
 
 from __future__ import annotations
 
+import errno
 import threading
 from importlib import metadata
 from typing import Any, Final, Literal, Self, get_args
@@ -24,6 +25,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import start_http_server as _prom_start_http_server
+
+from server.netutil import PortInUseError
 
 __all__ = [
     "DURATION_BUCKETS",
@@ -412,9 +415,16 @@ class MeshMetrics:
         """Serve this registry on ``http://host:port/metrics`` from a daemon thread.
 
         Port 0 picks a free port (read it from `MetricsServer.port`). In a
-        container, pass ``host="0.0.0.0"`` so Prometheus can reach it.
+        container, pass ``host="0.0.0.0"`` so Prometheus can reach it. A port
+        in use is a `PortInUseError` naming it (prometheus_client's server
+        binds with ``SO_REUSEADDR`` only, so the bind itself refuses it).
         """
-        server, thread = _prom_start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, thread = _prom_start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUseError(port, "metrics", host) from None
+            raise
         return MetricsServer(server, thread)
 
 
