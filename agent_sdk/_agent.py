@@ -337,6 +337,12 @@ class Agent:
             await heartbeat.write(discovery_pb2.HeartbeatRequest(
                 open=discovery_pb2.HeartbeatOpen(agent=session.name,
                                                  session_token=session.token)))
+            # The server accepts a work stream only once the heartbeat stream is
+            # open and answered: wait for its first ack.
+            async with asyncio.timeout(_OPEN_TIMEOUT):
+                ack = await heartbeat.read()
+            if ack is grpc.aio.EOF or not isinstance(ack, discovery_pb2.HeartbeatResponse):
+                raise _SessionLost("the heartbeat stream did not open")
             await work.write(task_pb2.ProcessTasksRequest(
                 open=task_pb2.ProcessTasksOpen(agent=session.name,
                                                session_token=session.token)))
@@ -381,7 +387,11 @@ class Agent:
     async def _read_heartbeats(self, call: grpc.aio.StreamStreamCall[
             discovery_pb2.HeartbeatRequest, discovery_pb2.HeartbeatResponse],
             session: _Session) -> None:
-        async for response in call:
+        while True:
+            response = await call.read()
+            if response is grpc.aio.EOF or not isinstance(response,
+                                                          discovery_pb2.HeartbeatResponse):
+                break
             kind = response.WhichOneof("kind")
             if kind == "ack":
                 interval = response.ack.heartbeat_interval.ToTimedelta().total_seconds()

@@ -21,7 +21,7 @@ from agentmesh.v1 import bus_pb2, discovery_pb2, state_pb2, task_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.aio import cancel_and_wait, raise_if_cancelling
+from server.aio import cancel_and_wait
 from server.api.auth import AccessInterceptor, StreamLimits, TokenTable
 from server.api.bus import BusServicer
 from server.api.convert import Limits
@@ -34,7 +34,6 @@ from server.backends.memory import InMemoryAgentRegistry, InMemoryStateStore, In
 from server.backends.redis import RedisStores
 from server.blob import open_blob_store
 from server.bus import open_bus
-from server.domain.errors import NotFoundError
 from server.domain.limits import DispatchLimits
 from server.domain.models import AgentState
 from server.netutil import add_grpc_port, ensure_free
@@ -48,7 +47,7 @@ from server.ports import AgentRegistry, SnapshotSource, StateStore, TaskStore
 from server.services.breakers import BreakerConfig
 from server.services.clock import Clock, SystemClock
 from server.services.messaging import Messaging
-from server.services.registry import Registry, RegistryConfig
+from server.services.registry import Registry
 from server.services.scheduler import Scheduler, SchedulerConfig
 from server.services.snapshots import SnapshotService
 from server.services.state import StateService
@@ -83,8 +82,9 @@ class Mesh:
     async def drain(self, grace: float | None = None) -> None:
         """Graceful drain: NOT_SERVING, agents told to drain, wait for in-flight results."""
         grace = self.settings.drain_grace if grace is None else grace
-        await self.health.enter_graceful_shutdown()
+        # Refuse new work first (UNAVAILABLE: clients fail over), then say NOT_SERVING.
         self.scheduler.drain_sessions()
+        await self.health.enter_graceful_shutdown()
         told = await self.registry.drain_all("server shutting down", grace)
         log.info("draining: told %d agent(s); %d task(s) in flight", told,
                  self.scheduler.in_flight_local())
@@ -123,6 +123,11 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
         stack.push_async_callback(bus.drain)
         metrics_observer = MetricsObserver(metrics)
 
+        async def agent_alive(agent_id: str) -> bool:
+            agent = await agents.get(agent_id)
+            return agent is not None and agent.state is not AgentState.GONE
+
+        state = StateService(state_store, bus, clock, agent_alive=agent_alive)
         scheduler = Scheduler(
             tasks, agents, bus, clock,
             config=SchedulerConfig(default_execution_timeout=settings.default_execution_timeout,
@@ -137,27 +142,13 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
                                 capability_rates=dict(settings.capability_rates)),
                             breaker=BreakerConfig(
                                 fail_max=settings.breaker_fail_max,
-                                reset_timeout=settings.breaker_reset_timeout)),
+                                reset_timeout=settings.breaker_reset_timeout),
+                            heartbeat_interval=settings.heartbeat_interval,
+                            heartbeat_misses=settings.heartbeat_misses),
             observer=CompositeObserver([metrics_observer, TracingObserver()]) if tracing
-            else metrics_observer)
-        registry = Registry(agents, bus, clock, RegistryConfig(
-            heartbeat_interval=settings.heartbeat_interval,
-            heartbeat_misses=settings.heartbeat_misses))
-
-        async def agent_alive(agent_id: str) -> bool:
-            try:
-                return (await registry.get(agent_id)).state is not AgentState.GONE
-            except NotFoundError:
-                return False
-
-        state = StateService(state_store, bus, clock, agent_alive=agent_alive)
-
-        async def on_gone(agent: object) -> None:
-            agent_id = getattr(agent, "id", "")
-            await scheduler.release_agent(agent_id)
-            await state.release_agent_locks(agent_id)
-
-        registry.on_gone = on_gone
+            else metrics_observer,
+            release_locks=state.release_agent_locks)
+        registry = Registry(agents, bus, clock, scheduler.leases)
         if not isinstance(tasks, SnapshotSource):  # pragma: no cover - every store is one
             raise TypeError(f"{type(tasks).__name__} cannot export snapshots")
         blob = open_blob_store(settings.blob, s3_endpoint=settings.s3_endpoint)
@@ -170,12 +161,6 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
 
         await scheduler.start()
         stack.push_async_callback(scheduler.stop)
-        expirer = asyncio.create_task(_expire_loop(registry, settings.heartbeat_interval / 2))
-
-        async def stop_expirer() -> None:
-            await cancel_and_wait(expirer)
-
-        stack.push_async_callback(stop_expirer)
         gauges = asyncio.create_task(GaugeSampler(
             metrics, scheduler, registry, lambda: metrics_observer.namespaces,
         ).run(settings.gauge_interval), name="metrics-gauges")
@@ -282,16 +267,6 @@ def _warn_if_exposed(settings: Settings, *, authenticated: bool, encrypted: bool
     elif not encrypted:
         log.warning("SECURITY: listening on %s with tokens but without TLS: bearer tokens "
                     "travel in clear; use --tls-cert/--tls-key", settings.host)
-
-
-async def _expire_loop(registry: Registry, period: float) -> None:
-    while True:
-        raise_if_cancelling()
-        await asyncio.sleep(period)
-        try:
-            await registry.expire()
-        except Exception:
-            log.exception("agent expiry pass failed")
 
 
 async def serve(settings: Settings) -> None:

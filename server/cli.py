@@ -141,6 +141,14 @@ def fmt_time(value: datetime | None) -> str:
     return "" if value is None else value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def fmt_age(value: datetime | None) -> str:
+    """How long ago, ``1.2s ago`` ("never" when unset): a hung agent's beat age grows."""
+    if value is None:
+        return "never"
+    seconds = max(0.0, (datetime.now(value.tzinfo) - value).total_seconds())
+    return f"{seconds:.1f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
+
+
 def short_name(name: str) -> str:
     """``tasks/abc`` -> ``abc``: the id part of a resource name."""
     return name.rsplit("/", 1)[-1]
@@ -213,10 +221,10 @@ async def cmd_agents_list(client: MeshClient, args: argparse.Namespace) -> int:
     if args.json:
         print_json(agents)
         return EXIT_OK
-    print_table(["name", "state", "capabilities", "in-flight", "load", "version", "heartbeat"],
+    print_table(["name", "state", "capabilities", "in-flight", "load", "version", "last beat"],
                 [[_agent_name(a), a.state, ",".join(a.capabilities),
                   f"{a.in_flight}/{a.max_concurrency}", f"{a.load:.2f}", a.version,
-                  fmt_time(a.heartbeat_time)] for a in agents])
+                  fmt_age(a.heartbeat_time)] for a in agents])
     return EXIT_OK
 
 

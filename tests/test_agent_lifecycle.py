@@ -91,10 +91,8 @@ def close(*agents: RawAgent) -> None:
 async def test_silent_agent_is_gone_after_three_missed_intervals_and_its_task_moves(
         mesh: Mesh, channel: grpc.aio.Channel, clock: ManualClock) -> None:
     tasks = task_pb2_grpc.TaskServiceStub(channel)
-    hung = RawAgent(channel, "hung", ["slow"], concurrency=1)
+    hung = RawAgent(channel, "hung", ["slow"], concurrency=1, auto_beat=False)
     await hung.register()
-    opened = await asyncio.wait_for(hung.hb.read(), WAIT)  # the ack of the open
-    assert opened.WhichOneof("kind") == "ack"
     work = hung.open_work()
     await next_kind(work, "opened")
     sub = await tasks.SubmitTask(task_pb2.SubmitTaskRequest(task=task_pb2.Task(capability="slow")))
@@ -106,9 +104,8 @@ async def test_silent_agent_is_gone_after_three_missed_intervals_and_its_task_mo
     expire = ack.expire_time.ToNanoseconds() / 1e9
     assert expire == pytest.approx(last_beat + 3 * INTERVAL, abs=1e-3)
 
-    survivor = RawAgent(channel, "survivor", ["slow"], concurrency=1)
+    survivor = RawAgent(channel, "survivor", ["slow"], concurrency=1, auto_beat=False)
     await survivor.register()
-    await asyncio.wait_for(survivor.hb.read(), WAIT)
     w2 = survivor.open_work()
     await next_kind(w2, "opened")
 
@@ -142,9 +139,8 @@ async def test_silent_agent_is_gone_after_three_missed_intervals_and_its_task_mo
 async def test_broken_heartbeat_stream_is_gone_at_once(
         mesh: Mesh, channel: grpc.aio.Channel) -> None:
     """The clock never moves, so expiry cannot be what ends the session."""
-    agent = RawAgent(channel, "fragile", ["x"])
+    agent = RawAgent(channel, "fragile", ["x"], auto_beat=False)
     await agent.register()
-    await asyncio.wait_for(agent.hb.read(), WAIT)  # the stream is attached
     assert await agent_state(channel, agent.agent) == ACTIVE
     agent.hb.cancel()  # the connection breaks
     await until_agent_state(channel, agent.agent, GONE)
@@ -152,7 +148,7 @@ async def test_broken_heartbeat_stream_is_gone_at_once(
     live = await disc.ListAgents(discovery_pb2.ListAgentsRequest())
     assert agent.agent not in [a.name for a in live.agents]
     # The session is over: the old token opens nothing.
-    again = RawAgent(channel, "fragile", ["x"])
+    again = RawAgent(channel, "fragile", ["x"], auto_beat=False)
     again.agent, again.token = agent.agent, agent.token
     work = again.open_work()
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -175,15 +171,14 @@ async def next_event(watch: grpc.aio.UnaryStreamCall,  # type: ignore[type-arg]
 
 async def test_watch_agents_streams_joined_then_left(channel: grpc.aio.Channel) -> None:
     disc = discovery_pb2_grpc.DiscoveryServiceStub(channel)
-    early = RawAgent(channel, "early", ["w"])
+    early = RawAgent(channel, "early", ["w"], auto_beat=False)
     await early.register()
-    await asyncio.wait_for(early.hb.read(), WAIT)
     watch = disc.WatchAgents(discovery_pb2.WatchAgentsRequest(include_existing=True))
     # include_existing: a JOINED for the agent that was already there.
     existing = await next_event(watch, early.agent)
     assert (existing.type, existing.agent.state) == (JOINED, ACTIVE)
 
-    late = RawAgent(channel, "late", ["w"])
+    late = RawAgent(channel, "late", ["w"], auto_beat=False)
     await late.register()
     joined = await next_event(watch, late.agent)
     assert (joined.type, joined.agent.state) == (JOINED, ACTIVE)
@@ -205,9 +200,8 @@ async def test_watch_agents_streams_updated_when_the_agent_drains(
         mesh: Mesh, channel: grpc.aio.Channel) -> None:
     """JOINED, UPDATED (DRAINING) on the server's drain, LEFT when it goes."""
     disc = discovery_pb2_grpc.DiscoveryServiceStub(channel)
-    agent = RawAgent(channel, "drained", ["w"])
+    agent = RawAgent(channel, "drained", ["w"], auto_beat=False)
     await agent.register()
-    await asyncio.wait_for(agent.hb.read(), WAIT)
     # Registered before the watch opens: its one JOINED comes from include_existing,
     # and the watch is subscribed once that JOINED is read.
     watch = disc.WatchAgents(discovery_pb2.WatchAgentsRequest(include_existing=True))
@@ -236,9 +230,8 @@ async def test_watch_agents_streams_updated_when_the_load_changes(
     """A beat that changes in_flight/load is an UPDATED (still ACTIVE); the same
     beat again is not (the next event is the LEFT)."""
     disc = discovery_pb2_grpc.DiscoveryServiceStub(channel)
-    agent = RawAgent(channel, "busy", ["w"])
+    agent = RawAgent(channel, "busy", ["w"], auto_beat=False)
     await agent.register()
-    await asyncio.wait_for(agent.hb.read(), WAIT)
     watch = disc.WatchAgents(discovery_pb2.WatchAgentsRequest(include_existing=True))
     assert (await next_event(watch, agent.agent)).type == JOINED
     for _ in range(2):
@@ -260,7 +253,7 @@ async def test_watch_agents_streams_updated_when_the_load_changes(
 
 async def test_cancel_running_task_reaches_the_agent_and_refuses_its_result(
         channel: grpc.aio.Channel) -> None:
-    agent = RawAgent(channel, "worker", ["long"], concurrency=2)
+    agent = RawAgent(channel, "worker", ["long"], concurrency=2, auto_beat=False)
     await agent.register()
     work = agent.open_work()
     await next_kind(work, "opened")
@@ -280,9 +273,14 @@ async def test_cancel_running_task_reaches_the_agent_and_refuses_its_result(
     agent.out.put_nowait(task_pb2.ProcessTasksRequest(result=task_pb2.TaskResult(
         task=sub.task.name, fencing_token=assignment.fencing_token, output=js("too late"))))
     ack = (await next_kind(work, "ack")).ack
-    assert (ack.task, ack.outcome) == (sub.task.name, task_pb2.TASK_REPORT_OUTCOME_STALE_LEASE)
-    # ...and so is one sent through CompleteTask.
-    await refused_as_stale(tasks, sub.task.name, assignment.fencing_token, "too late")
+    # NOT_RUNNING, not STALE_LEASE: the task has ended (cancelled), no attempt will follow.
+    assert (ack.task, ack.outcome) == (sub.task.name, task_pb2.TASK_REPORT_OUTCOME_NOT_RUNNING)
+    # ...and so is one sent through CompleteTask: FAILED_PRECONDITION naming the state.
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await tasks.CompleteTask(task_pb2.CompleteTaskRequest(
+            task=sub.task.name, fencing_token=assignment.fencing_token, output=js("too late")))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "CANCELLED" in (err.value.details() or "")
     got = (await tasks.GetTask(task_pb2.GetTaskRequest(name=sub.task.name))).task
     assert got.state == task_pb2.TASK_STATE_CANCELLED
     assert not got.HasField("output")

@@ -253,7 +253,12 @@ async def test_agents_act_only_as_themselves(secured: Mesh,
             await beat.read()
         assert err.value.code() == DENIED
 
-        # The real agent takes a task.
+        # The real agent opens its heartbeat stream (a work stream needs one), then
+        # takes a task.
+        own_beat = d.Heartbeat(metadata=md("agent-a"))
+        await own_beat.write(discovery_pb2.HeartbeatRequest(open=discovery_pb2.HeartbeatOpen(
+            agent=a.agent.name, session_token=a.session_token)))
+        assert (await own_beat.read()).WhichOneof("kind") == "ack"
         work = t.ProcessTasks(metadata=md("agent-a"))
         await work.write(task_pb2.ProcessTasksRequest(open=task_pb2.ProcessTasksOpen(
             agent=a.agent.name, session_token=a.session_token)))
@@ -275,6 +280,7 @@ async def test_agents_act_only_as_themselves(secured: Mesh,
         finished = await t.CompleteTask(done, metadata=md("agent-a"))
         assert finished.task.state == task_pb2.TASK_STATE_SUCCEEDED
         work.cancel()
+        own_beat.cancel()
 
         # Deregistering another principal's agent: refused to agents, allowed (audited)
         # to admins, who need no session token.

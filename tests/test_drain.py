@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 from agentmesh.v1 import task_pb2, task_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -24,17 +25,25 @@ async def test_drain_accepts_in_flight_results() -> None:
         sub = await tasks.SubmitTask(task_pb2.SubmitTaskRequest(
             task=task_pb2.Task(capability="work")))
         assignment = (await next_kind(work, "assignment")).assignment
-        first_ack = await asyncio.wait_for(agent.hb.read(), 5)
-        assert first_ack.WhichOneof("kind") == "ack"
-
         drain = asyncio.create_task(mesh.drain())
-        directive = await asyncio.wait_for(agent.hb.read(), 5)
+        directive = await agent.directive()
         assert directive.WhichOneof("kind") == "drain"
         health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
         assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        # New work is not dispatched while draining.
-        later = await tasks.SubmitTask(task_pb2.SubmitTaskRequest(
-            task=task_pb2.Task(capability="work")))
+        # No new work is accepted while draining: the embedded store would lose
+        # it at exit, so the client is told to go elsewhere (UNAVAILABLE).
+        for call in (
+                tasks.SubmitTask(task_pb2.SubmitTaskRequest(
+                    task=task_pb2.Task(capability="work"))),
+                tasks.BatchSubmitTasks(task_pb2.BatchSubmitTasksRequest(requests=[
+                    task_pb2.SubmitTaskRequest(task=task_pb2.Task(capability="work"))])),
+                tasks.SubmitWorkflow(task_pb2.SubmitWorkflowRequest(
+                    workflow=task_pb2.Workflow(steps=[task_pb2.WorkflowStep(
+                        id="a", capability="work")])))):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in (refused.value.details() or "")
         assert not drain.done()
         agent.out.put_nowait(task_pb2.ProcessTasksRequest(result=task_pb2.TaskResult(
             task=sub.task.name, fencing_token=assignment.fencing_token, output=js("ok"))))
@@ -42,7 +51,7 @@ async def test_drain_accepts_in_flight_results() -> None:
         await asyncio.wait_for(drain, 5)  # ends as soon as nothing is in flight
         done = await tasks.GetTask(task_pb2.GetTaskRequest(name=sub.task.name))
         assert done.task.state == task_pb2.TASK_STATE_SUCCEEDED
-        queued = await tasks.GetTask(task_pb2.GetTaskRequest(name=later.task.name))
-        assert queued.task.state == task_pb2.TASK_STATE_QUEUED  # kept, not lost
+        listed = await tasks.ListTasks(task_pb2.ListTasksRequest())
+        assert [t.name for t in listed.tasks] == [sub.task.name], "nothing refused was kept"
         agent.out.put_nowait(None)
         agent.hb_out.put_nowait(None)

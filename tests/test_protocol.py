@@ -28,29 +28,74 @@ def js(value: object) -> common_pb2.Payload:
 
 
 class RawAgent:
-    """A minimal agent speaking the protocol by hand."""
+    """A minimal agent speaking the protocol by hand.
+
+    ``register`` opens the heartbeat stream and waits for its first ack (a
+    work stream is refused before that); a background task then beats every
+    interval while ``beating`` is true, and a reader queues what else the
+    heartbeat stream says (drain directives) in ``directives``.
+    """
 
     def __init__(self, channel: grpc.aio.Channel, name: str, caps: list[str],
-                 concurrency: int = 2) -> None:
+                 concurrency: int = 2, *, auto_beat: bool = True) -> None:
         self.channel = channel
+        self.auto_beat = auto_beat
         self.name = name
         self.caps = caps
         self.concurrency = concurrency
         self.out: asyncio.Queue[task_pb2.ProcessTasksRequest | None] = asyncio.Queue()
         self.hb_out: asyncio.Queue[discovery_pb2.HeartbeatRequest | None] = asyncio.Queue()
+        self.directives: asyncio.Queue[discovery_pb2.HeartbeatResponse | None] = asyncio.Queue()
         self.agent = ""
         self.token = ""
+        self.beating = True
+        self.interval = 0.2
+        self._jobs: list[asyncio.Task[None]] = []
 
-    async def register(self) -> None:
+    async def register(self, *, heartbeat: bool = True) -> None:
         disc = discovery_pb2_grpc.DiscoveryServiceStub(self.channel)
         resp = await disc.RegisterAgent(discovery_pb2.RegisterAgentRequest(
             agent=discovery_pb2.Agent(
                 display_name=self.name, max_concurrency=self.concurrency,
                 capabilities=[discovery_pb2.Capability(name=c) for c in self.caps])))
         self.agent, self.token = resp.agent.name, resp.session_token
+        self.interval = resp.heartbeat_interval.ToTimedelta().total_seconds() or 0.2
+        if not heartbeat:
+            return
         await self.hb_out.put(discovery_pb2.HeartbeatRequest(
             open=discovery_pb2.HeartbeatOpen(agent=self.agent, session_token=self.token)))
         self.hb = disc.Heartbeat(self._drain(self.hb_out))
+        self.opened = await asyncio.wait_for(self.hb.read(), 5)
+        assert self.opened is not grpc.aio.EOF and self.opened.WhichOneof("kind") == "ack"
+        if self.auto_beat:
+            self._jobs = [asyncio.create_task(self._beat()),
+                          asyncio.create_task(self._read_hb())]
+
+    async def _beat(self) -> None:
+        while not self.hb.done():
+            await asyncio.sleep(self.interval / 2)
+            if self.beating:
+                self.hb_out.put_nowait(discovery_pb2.HeartbeatRequest(
+                    beat=discovery_pb2.HeartbeatBeat(in_flight=0, load=0.0)))
+
+    async def _read_hb(self) -> None:
+        try:
+            while True:
+                msg = await self.hb.read()
+                if msg is grpc.aio.EOF:
+                    break
+                if msg.WhichOneof("kind") != "ack":
+                    self.directives.put_nowait(msg)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass
+        finally:
+            self.directives.put_nowait(None)
+
+    async def directive(self, timeout: float = 5.0) -> discovery_pb2.HeartbeatResponse:  # noqa: ASYNC109
+        """The next heartbeat message that is not an ack (a drain directive)."""
+        msg = await asyncio.wait_for(self.directives.get(), timeout)
+        assert msg is not None, "the heartbeat stream ended"
+        return msg
 
     async def _drain(self, q: asyncio.Queue) -> AsyncIterator:  # type: ignore[type-arg]
         while True:
@@ -59,9 +104,10 @@ class RawAgent:
                 return
             yield item
 
-    def open_work(self) -> grpc.aio.StreamStreamCall:  # type: ignore[type-arg]
+    def open_work(self, *, ack_reports: bool = False) -> grpc.aio.StreamStreamCall:  # type: ignore[type-arg]
         self.out.put_nowait(task_pb2.ProcessTasksRequest(
-            open=task_pb2.ProcessTasksOpen(agent=self.agent, session_token=self.token)))
+            open=task_pb2.ProcessTasksOpen(agent=self.agent, session_token=self.token,
+                                           ack_reports=ack_reports)))
         self.out.put_nowait(task_pb2.ProcessTasksRequest(
             credit=task_pb2.TaskCredit(count=self.concurrency)))
         return task_pb2_grpc.TaskServiceStub(self.channel).ProcessTasks(self._drain(self.out))
@@ -136,12 +182,17 @@ async def test_task_round_trip_and_stale_token(channel: grpc.aio.Channel) -> Non
     again = await tasks.CompleteTask(task_pb2.CompleteTaskRequest(
         task=sub.task.name, fencing_token=token, output=js("late")))
     assert json.loads(again.task.output.data) == {"y": 2}, "the first result stays"
-    # Any other token is refused with LEASE_EXPIRED.
-    err = await refused_as_stale(tasks, sub.task.name, token + 1, "forged")
-    status = rpc_status.from_call(err)
+    # Any other token is refused: the task has ended, so FAILED_PRECONDITION
+    # (TASK_NOT_RUNNING, with the state), not LEASE_EXPIRED.
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await tasks.CompleteTask(task_pb2.CompleteTaskRequest(
+            task=sub.task.name, fencing_token=token + 1, output=js("forged")))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    status = rpc_status.from_call(refused.value)
     assert status is not None
     info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info) and info.reason == "LEASE_EXPIRED"
+    assert status.details[0].Unpack(info) and info.reason == "TASK_NOT_RUNNING"
+    assert info.metadata["state"] == "SUCCEEDED"
     got = await tasks.GetTask(task_pb2.GetTaskRequest(name=sub.task.name))
     assert json.loads(got.task.output.data) == {"y": 2}
     agent.out.put_nowait(None)

@@ -11,6 +11,7 @@ for a fixed time: each test awaits the assignment or state change it expects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -30,10 +31,11 @@ from server.domain.models import (
     WorkflowState,
     WorkflowStep,
 )
-from server.services.scheduler import (
-    FAIR_STEP,
+from server.services.dispatch import FAIR_STEP
+from server.services.sessions import (
     Assignment,
     Cancellation,
+    HeartbeatSession,
     Outbound,
     ReportOutcome,
     WorkerSession,
@@ -57,6 +59,8 @@ class Worker:
         self.labels = labels or {}
         self.inbox: asyncio.Queue[Outbound] = asyncio.Queue()
         self.session: WorkerSession | None = None
+        self.heartbeat: HeartbeatSession | None = None
+        self._beats: asyncio.Task[None] | None = None
 
     async def start(self) -> Worker:
         """Register and open the work session with full credits."""
@@ -65,9 +69,20 @@ class Worker:
             max_concurrency=self.concurrency, labels=self.labels))
         self.session = WorkerSession(agent.id, agent.namespace, self.caps, self.concurrency,
                                      self.inbox.put_nowait)
-        self.mesh.scheduler.open_session(self.session)
+        # A work session needs a live heartbeat session: attach one and keep beating.
+        self.heartbeat = HeartbeatSession(agent.id, lambda _reason, _grace: None,
+                                          self.inbox.put_nowait)
+        await self.mesh.registry.attach(self.heartbeat)
+        self._beats = asyncio.create_task(self._beat(agent.id))
+        await self.mesh.scheduler.open_session(self.session)
         self.mesh.scheduler.grant(self.session, self.concurrency)
         return self
+
+    async def _beat(self, agent_id: str) -> None:
+        interval = self.mesh.registry.config.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            await self.mesh.registry.beat(agent_id, 0, 0.0)
 
     @property
     def id(self) -> str:
@@ -109,6 +124,10 @@ class Worker:
 
     async def stop(self) -> None:
         """Close the session (its leases go back to the queue)."""
+        if self._beats is not None:
+            self._beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._beats
         if self.session is not None:
             await self.mesh.scheduler.close_session(self.session)
             await self.mesh.registry.mark_gone(self.id, "test done")

@@ -9,27 +9,30 @@ from server.backends.memory import InMemoryAgentRegistry, InMemoryTaskStore
 from server.bus.memory import InProcessBus
 from server.domain.models import Agent, Capability, Task, TaskState
 from server.services.clock import ManualClock
-from server.services.scheduler import Assignment, Outbound, Scheduler, WorkerSession
+from server.services.scheduler import Scheduler
+from server.services.sessions import Assignment, Outbound, WorkerSession
 
 
 async def test_replaced_stream_hands_back_only_its_own_leases() -> None:
     clock = ManualClock()
-    tasks, agents, bus = InMemoryTaskStore(), InMemoryAgentRegistry(), InProcessBus()
+    agents, bus = InMemoryAgentRegistry(), InProcessBus()
+    tasks = InMemoryTaskStore(agents=agents)
     await agents.register(Agent(id="a1", display_name="a", capabilities=(Capability("c"),),
-                                max_concurrency=1, expire_time=clock.now() + 60))
+                                max_concurrency=1, heartbeat_time=clock.now(),
+                                expire_time=clock.now() + 60))
     scheduler = Scheduler(tasks, agents, bus, clock)
     await scheduler.start()
     try:
         sent_old: list[Outbound] = []
         sent_new: list[Outbound] = []
         old = WorkerSession("a1", "default", ("c",), 1, sent_old.append)
-        scheduler.open_session(old)
+        await scheduler.open_session(old)
         scheduler.grant(old, 1)
         await scheduler.submit(Task(id="t1", capability="c"))
         await _until(lambda: any(isinstance(m, Assignment) for m in sent_old))
         # The same agent opens a second stream; it replaces the first.
         new = WorkerSession("a1", "default", ("c",), 1, sent_new.append)
-        scheduler.open_session(new)
+        await scheduler.open_session(new)
         scheduler.grant(new, 1)
         await scheduler.submit(Task(id="t2", capability="c"))
         await _until(lambda: any(isinstance(m, Assignment) for m in sent_new))
@@ -59,8 +62,8 @@ class _SwallowingStore(InMemoryTaskStore):
     """A store whose lease reaper swallows a cancellation, as nats-py's publish
     flush does and as Python 3.11's ``wait_for`` can: the caller goes on."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, agents: InMemoryAgentRegistry) -> None:
+        super().__init__(agents=agents)
         self.entered = asyncio.Event()
 
     async def expired_leases(self, now: float, limit: int) -> list[Task]:
@@ -73,7 +76,8 @@ class _SwallowingStore(InMemoryTaskStore):
 
 
 async def test_stop_ends_even_when_a_call_swallows_the_cancellation() -> None:
-    tasks, agents, bus = _SwallowingStore(), InMemoryAgentRegistry(), InProcessBus()
+    agents, bus = InMemoryAgentRegistry(), InProcessBus()
+    tasks = _SwallowingStore(agents)
     scheduler = Scheduler(tasks, agents, bus, ManualClock())
     await scheduler.start()
     try:
@@ -120,8 +124,8 @@ async def test_breaker_successes_are_broadcast_only_when_some_breaker_holds_stat
 class _CountingStore(InMemoryTaskStore):
     """Counts the batched reads watchers make."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, agents: InMemoryAgentRegistry) -> None:
+        super().__init__(agents=agents)
         self.reads: list[list[str]] = []
 
     async def get_tasks(self, task_ids: Sequence[str]) -> list[Task | None]:
@@ -133,7 +137,8 @@ async def test_watch_uses_the_versions_this_replica_made_and_reads_the_rest() ->
     from server.services import events  # noqa: PLC0415
 
     clock = ManualClock()
-    tasks, agents, bus = _CountingStore(), InMemoryAgentRegistry(), InProcessBus()
+    agents, bus = InMemoryAgentRegistry(), InProcessBus()
+    tasks = _CountingStore(agents)
     scheduler = Scheduler(tasks, agents, bus, clock)
     await scheduler.start()
     watch = scheduler.watch_task_batches("default", states=frozenset({int(TaskState.QUEUED)}),

@@ -100,8 +100,6 @@ async def hold_a_task(ch: grpc.aio.Channel) -> tuple[
     """A raw agent with one leased, running task."""
     agent = RawAgent(ch, "holder", ["work"], concurrency=2)
     await agent.register()
-    opened = await asyncio.wait_for(agent.hb.read(), WAIT)
-    assert opened.WhichOneof("kind") == "ack"
     work = agent.open_work()
     await next_kind(work, "opened")
     tasks = task_pb2_grpc.TaskServiceStub(ch)
@@ -130,7 +128,7 @@ async def test_signal_drains_accepts_the_in_flight_result_and_exits_0(
                 if update.status == NOT_SERVING:
                     break
         # ...and the agent is told to drain, with the server's grace.
-        directive = await asyncio.wait_for(agent.hb.read(), WAIT)
+        directive = await agent.directive(WAIT)
         assert directive.WhichOneof("kind") == "drain", directive
         assert directive.drain.grace_period.ToNanoseconds() / 1e9 == pytest.approx(grace)
         assert server.proc is not None and server.proc.returncode is None, \
@@ -168,7 +166,7 @@ async def test_sigterm_waits_the_grace_for_a_silent_agent_then_exits_0(
     async with grpc.aio.insecure_channel(server.address) as ch:
         agent, _ = await hold_a_task(ch)
         sent = server.send(signal.SIGTERM)
-        directive = await asyncio.wait_for(agent.hb.read(), WAIT)
+        directive = await agent.directive(WAIT)
         assert directive.WhichOneof("kind") == "drain", directive
         try:
             status = await server.exit_status(grace + MARGIN)

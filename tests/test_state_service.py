@@ -236,7 +236,6 @@ async def test_lock_freed_when_agent_goes_away(channel: grpc.aio.Channel,
                                                stub: state_pb2_grpc.StateServiceStub) -> None:
     agent = RawAgent(channel, "locker", ["noop"])
     await agent.register()
-    await agent.hb.read()  # the session is open
     held = await stub.AcquireLock(state_pb2.AcquireLockRequest(
         name="shard-1", owner="locker", lease_duration=dur(600), agent=agent.agent))
     waiter = asyncio.ensure_future(stub.AcquireLock(state_pb2.AcquireLockRequest(

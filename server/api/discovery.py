@@ -12,10 +12,11 @@ from agentmesh.v1 import discovery_pb2, discovery_pb2_grpc
 from server.api import auth, convert, errors
 from server.api.convert import Limits
 from server.api.streams import Duplex, first_message
-from server.domain.errors import InvalidArgumentError
+from server.domain.errors import FailedPreconditionError, InvalidArgumentError
 from server.domain.models import AgentState
 from server.ports import AgentFilter
-from server.services.registry import Drain, Registry
+from server.services.registry import Registry
+from server.services.sessions import HeartbeatSession, SessionEnded
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 _LIVE = frozenset({AgentState.ACTIVE, AgentState.DRAINING})
@@ -102,20 +103,32 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
                 expire_time=convert.to_timestamp(beat.expire_time),
                 heartbeat_interval=interval)))
 
-        def send_drain(drain: Drain) -> None:
+        def send_drain(reason: str, grace_period: float) -> None:
             duplex.send(discovery_pb2.HeartbeatResponse(drain=discovery_pb2.DrainDirective(
-                reason=drain.reason, grace_period=convert.to_duration(drain.grace_period))))
+                reason=reason, grace_period=convert.to_duration(grace_period))))
+
+        ended: list[SessionEnded] = []
+
+        def end(why: SessionEnded) -> None:
+            ended.append(why)
+            duplex.send(None)
 
         duplex: Duplex[discovery_pb2.HeartbeatRequest, discovery_pb2.HeartbeatResponse] = Duplex(
             request_iterator, handle, max_outbox=64)
-        self._registry.attach(agent_id, send_drain)
+        session = HeartbeatSession(agent_id, send_drain, end)
+        attached = await self._registry.attach(session)
         try:
             yield discovery_pb2.HeartbeatResponse(ack=discovery_pb2.HeartbeatAck(
-                expire_time=convert.to_timestamp(agent.expire_time), heartbeat_interval=interval))
+                expire_time=convert.to_timestamp(attached.expire_time),
+                heartbeat_interval=interval))
             async for response in duplex.responses():
                 yield response
+            if ended:
+                # The server ended the session (missed beats, deregistered by an
+                # admin): say so with a status, not a quiet end of stream.
+                raise FailedPreconditionError(ended[0].message, reason=ended[0].reason)
         finally:
-            await self._registry.detach(agent_id, "heartbeat stream closed")
+            await self._registry.detach(session, "heartbeat stream closed")
 
     @errors.streaming
     async def WatchAgents(self, request: discovery_pb2.WatchAgentsRequest,

@@ -13,6 +13,7 @@ from server.api import auth, convert, errors
 from server.api.convert import Limits
 from server.api.streams import Duplex, first_message
 from server.domain.errors import (
+    FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
     NotFoundError,
@@ -20,13 +21,12 @@ from server.domain.errors import (
 from server.domain.models import AgentState, TaskState
 from server.ports import AgentFilter, TaskFilter
 from server.services.registry import Registry
-from server.services.scheduler import (
+from server.services.scheduler import Scheduler
+from server.services.sessions import (
     Assignment,
     Cancellation,
     Outbound,
-    ReportAck,
-    ReportOutcome,
-    Scheduler,
+    SessionEnded,
     WorkerSession,
 )
 
@@ -243,30 +243,34 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         agent = await self._registry.authenticate(agent_id, first.open.session_token)
         auth.check_agent_identity(agent.labels, f"agents/{agent.id}")
         scheduler = self._scheduler
+        leases = scheduler.leases
+        ended: list[SessionEnded] = []
 
         def send(item: Outbound) -> None:
+            if isinstance(item, SessionEnded):
+                ended.append(item)
+                duplex.send(None)
+                return
             duplex.send(_outbound(item))
 
         session = WorkerSession(agent.id, agent.namespace,
                                 tuple(sorted(agent.capability_names)), agent.max_concurrency,
-                                send)
+                                send, ack_reports=first.open.ack_reports)
 
         async def report_results(results: Sequence[task_pb2.TaskResult], field: str) -> None:
             items = [(convert.resource_id(r.task, "tasks", f"{field}[{i}].task"),
                       r.fencing_token,
                       convert.payload(r.output, f"{field}[{i}].output", self._limits))
                      for i, r in enumerate(results)]
-            outcomes = await scheduler.report_results(session, items)
+            outcomes = await leases.report_results(session, items)
             for (task_id, token, _), outcome in zip(items, outcomes, strict=True):
-                if outcome != ReportOutcome.ACCEPTED:
-                    send(ReportAck(task_id, token, outcome))
+                leases.acknowledge(session, task_id, token, outcome)
 
         async def report_failure(f: task_pb2.TaskFailureReport, field: str) -> None:
             task_id = convert.resource_id(f.task, "tasks", f"{field}.task")
-            outcome = await scheduler.report_failure(
+            outcome = await leases.report_failure(
                 session, task_id, f.fencing_token, convert.failure(f.failure, field))
-            if outcome != ReportOutcome.ACCEPTED:
-                send(ReportAck(task_id, f.fencing_token, outcome))
+            leases.acknowledge(session, task_id, f.fencing_token, outcome)
 
         async def handle(req: task_pb2.ProcessTasksRequest) -> None:
             kind = req.WhichOneof("kind")
@@ -286,25 +290,29 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             elif kind == "progress":
                 p = req.progress
                 task_id = convert.resource_id(p.task, "tasks", "progress.task")
-                if session.in_flight.get(task_id) != p.fencing_token:
+                if not leases.holds(session, task_id, p.fencing_token):
                     # Not (or no longer) this stream's lease: a progress that crossed a
                     # cancellation or an expiry. Tell the agent to stop that attempt;
                     # the stream and the agent's other tasks carry on.
                     send(Cancellation(task_id, p.fencing_token, "not leased to this stream"))
                     return
-                await scheduler.report_progress(session, task_id, p.fencing_token)
+                await leases.renew(session, task_id, p.fencing_token)
             else:
                 raise InvalidArgumentError.field("kind", f"unexpected message `{kind}`")
 
         duplex: Duplex[task_pb2.ProcessTasksRequest, task_pb2.ProcessTasksResponse] = Duplex(
             request_iterator, handle, max_outbox=4 * agent.max_concurrency + 64,
             pack=lambda ready: _pack_assignments(ready, self._limits.max_message_bytes))
-        scheduler.open_session(session)
+        await scheduler.open_session(session)
         try:
             yield task_pb2.ProcessTasksResponse(
                 opened=task_pb2.ProcessTasksOpened(agent=f"agents/{agent.id}"))
             async for response in duplex.responses():
                 yield response
+            if ended:
+                # The server ended the session (the agent is GONE): a status the
+                # agent can act on (register again), not a quiet end of stream.
+                raise FailedPreconditionError(ended[0].message, reason=ended[0].reason)
         finally:
             await scheduler.close_session(session)
 
@@ -424,7 +432,7 @@ def _too_large(assignment: task_pb2.TaskAssignment, size: int,
 
 
 def _outbound(item: Outbound) -> task_pb2.ProcessTasksResponse | None:
-    if item is None:
+    if item is None or isinstance(item, SessionEnded):
         return None
     if isinstance(item, Assignment):
         lease = item.lease

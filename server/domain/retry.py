@@ -12,7 +12,13 @@ from dataclasses import dataclass
 import tenacity
 from tenacity.wait import wait_base
 
-from server.domain.models import Jitter, RetryPolicy, TaskFailure
+from server.domain.models import Jitter, RetryPolicy, Task, TaskFailure
+
+DELIVERY_FAILED = "DELIVERY_FAILED"
+"""An attempt the server could not deliver to its agent: the server's fault."""
+MAX_UNCHARGED = 3
+"""Undelivered attempts forgiven per retry budget; past these they count, so a
+task that can never be delivered still ends (dead-lettered) instead of looping."""
 
 
 class RetryVerdict(enum.Enum):
@@ -59,6 +65,21 @@ def decide(policy: RetryPolicy, attempt: int, failure: TaskFailure,
     """
     if failure.non_retryable or failure.error_type in policy.non_retryable_error_types:
         return RetryDecision(RetryVerdict.FAIL)
+    if failure.error_type == DELIVERY_FAILED and attempt - budget_start < policy.max_attempts:
+        return RetryDecision(RetryVerdict.RETRY, 0.0)
     if attempt - budget_start >= policy.max_attempts:
         return RetryDecision(RetryVerdict.DEAD_LETTER)
     return RetryDecision(RetryVerdict.RETRY, backoff_delay(policy, attempt - budget_start))
+
+
+def uncharged_attempts(task: Task) -> int:
+    """Attempts since the last re-drive that the server failed to deliver (forgiven).
+
+    ``decide`` is given ``task.attempt - uncharged_attempts(task)``, so an
+    agent loss caused by the server's own send never costs the task an
+    attempt (up to ``MAX_UNCHARGED`` per budget).
+    """
+    forgiven = sum(1 for a in task.attempts
+                   if a.attempt > task.budget_start and a.failure is not None
+                   and a.failure.error_type == DELIVERY_FAILED)
+    return min(forgiven, MAX_UNCHARGED)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +33,7 @@ import pybreaker
 from server.aio import cancel_and_wait
 from server.ports import Bus, Subscription
 from server.services import events
+from server.services.clock import Clock, SystemClock
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,12 @@ class BreakerBoard:
 
     def __init__(self, bus: Bus, config: BreakerConfig | None = None, *,
                  on_change: Callable[[str, str, str], None] | None = None,
-                 replica: str = "") -> None:
+                 replica: str = "", clock: Clock | None = None) -> None:
         self._bus = bus
         self.config = config or BreakerConfig()
         self._on_change = on_change
         self._replica = replica
+        self._clock: Clock = clock or SystemClock()
         self._breakers: dict[tuple[str, str], pybreaker.CircuitBreaker] = {}
         self._opened_at: dict[tuple[str, str], float] = {}
         self._probes: dict[tuple[str, str], str] = {}
@@ -210,11 +211,11 @@ class BreakerBoard:
 
     def _elapsed(self, key: tuple[str, str]) -> bool:
         opened = self._opened_at.get(key)
-        return opened is None or time.monotonic() - opened >= self.config.reset_timeout
+        return opened is None or self._clock.now() - opened >= self.config.reset_timeout
 
     def _changed(self, key: tuple[str, str], state: str) -> None:
         if state == OPEN:
-            self._opened_at[key] = time.monotonic()
+            self._opened_at[key] = self._clock.now()
         elif state == CLOSED:
             self._opened_at.pop(key, None)
         log.info("breaker %s/%s -> %s", key[0], key[1], state)

@@ -9,6 +9,7 @@ never collide with ``_sys.``: a namespace starts with a letter or digit.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 from collections.abc import Mapping
@@ -20,6 +21,14 @@ from server.ports import Bus
 log = logging.getLogger(__name__)
 
 ORIGIN_HEADER = "am-origin"
+
+
+class AgentEventType(enum.IntEnum):
+    """What happened to an agent (values match the proto enum)."""
+
+    JOINED = 1
+    UPDATED = 2
+    LEFT = 3
 
 
 _ENDED_STATES = frozenset({4, 5, 6, 8})  # SUCCEEDED, FAILED, CANCELLED, DEAD_LETTERED
@@ -129,3 +138,10 @@ async def announce(bus: Bus, subject: str, data: bytes,
         await bus.publish(subject, data, headers)
     except UnavailableError as exc:
         log.debug("notification on %s dropped: %s", subject, exc)
+
+
+async def announce_agent(bus: Bus, kind: AgentEventType, agent_id: str, namespace: str,
+                         now: float, *, load: bool = False) -> None:
+    """Publish an agent event (``load``: a beat that changed only in-flight/load)."""
+    await announce(bus, agent_subject(namespace, load=load),
+                   encode({"id": agent_id, "type": int(kind), "time": now}))

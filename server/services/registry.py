@@ -1,18 +1,19 @@
-"""Agent registry use cases: register, heartbeat sessions, discovery, expiry.
+"""Agent registry use cases: register, authenticate, beats, discovery.
 
 An agent is live while its heartbeat stream is open and beats keep arriving.
 A broken stream marks it GONE at once; a stream that stays open but goes quiet
 (a hung or paused process) marks it GONE after ``heartbeat_misses`` intervals.
-Either way its leased tasks go back to the queue through ``on_gone``.
+Ending a session, and everything that follows from it (its streams closed,
+its leases requeued, its locks released), belongs to
+``server/services/leases.py``; this module only delegates to it.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 from server.domain.errors import (
@@ -26,16 +27,11 @@ from server.domain.models import Agent, AgentState
 from server.ports import AgentFilter, AgentRegistry, Bus
 from server.services import events
 from server.services.clock import Clock
+from server.services.events import AgentEventType
+from server.services.leases import SESSION_ENDED, LeaseConfig, Leases
+from server.services.sessions import HeartbeatSession
 
 log = logging.getLogger(__name__)
-
-
-class AgentEventType(enum.IntEnum):
-    """What happened to an agent (values match the proto enum)."""
-
-    JOINED = 1
-    UPDATED = 2
-    LEFT = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,55 +43,46 @@ class AgentEvent:
     time: float
 
 
-@dataclass(frozen=True, slots=True)
-class RegistryConfig:
-    """Heartbeat tunables."""
-
-    heartbeat_interval: float = 1.0
-    heartbeat_misses: int = 3
-    gone_retention: float = 600.0
-
-
-@dataclass(frozen=True, slots=True)
-class Drain:
-    """A drain directive for an agent's heartbeat stream."""
-
-    reason: str
-    grace_period: float
-
-
 class Registry:
     """Discovery for one replica; the AgentRegistry port is the source of truth."""
 
-    def __init__(self, agents: AgentRegistry, bus: Bus, clock: Clock,
-                 config: RegistryConfig | None = None) -> None:
+    def __init__(self, agents: AgentRegistry, bus: Bus, clock: Clock, leases: Leases) -> None:
         self._agents = agents
         self._bus = bus
         self._clock = clock
-        self.config = config or RegistryConfig()
-        self.on_gone: Callable[[Agent], Awaitable[None]] | None = None
-        self._streams: dict[str, Callable[[Drain], None]] = {}
+        self._leases = leases
         self._loads: dict[str, tuple[int, float]] = {}
         """Last (in_flight, load) beaten by each agent attached here."""
 
     @property
+    def config(self) -> LeaseConfig:
+        """Heartbeat interval, misses and retention (owned by the leases)."""
+        return self._leases.config
+
+    @property
     def ttl(self) -> float:
         """How long a session lives without a beat."""
-        return self.config.heartbeat_interval * self.config.heartbeat_misses
+        return self._leases.config.ttl
 
     async def register(self, card: Agent) -> Agent:
-        """Add an agent and open its session; the returned agent holds the token."""
+        """Add an agent and open its session; the returned agent holds the token.
+
+        ``heartbeat_time`` stays 0 until the agent's heartbeat stream opens: a
+        work stream is refused before that (see ``Leases.open_worker``).
+        """
         if not card.capabilities:
             raise InvalidArgumentError.field("agent.capabilities",
                                              "an agent needs at least one capability")
         now = self._clock.now()
         agent = replace(card, id=uuid.uuid4().hex, state=AgentState.ACTIVE,
                         session_token=secrets.token_urlsafe(24), register_time=now,
-                        heartbeat_time=now, expire_time=now + self.ttl, in_flight=0, load=0.0)
+                        heartbeat_time=0.0, expire_time=now + self.ttl, in_flight=0, load=0.0)
         await self._agents.register(agent)
-        await self._publish(AgentEventType.JOINED, agent)
+        await events.announce_agent(self._bus, AgentEventType.JOINED, agent.id,
+                                    agent.namespace, now)
         log.info("agent %s (%s) registered: %s", agent.id, agent.display_name,
-                 ",".join(sorted(agent.capability_names)))
+                 ",".join(sorted(agent.capability_names)),
+                 extra={"agent_id": agent.id, "event": "agent_registered"})
         return agent
 
     async def authenticate(self, agent_id: str, session_token: str) -> Agent:
@@ -108,34 +95,31 @@ class Registry:
                                        reason="BAD_SESSION_TOKEN")
         if agent.state is AgentState.GONE:
             raise FailedPreconditionError(
-                f"agents/{agent_id} session ended; register again", reason="SESSION_ENDED")
+                f"agents/{agent_id} session ended; register again", reason=SESSION_ENDED)
         return agent
 
-    def attach(self, agent_id: str, send_drain: Callable[[Drain], None]) -> None:
-        """A heartbeat stream opened on this replica."""
-        if agent_id in self._streams:
-            raise ResourceExhaustedError(
-                f"agents/{agent_id} already has a heartbeat stream", reason="STREAM_LIMIT")
-        self._streams[agent_id] = send_drain
+    async def attach(self, session: HeartbeatSession) -> Agent:
+        """A heartbeat stream opened on this replica (see ``Leases.attach_heartbeat``)."""
+        return await self._leases.attach_heartbeat(session)
 
     async def beat(self, agent_id: str, in_flight: int, load: float) -> Agent:
         """Record a heartbeat; FailedPreconditionError once the session ended."""
         now = self._clock.now()
         agent = await self._agents.heartbeat(agent_id, in_flight=in_flight, load=load, now=now,
                                              expire_time=now + self.ttl)
-        if agent is None:
+        if agent is None or agent.state is AgentState.GONE:
             raise FailedPreconditionError(
-                f"agents/{agent_id} session ended; register again", reason="SESSION_ENDED")
-        if agent_id in self._streams and self._loads.get(agent_id) != (in_flight, load):
+                f"agents/{agent_id} session ended; register again", reason=SESSION_ENDED)
+        if self._loads.get(agent_id) != (in_flight, load):
             self._loads[agent_id] = (in_flight, load)
-            await self._publish(AgentEventType.UPDATED, agent, load=True)
+            await events.announce_agent(self._bus, AgentEventType.UPDATED, agent_id,
+                                        agent.namespace, now, load=True)
         return agent
 
-    async def detach(self, agent_id: str, reason: str) -> None:
+    async def detach(self, session: HeartbeatSession, reason: str) -> None:
         """The heartbeat stream ended: the agent is gone at once."""
-        self._streams.pop(agent_id, None)
-        self._loads.pop(agent_id, None)
-        await self.mark_gone(agent_id, reason)
+        self._loads.pop(session.agent_id, None)
+        await self._leases.detach_heartbeat(session, reason)
 
     async def deregister(self, agent_id: str, session_token: str) -> None:
         """End a session on the agent's request."""
@@ -143,27 +127,13 @@ class Registry:
         await self.mark_gone(agent_id, "deregistered")
 
     async def mark_gone(self, agent_id: str, reason: str) -> None:
-        """End a session and hand its leases back."""
+        """End a session and hand its leases back (see ``Leases.mark_gone``)."""
         self._loads.pop(agent_id, None)
-        before = await self._agents.get(agent_id)
-        if before is None or before.state is AgentState.GONE:
-            return
-        agent = await self._agents.set_state(agent_id, AgentState.GONE, now=self._clock.now())
-        if agent is None:
-            return
-        log.info("agent %s (%s) gone: %s", agent.id, agent.display_name, reason)
-        await self._publish(AgentEventType.LEFT, agent)
-        if self.on_gone is not None:
-            await self.on_gone(agent)
+        await self._leases.mark_gone(agent_id, reason)
 
     async def expire(self) -> int:
         """Mark agents whose beats stopped as gone; returns how many."""
-        now = self._clock.now()
-        expired = await self._agents.expired(now)
-        for agent in expired:
-            await self.mark_gone(agent.id, f"missed {self.config.heartbeat_misses} heartbeats")
-        await self._agents.purge(now - self.config.gone_retention)
-        return len(expired)
+        return await self._leases.expire_agents()
 
     async def drain_all(self, reason: str, grace_period: float) -> int:
         """Ask every agent attached here to drain; returns how many were told.
@@ -171,15 +141,7 @@ class Registry:
         Each is DRAINING from now on (its in-flight work still finishes and is
         accepted; it takes no new work) and watchers get an UPDATED event.
         """
-        told = 0
-        for agent_id, send in list(self._streams.items()):
-            send(Drain(reason, grace_period))
-            told += 1
-            agent = await self._agents.set_state(agent_id, AgentState.DRAINING,
-                                                 now=self._clock.now())
-            if agent is not None and agent.state is AgentState.DRAINING:
-                await self._publish(AgentEventType.UPDATED, agent)
-        return told
+        return await self._leases.drain_all(reason, grace_period)
 
     async def get(self, agent_id: str) -> Agent:
         """One agent (NotFoundError)."""
@@ -222,8 +184,3 @@ class Registry:
                                  float(body.get("time", self._clock.now())))
         finally:
             await sub.unsubscribe()
-
-    async def _publish(self, kind: AgentEventType, agent: Agent, *, load: bool = False) -> None:
-        await events.announce(
-            self._bus, events.agent_subject(agent.namespace, load=load),
-            events.encode({"id": agent.id, "type": int(kind), "time": self._clock.now()}))

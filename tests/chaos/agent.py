@@ -75,6 +75,10 @@ async def session(target: str, args: argparse.Namespace, log: Log) -> None:
         hb_q.put_nowait(discovery_pb2.HeartbeatRequest(
             open=discovery_pb2.HeartbeatOpen(agent=agent, session_token=token)))
         hb = disc.Heartbeat(_queue_iter(hb_q))
+        # A work stream is accepted once the heartbeat stream is open and answered.
+        first = await asyncio.wait_for(hb.read(), 5)
+        if first is grpc.aio.EOF:
+            raise ConnectionError("heartbeat stream did not open")
         out: asyncio.Queue[object] = asyncio.Queue()
         out.put_nowait(task_pb2.ProcessTasksRequest(
             open=task_pb2.ProcessTasksOpen(agent=agent, session_token=token)))
@@ -91,7 +95,7 @@ async def session(target: str, args: argparse.Namespace, log: Log) -> None:
                     beat=discovery_pb2.HeartbeatBeat(in_flight=len(running))))
 
         async def read_hb() -> None:
-            async for _ in hb:
+            while await hb.read() is not grpc.aio.EOF:
                 pass
             raise ConnectionError("heartbeat stream ended")
 
@@ -122,7 +126,10 @@ async def session(target: str, args: argparse.Namespace, log: Log) -> None:
                     log.write("failed" if failing else "accepted", task=name, token=tok,
                               agent=agent)
                 except grpc.aio.AioRpcError as err:
-                    if err.code() == grpc.StatusCode.ABORTED:
+                    # ABORTED: a newer lease holds the task; FAILED_PRECONDITION:
+                    # the task has ended (another attempt's result was accepted).
+                    if err.code() in (grpc.StatusCode.ABORTED,
+                                      grpc.StatusCode.FAILED_PRECONDITION):
                         log.write("refused", task=name, token=tok, agent=agent)
                     else:
                         log.write("report_error", task=name, token=tok, code=str(err.code()))

@@ -126,7 +126,9 @@ class Agent(_message.Message):
     state: Global___AgentState.ValueType
     """Lifecycle state. Output only."""
     in_flight: _builtins.int
-    """Tasks currently leased to the agent. Output only."""
+    """Tasks the agent said it was running in its last heartbeat
+    (HeartbeatBeat.in_flight), as reported, not counted by the server. Output only.
+    """
     load: _builtins.float
     """Last load reported by the agent, 0..1. Output only."""
     namespace: _builtins.str
@@ -145,7 +147,11 @@ class Agent(_message.Message):
 
     @_builtins.property
     def heartbeat_time(self) -> _timestamp_pb2.Timestamp:
-        """When the last heartbeat arrived. Output only."""
+        """When the last heartbeat arrived (the Heartbeat stream's open counts as
+        one); unset until the agent's Heartbeat stream opens. A growing age on an
+        ACTIVE agent is a hung agent, GONE after `heartbeat_misses` intervals.
+        Output only.
+        """
 
     def __init__(
         self,

@@ -104,9 +104,14 @@ class DiscoveryServiceServicer:
 
     def Heartbeat(self, request_iterator, context):
         """Heartbeat keeps the session alive. The first message must be `open`; the
-        server answers every beat with the new expiry and may send directives
-        (drain). A broken stream marks the agent gone at once; missing three
-        heartbeat intervals marks it gone too.
+        server answers it at once with an ack (from then on the session counts as
+        having a heartbeat stream, which ProcessTasks requires), answers every beat
+        with the new expiry and may send directives (drain). A broken stream marks
+        the agent GONE at once; missing `heartbeat_misses` (default 3) intervals
+        marks it GONE too. Once GONE the agent is never leased to again, its leased
+        tasks are requeued, and its Heartbeat and ProcessTasks streams end with
+        FAILED_PRECONDITION (ErrorInfo reason SESSION_ENDED): register again. A
+        second Heartbeat stream for the same session is RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

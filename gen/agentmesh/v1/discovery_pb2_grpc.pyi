@@ -47,9 +47,14 @@ class DiscoveryServiceStub:
     """DeregisterAgent ends an agent's session; its leased tasks are requeued."""
     Heartbeat: _grpc.StreamStreamMultiCallable[_discovery_pb2.HeartbeatRequest, _discovery_pb2.HeartbeatResponse]
     """Heartbeat keeps the session alive. The first message must be `open`; the
-    server answers every beat with the new expiry and may send directives
-    (drain). A broken stream marks the agent gone at once; missing three
-    heartbeat intervals marks it gone too.
+    server answers it at once with an ack (from then on the session counts as
+    having a heartbeat stream, which ProcessTasks requires), answers every beat
+    with the new expiry and may send directives (drain). A broken stream marks
+    the agent GONE at once; missing `heartbeat_misses` (default 3) intervals
+    marks it GONE too. Once GONE the agent is never leased to again, its leased
+    tasks are requeued, and its Heartbeat and ProcessTasks streams end with
+    FAILED_PRECONDITION (ErrorInfo reason SESSION_ENDED): register again. A
+    second Heartbeat stream for the same session is RESOURCE_EXHAUSTED.
     """
     WatchAgents: _grpc.UnaryStreamMultiCallable[_discovery_pb2.WatchAgentsRequest, _discovery_pb2.WatchAgentsResponse]
     """WatchAgents streams join, leave and state-change events."""
@@ -73,9 +78,14 @@ class DiscoveryServiceAsyncStub(DiscoveryServiceStub):
     """DeregisterAgent ends an agent's session; its leased tasks are requeued."""
     Heartbeat: _aio.StreamStreamMultiCallable[_discovery_pb2.HeartbeatRequest, _discovery_pb2.HeartbeatResponse]  # type: ignore[assignment]
     """Heartbeat keeps the session alive. The first message must be `open`; the
-    server answers every beat with the new expiry and may send directives
-    (drain). A broken stream marks the agent gone at once; missing three
-    heartbeat intervals marks it gone too.
+    server answers it at once with an ack (from then on the session counts as
+    having a heartbeat stream, which ProcessTasks requires), answers every beat
+    with the new expiry and may send directives (drain). A broken stream marks
+    the agent GONE at once; missing `heartbeat_misses` (default 3) intervals
+    marks it GONE too. Once GONE the agent is never leased to again, its leased
+    tasks are requeued, and its Heartbeat and ProcessTasks streams end with
+    FAILED_PRECONDITION (ErrorInfo reason SESSION_ENDED): register again. A
+    second Heartbeat stream for the same session is RESOURCE_EXHAUSTED.
     """
     WatchAgents: _aio.UnaryStreamMultiCallable[_discovery_pb2.WatchAgentsRequest, _discovery_pb2.WatchAgentsResponse]  # type: ignore[assignment]
     """WatchAgents streams join, leave and state-change events."""
@@ -126,9 +136,14 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_discovery_pb2.HeartbeatResponse], _abc.AsyncIterator[_discovery_pb2.HeartbeatResponse]]:
         """Heartbeat keeps the session alive. The first message must be `open`; the
-        server answers every beat with the new expiry and may send directives
-        (drain). A broken stream marks the agent gone at once; missing three
-        heartbeat intervals marks it gone too.
+        server answers it at once with an ack (from then on the session counts as
+        having a heartbeat stream, which ProcessTasks requires), answers every beat
+        with the new expiry and may send directives (drain). A broken stream marks
+        the agent GONE at once; missing `heartbeat_misses` (default 3) intervals
+        marks it GONE too. Once GONE the agent is never leased to again, its leased
+        tasks are requeued, and its Heartbeat and ProcessTasks streams end with
+        FAILED_PRECONDITION (ErrorInfo reason SESSION_ENDED): register again. A
+        second Heartbeat stream for the same session is RESOURCE_EXHAUSTED.
         """
 
     @_abc_1.abstractmethod

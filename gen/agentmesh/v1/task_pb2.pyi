@@ -113,9 +113,13 @@ class _TaskReportOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Tas
     TASK_REPORT_OUTCOME_ACCEPTED: _TaskReportOutcome.ValueType  # 1
     """Accepted."""
     TASK_REPORT_OUTCOME_STALE_LEASE: _TaskReportOutcome.ValueType  # 2
-    """Refused: the lease ended or a newer attempt holds the task."""
+    """Refused: the task is still live but this lease ended (the task was
+    requeued, or a newer attempt holds it).
+    """
     TASK_REPORT_OUTCOME_NOT_RUNNING: _TaskReportOutcome.ValueType  # 3
-    """Refused: the task is unknown or no longer running."""
+    """Refused: the task is unknown or has ended (another attempt's result was
+    accepted, it was cancelled, failed or dead-lettered).
+    """
 
 class TaskReportOutcome(_TaskReportOutcome, metaclass=_TaskReportOutcomeEnumTypeWrapper):
     """TaskReportOutcome says what became of a reported result or failure."""
@@ -125,9 +129,13 @@ TASK_REPORT_OUTCOME_UNSPECIFIED: TaskReportOutcome.ValueType  # 0
 TASK_REPORT_OUTCOME_ACCEPTED: TaskReportOutcome.ValueType  # 1
 """Accepted."""
 TASK_REPORT_OUTCOME_STALE_LEASE: TaskReportOutcome.ValueType  # 2
-"""Refused: the lease ended or a newer attempt holds the task."""
+"""Refused: the task is still live but this lease ended (the task was
+requeued, or a newer attempt holds it).
+"""
 TASK_REPORT_OUTCOME_NOT_RUNNING: TaskReportOutcome.ValueType  # 3
-"""Refused: the task is unknown or no longer running."""
+"""Refused: the task is unknown or has ended (another attempt's result was
+accepted, it was cancelled, failed or dead-lettered).
+"""
 Global___TaskReportOutcome: _TypeAlias = TaskReportOutcome  # noqa: Y015
 
 @_typing.final
@@ -1375,19 +1383,26 @@ class ProcessTasksOpen(_message.Message):
 
     AGENT_FIELD_NUMBER: _builtins.int
     SESSION_TOKEN_FIELD_NUMBER: _builtins.int
+    ACK_REPORTS_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """"agents/{agent}"."""
     session_token: _builtins.str
     """From RegisterAgentResponse."""
+    ack_reports: _builtins.bool
+    """When true, every result and failure is answered with a TaskReportAck,
+    accepted ones included, so an agent that stops can know that its last
+    results landed. When false only refused reports are acknowledged.
+    """
     def __init__(
         self,
         *,
         agent: _builtins.str = ...,
         session_token: _builtins.str = ...,
+        ack_reports: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "session_token", b"session_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_reports", b"ack_reports", "agent", b"agent", "session_token", b"session_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1536,7 +1551,9 @@ class ProcessTasksResponse(_message.Message):
 
     @_builtins.property
     def ack(self) -> Global___TaskReportAck:
-        """A result or failure was refused (stale lease or task not running)."""
+        """What became of a result or failure: always sent for a refused one, and
+        for an accepted one too when the stream was opened with `ack_reports`.
+        """
 
     @_builtins.property
     def assignments(self) -> Global___TaskAssignmentBatch:
@@ -1673,8 +1690,8 @@ Global___TaskCancellation: _TypeAlias = TaskCancellation  # noqa: Y015
 
 @_typing.final
 class TaskReportAck(_message.Message):
-    """TaskReportAck answers a TaskResult or TaskFailureReport that was refused
-    (an accepted report is not acknowledged, to keep the stream lean).
+    """TaskReportAck answers a TaskResult or TaskFailureReport: every refused one,
+    and every accepted one when the stream was opened with `ack_reports`.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

@@ -124,6 +124,9 @@ class TaskServiceServicer:
 
     def SubmitTask(self, request, context):
         """SubmitTask queues one task. A repeated request_id returns the first task.
+        A client-chosen task_id that exists already is ALREADY_EXISTS (the
+        existing task is not touched). While the server drains for shutdown it
+        accepts no new work: UNAVAILABLE (reason DRAINING); retry on another replica.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -214,11 +217,19 @@ class TaskServiceServicer:
 
     def ProcessTasks(self, request_iterator, context):
         """ProcessTasks is the agent's work stream. The first message must be
-        `open`; the agent then grants credits and the server pushes at most that
-        many assignments; the agent returns results, failures and progress. Each
-        result or failure of a current lease returns its slot (one credit), so a
-        steady agent never needs to send `credit` again. Credits never exceed the
-        agent's free slots (max_concurrency minus in-flight).
+        `open`; the agent's session must be live with its Heartbeat stream open
+        (and its first ack received), otherwise FAILED_PRECONDITION (reason
+        NO_HEARTBEAT_SESSION, or SESSION_ENDED once the agent is GONE). The agent
+        then grants credits and the server pushes at most that many assignments
+        (several ready at once come as one `assignments` batch, split so no
+        message exceeds the server's message size limit); the agent returns
+        results, failures and progress. Each result or failure of a current lease
+        returns its slot (one credit), so a steady agent never needs to send
+        `credit` again. Credits never exceed the agent's free slots
+        (max_concurrency minus in-flight). An agent that is DRAINING or GONE is
+        never leased to; when it is GONE the stream ends with FAILED_PRECONDITION
+        (reason SESSION_ENDED) and its leases are requeued. A lease the server
+        fails to deliver does not cost the task an attempt.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -226,7 +237,10 @@ class TaskServiceServicer:
 
     def CompleteTask(self, request, context):
         """CompleteTask reports a result or failure outside the stream. A stale
-        fencing token is ABORTED (reason LEASE_EXPIRED).
+        fencing token of a task still live (requeued, or a newer attempt holds it)
+        is ABORTED (reason LEASE_EXPIRED); a task that has ended (another
+        attempt's result was accepted, or it was cancelled) is FAILED_PRECONDITION
+        (reason TASK_NOT_RUNNING, metadata "state"); an unknown task is NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

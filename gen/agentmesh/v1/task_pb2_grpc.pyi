@@ -38,7 +38,11 @@ class TaskServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TaskServiceAsyncStub: ...
     SubmitTask: _grpc.UnaryUnaryMultiCallable[_task_pb2.SubmitTaskRequest, _task_pb2.SubmitTaskResponse]
-    """SubmitTask queues one task. A repeated request_id returns the first task."""
+    """SubmitTask queues one task. A repeated request_id returns the first task.
+    A client-chosen task_id that exists already is ALREADY_EXISTS (the
+    existing task is not touched). While the server drains for shutdown it
+    accepts no new work: UNAVAILABLE (reason DRAINING); retry on another replica.
+    """
     BatchSubmitTasks: _grpc.UnaryUnaryMultiCallable[_task_pb2.BatchSubmitTasksRequest, _task_pb2.BatchSubmitTasksResponse]
     """BatchSubmitTasks queues up to 1000 tasks in one call (AIP-233). Every
     request is validated first: one bad request fails the whole batch with
@@ -71,15 +75,26 @@ class TaskServiceStub:
     """WatchWorkflow streams the workflow after every step change, until it ends."""
     ProcessTasks: _grpc.StreamStreamMultiCallable[_task_pb2.ProcessTasksRequest, _task_pb2.ProcessTasksResponse]
     """ProcessTasks is the agent's work stream. The first message must be
-    `open`; the agent then grants credits and the server pushes at most that
-    many assignments; the agent returns results, failures and progress. Each
-    result or failure of a current lease returns its slot (one credit), so a
-    steady agent never needs to send `credit` again. Credits never exceed the
-    agent's free slots (max_concurrency minus in-flight).
+    `open`; the agent's session must be live with its Heartbeat stream open
+    (and its first ack received), otherwise FAILED_PRECONDITION (reason
+    NO_HEARTBEAT_SESSION, or SESSION_ENDED once the agent is GONE). The agent
+    then grants credits and the server pushes at most that many assignments
+    (several ready at once come as one `assignments` batch, split so no
+    message exceeds the server's message size limit); the agent returns
+    results, failures and progress. Each result or failure of a current lease
+    returns its slot (one credit), so a steady agent never needs to send
+    `credit` again. Credits never exceed the agent's free slots
+    (max_concurrency minus in-flight). An agent that is DRAINING or GONE is
+    never leased to; when it is GONE the stream ends with FAILED_PRECONDITION
+    (reason SESSION_ENDED) and its leases are requeued. A lease the server
+    fails to deliver does not cost the task an attempt.
     """
     CompleteTask: _grpc.UnaryUnaryMultiCallable[_task_pb2.CompleteTaskRequest, _task_pb2.CompleteTaskResponse]
     """CompleteTask reports a result or failure outside the stream. A stale
-    fencing token is ABORTED (reason LEASE_EXPIRED).
+    fencing token of a task still live (requeued, or a newer attempt holds it)
+    is ABORTED (reason LEASE_EXPIRED); a task that has ended (another
+    attempt's result was accepted, or it was cancelled) is FAILED_PRECONDITION
+    (reason TASK_NOT_RUNNING, metadata "state"); an unknown task is NOT_FOUND.
     """
     GetStats: _grpc.UnaryUnaryMultiCallable[_task_pb2.GetStatsRequest, _task_pb2.GetStatsResponse]
     """GetStats returns queue depth and the autonomy figures of a namespace."""
@@ -94,7 +109,11 @@ class TaskServiceAsyncStub(TaskServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitTask: _aio.UnaryUnaryMultiCallable[_task_pb2.SubmitTaskRequest, _task_pb2.SubmitTaskResponse]  # type: ignore[assignment]
-    """SubmitTask queues one task. A repeated request_id returns the first task."""
+    """SubmitTask queues one task. A repeated request_id returns the first task.
+    A client-chosen task_id that exists already is ALREADY_EXISTS (the
+    existing task is not touched). While the server drains for shutdown it
+    accepts no new work: UNAVAILABLE (reason DRAINING); retry on another replica.
+    """
     BatchSubmitTasks: _aio.UnaryUnaryMultiCallable[_task_pb2.BatchSubmitTasksRequest, _task_pb2.BatchSubmitTasksResponse]  # type: ignore[assignment]
     """BatchSubmitTasks queues up to 1000 tasks in one call (AIP-233). Every
     request is validated first: one bad request fails the whole batch with
@@ -127,15 +146,26 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """WatchWorkflow streams the workflow after every step change, until it ends."""
     ProcessTasks: _aio.StreamStreamMultiCallable[_task_pb2.ProcessTasksRequest, _task_pb2.ProcessTasksResponse]  # type: ignore[assignment]
     """ProcessTasks is the agent's work stream. The first message must be
-    `open`; the agent then grants credits and the server pushes at most that
-    many assignments; the agent returns results, failures and progress. Each
-    result or failure of a current lease returns its slot (one credit), so a
-    steady agent never needs to send `credit` again. Credits never exceed the
-    agent's free slots (max_concurrency minus in-flight).
+    `open`; the agent's session must be live with its Heartbeat stream open
+    (and its first ack received), otherwise FAILED_PRECONDITION (reason
+    NO_HEARTBEAT_SESSION, or SESSION_ENDED once the agent is GONE). The agent
+    then grants credits and the server pushes at most that many assignments
+    (several ready at once come as one `assignments` batch, split so no
+    message exceeds the server's message size limit); the agent returns
+    results, failures and progress. Each result or failure of a current lease
+    returns its slot (one credit), so a steady agent never needs to send
+    `credit` again. Credits never exceed the agent's free slots
+    (max_concurrency minus in-flight). An agent that is DRAINING or GONE is
+    never leased to; when it is GONE the stream ends with FAILED_PRECONDITION
+    (reason SESSION_ENDED) and its leases are requeued. A lease the server
+    fails to deliver does not cost the task an attempt.
     """
     CompleteTask: _aio.UnaryUnaryMultiCallable[_task_pb2.CompleteTaskRequest, _task_pb2.CompleteTaskResponse]  # type: ignore[assignment]
     """CompleteTask reports a result or failure outside the stream. A stale
-    fencing token is ABORTED (reason LEASE_EXPIRED).
+    fencing token of a task still live (requeued, or a newer attempt holds it)
+    is ABORTED (reason LEASE_EXPIRED); a task that has ended (another
+    attempt's result was accepted, or it was cancelled) is FAILED_PRECONDITION
+    (reason TASK_NOT_RUNNING, metadata "state"); an unknown task is NOT_FOUND.
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_task_pb2.GetStatsRequest, _task_pb2.GetStatsResponse]  # type: ignore[assignment]
     """GetStats returns queue depth and the autonomy figures of a namespace."""
@@ -153,7 +183,11 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _task_pb2.SubmitTaskRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_task_pb2.SubmitTaskResponse, _abc.Awaitable[_task_pb2.SubmitTaskResponse]]:
-        """SubmitTask queues one task. A repeated request_id returns the first task."""
+        """SubmitTask queues one task. A repeated request_id returns the first task.
+        A client-chosen task_id that exists already is ALREADY_EXISTS (the
+        existing task is not touched). While the server drains for shutdown it
+        accepts no new work: UNAVAILABLE (reason DRAINING); retry on another replica.
+        """
 
     @_abc_1.abstractmethod
     def BatchSubmitTasks(
@@ -258,11 +292,19 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_task_pb2.ProcessTasksResponse], _abc.AsyncIterator[_task_pb2.ProcessTasksResponse]]:
         """ProcessTasks is the agent's work stream. The first message must be
-        `open`; the agent then grants credits and the server pushes at most that
-        many assignments; the agent returns results, failures and progress. Each
-        result or failure of a current lease returns its slot (one credit), so a
-        steady agent never needs to send `credit` again. Credits never exceed the
-        agent's free slots (max_concurrency minus in-flight).
+        `open`; the agent's session must be live with its Heartbeat stream open
+        (and its first ack received), otherwise FAILED_PRECONDITION (reason
+        NO_HEARTBEAT_SESSION, or SESSION_ENDED once the agent is GONE). The agent
+        then grants credits and the server pushes at most that many assignments
+        (several ready at once come as one `assignments` batch, split so no
+        message exceeds the server's message size limit); the agent returns
+        results, failures and progress. Each result or failure of a current lease
+        returns its slot (one credit), so a steady agent never needs to send
+        `credit` again. Credits never exceed the agent's free slots
+        (max_concurrency minus in-flight). An agent that is DRAINING or GONE is
+        never leased to; when it is GONE the stream ends with FAILED_PRECONDITION
+        (reason SESSION_ENDED) and its leases are requeued. A lease the server
+        fails to deliver does not cost the task an attempt.
         """
 
     @_abc_1.abstractmethod
@@ -272,7 +314,10 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_task_pb2.CompleteTaskResponse, _abc.Awaitable[_task_pb2.CompleteTaskResponse]]:
         """CompleteTask reports a result or failure outside the stream. A stale
-        fencing token is ABORTED (reason LEASE_EXPIRED).
+        fencing token of a task still live (requeued, or a newer attempt holds it)
+        is ABORTED (reason LEASE_EXPIRED); a task that has ended (another
+        attempt's result was accepted, or it was cancelled) is FAILED_PRECONDITION
+        (reason TASK_NOT_RUNNING, metadata "state"); an unknown task is NOT_FOUND.
         """
 
     @_abc_1.abstractmethod
