@@ -231,3 +231,32 @@ def test_an_undelivered_attempt_costs_nothing_up_to_a_bound() -> None:
     assert uncharged_attempts(many) == MAX_UNCHARGED
     assert decide(policy, many.attempt - MAX_UNCHARGED, lost).verdict is \
         RetryVerdict.DEAD_LETTER
+
+
+async def test_one_oversized_result_fails_its_task_and_the_stream_goes_on(
+        mesh: Mesh, channel: grpc.aio.Channel) -> None:
+    tasks = task_pb2_grpc.TaskServiceStub(channel)
+    agent = RawAgent(channel, "bloated", ["job"], concurrency=2)
+    await agent.register()
+    work = agent.open_work(ack_reports=True)
+    await next_kind(work, "opened")
+    names = [(await tasks.SubmitTask(task_pb2.SubmitTaskRequest(
+        task=task_pb2.Task(capability="job")))).task.name for _ in range(2)]
+    got = {}
+    while len(got) < 2:
+        a = (await next_kind(work, "assignment")).assignment
+        got[a.task.name] = a.fencing_token
+    too_big = common_pb2.Payload(data=b"x" * (mesh.settings.max_payload_bytes + 1))
+    agent.out.put_nowait(task_pb2.ProcessTasksRequest(result=task_pb2.TaskResult(
+        task=names[0], fencing_token=got[names[0]], output=too_big)))
+    agent.out.put_nowait(task_pb2.ProcessTasksRequest(result=task_pb2.TaskResult(
+        task=names[1], fencing_token=got[names[1]], output=js("fine"))))
+    acks = [(await next_kind(work, "ack")).ack for _ in range(2)]
+    assert {a.task for a in acks} == set(names)
+    assert all(a.outcome == task_pb2.TASK_REPORT_OUTCOME_ACCEPTED for a in acks)
+    failed = await until_state(tasks, names[0], task_pb2.TASK_STATE_FAILED)
+    assert failed.attempts[0].failure.error_type == "INVALID_OUTPUT"
+    assert len(failed.attempts) == 1, "not retried: the same output would come again"
+    await until_state(tasks, names[1], task_pb2.TASK_STATE_SUCCEEDED)
+    agent.out.put_nowait(None)
+    agent.hb_out.put_nowait(None)

@@ -17,8 +17,9 @@ from server.domain.errors import (
     FieldViolation,
     InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
 )
-from server.domain.models import AgentState, TaskState
+from server.domain.models import AgentState, TaskFailure, TaskState
 from server.ports import AgentFilter, TaskFilter
 from server.services.registry import Registry
 from server.services.scheduler import Scheduler
@@ -258,10 +259,23 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                                 send, ack_reports=first.open.ack_reports)
 
         async def report_results(results: Sequence[task_pb2.TaskResult], field: str) -> None:
-            items = [(convert.resource_id(r.task, "tasks", f"{field}[{i}].task"),
-                      r.fencing_token,
-                      convert.payload(r.output, f"{field}[{i}].output", self._limits))
-                     for i, r in enumerate(results)]
+            items = []
+            for i, r in enumerate(results):
+                task_id = convert.resource_id(r.task, "tasks", f"{field}[{i}].task")
+                try:
+                    output = convert.payload(r.output, f"{field}[{i}].output", self._limits)
+                except (InvalidArgumentError, ResourceExhaustedError) as exc:
+                    # One bad output fails its own attempt for good (a retry would
+                    # produce it again); the stream and the agent's other leases go on.
+                    outcome = await leases.report_failure(session, task_id, r.fencing_token,
+                                                          TaskFailure(INVALID_OUTPUT,
+                                                                      exc.message[:512],
+                                                                      non_retryable=True))
+                    leases.acknowledge(session, task_id, r.fencing_token, outcome)
+                    continue
+                items.append((task_id, r.fencing_token, output))
+            if not items:
+                return
             outcomes = await leases.report_results(session, items)
             for (task_id, token, _), outcome in zip(items, outcomes, strict=True):
                 leases.acknowledge(session, task_id, token, outcome)
@@ -364,6 +378,8 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
 PACK_HEADROOM = 1024
 """Bytes every packed message keeps under the message limit."""
 ASSIGNMENT_TOO_LARGE = "ASSIGNMENT_TOO_LARGE"
+INVALID_OUTPUT = "INVALID_OUTPUT"
+"""A reported output the server cannot keep (over the payload limit, bad metadata)."""
 
 
 def _pack_assignments(
