@@ -85,17 +85,21 @@ end
 
 function OPS.put()
   local key, value, expected, expire, now = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+  local wid = ARGV[11] or ''
+  local cur, cur_raw = live(key, now)
+  -- A retry of this very write (its reply was lost and the client sent it again):
+  -- the entry carries the write's id, so answer what the first run did.
+  if cur and wid ~= '' and cur.w == wid then return {'ok', cur_raw} end
   local refused = fence_error(ARGV[9], ARGV[10], now)
   if refused then return refused end
   redis.call('SADD', NSS, NS)
-  local cur = live(key, now)
   local version = 0
   if cur then version = cur.version end
   if expected ~= '' and tonumber(expected) ~= version then return {'mismatch', version} end
   local rev = redis.call('INCR', REV)
   local raw = '{"key":' .. cjson.encode(key) .. ',"value":' .. value .. ',"version":' ..
               (version + 1) .. ',"revision":' .. rev .. ',"update_time":' .. cjson.encode(now) ..
-              ',"expire_time":' .. cjson.encode(expire) .. '}'
+              ',"expire_time":' .. cjson.encode(expire) .. ',"w":' .. cjson.encode(wid) .. '}'
   redis.call('HSET', ENTRIES, key, raw)
   if not cur then redis.call('ZADD', KEYSET, 0, key) end -- a live entry's key is there
   log_event(1, raw)

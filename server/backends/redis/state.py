@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -86,10 +87,13 @@ class RedisStateStore:
         """See StateStore.put."""
         expire = now + ttl if ttl > 0 else 0.0
         lock, token = fence or ("", 0)
+        # The write's id goes with every retry of this call (the client retries
+        # on a lost connection): a retry that finds its own write answers it,
+        # instead of a CAS refusing the version its first run created.
         reply = await self._call(
             "put", namespace, key, json.dumps(codec.payload_to_doc(value)),
             "" if expected_version is None else expected_version, codec.fstr(expire),
-            codec.fstr(now), lock, token)
+            codec.fstr(now), lock, token, secrets.token_hex(8))
         if reply[0] == "stale":
             raise self._stale(fence, reply)
         if reply[0] == "mismatch":

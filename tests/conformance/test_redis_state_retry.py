@@ -1,0 +1,51 @@
+"""A Redis state write retried after its reply was lost answers what it did.
+
+redis-py re-sends a command when the connection drops (the store's ``Retry``
+on ConnectionError/TimeoutError). A CAS ``put`` whose first run committed and
+whose reply was lost used to meet its own write on the retry and answer
+ABORTED ("key is at version N+1"), though the value was stored: the nemesis
+campaign's ``cas_linearizable`` check found it (``redis_reply_loss`` fault).
+Each put now carries a write id stored with the entry; a retry that finds its
+own id answers the first run's result.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from server.backends.redis import codec
+from server.domain.errors import AbortedError
+from server.domain.models import Payload
+from tests._services import redis_stores
+
+
+async def _put(store: Any, key: str, data: bytes, expected: int | str, wid: str) -> list[Any]:
+    """One raw call of the library's put, as the client sends it (and re-sends it)."""
+    return list(await store._call(
+        "put", "default", key, json.dumps(codec.payload_to_doc(Payload(data))), expected,
+        "0.0", "100.0", "", 0, wid))
+
+
+async def test_a_retried_cas_put_recognises_its_own_write() -> None:
+    async with redis_stores("cas-retry") as stores:
+        state = stores.state
+        first = await _put(state, "k", b"v1", 0, "w-1")
+        assert first[0] == "ok"
+        again = await _put(state, "k", b"v1", 0, "w-1")  # the same call, re-sent
+        assert again == first, "the retry answers what the first run did"
+        other = await _put(state, "k", b"v2", 0, "w-2")  # a different writer, same version
+        assert other[0] == "mismatch" and int(other[1]) == 1
+        entry = await state.get("default", "k", now=100.0)
+        assert entry is not None and (entry.version, entry.value.data) == (1, b"v1")
+        # Through the store's API every put has its own id: a second CAS on 0 is refused.
+        with pytest.raises(AbortedError):
+            await state.put("default", "k", Payload(b"v3"), expected_version=0, ttl=0,
+                            now=100.0)
+        # An unconditional put retried does not bump the version twice.
+        blind = await _put(state, "u", b"x", "", "w-3")
+        assert await _put(state, "u", b"x", "", "w-3") == blind
+        got = await state.get("default", "u", now=100.0)
+        assert got is not None and got.version == 1
