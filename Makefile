@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 PROTOS := $(wildcard protos/agentmesh/v1/*.proto)
 
-.PHONY: run test lint typecheck protos buf-lint buf-breaking bench clean install
+.PHONY: run test lint typecheck protos buf-lint buf-breaking bench clean install docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,8 +50,12 @@ lint: $(STAMP)
 test: $(STAMP) $(NODE_STAMP) lint typecheck buf-lint buf-breaking
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
+## Build the docs site into site/ (mkdocs + Material, offline, --strict).
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 bench: $(STAMP)
 	$(PY) loadtests/bench.py
 
 clean:
-	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache site
