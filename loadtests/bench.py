@@ -11,6 +11,12 @@ W2: open loop at --rate tasks/s for --duration s; p50/p95/p99 of
         # production backends at their local defaults (or full URLs)
 
 The server(s) and the agents are separate processes; the submitter runs here.
+``--code DIR`` runs the servers and agents from another source tree (a
+``git worktree`` of another commit); with ``PYTHONPATH=DIR:DIR/gen`` the
+submitter's SDK comes from there too (``peer_bench.py --code`` does both), so
+two commits can be measured side by side. ``--cpu-pid NAME=PID`` adds a
+process (redis-server, nats-server) to W1's CPU figures, and ``cpu_us_per_task``
+is the sum over every listed process divided by the task count.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ def cpu_seconds(pid: int) -> float:
 
 def cpu_report(procs: dict[str, int], before: dict[str, float]) -> dict[str, float]:
     """CPU seconds each named process used since ``before``."""
-    return {name: round(cpu_seconds(pid) - before.get(name, 0.0), 2)
+    return {name: round(cpu_seconds(pid) - before.get(name, 0.0), 3)
             for name, pid in procs.items()}
 
 
@@ -98,18 +104,18 @@ def start_servers(args: argparse.Namespace) -> tuple[list[subprocess.Popen[bytes
         metrics_port = str(free_port()) if args.observability else "0"
         cmd = [PY, "-m", "server.cli", "serve", "--port", str(port), "--metrics-port", metrics_port,
                "--store", args.store, "--bus", args.bus]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env))
+        procs.append(subprocess.Popen(cmd, cwd=args.code, env=env))
         targets.append(f"127.0.0.1:{port}")
     return procs, targets
 
 
 def start_agents(targets: list[str], n: int, concurrency: int,
-                 token: str | None = None) -> list[subprocess.Popen[bytes]]:
+                 token: str | None = None, code: Path = ROOT) -> list[subprocess.Popen[bytes]]:
     """Start n agent processes, spread over the replicas (with AGENTMESH_TOKEN when given)."""
     env = {**os.environ, "AGENTMESH_TOKEN": token} if token else None
     return [subprocess.Popen(
-        [PY, str(ROOT / "loadtests" / "noop_agent.py"), "--target", targets[i % len(targets)],
-         "--name", f"noop-{i}", "--concurrency", str(concurrency)], cwd=ROOT, env=env)
+        [PY, str(code / "loadtests" / "noop_agent.py"), "--target", targets[i % len(targets)],
+         "--name", f"noop-{i}", "--concurrency", str(concurrency)], cwd=code, env=env)
         for i in range(n)]
 
 
@@ -266,7 +272,16 @@ async def main() -> None:
     parser.add_argument("--auth", action="store_true",
                         help="run the server with a generated token file; clients and "
                              "agents send tokens")
+    parser.add_argument("--code", type=Path, default=ROOT,
+                        help="source tree the servers and agents run from (default: this one)")
+    parser.add_argument("--cpu-pid", action="append", default=[], metavar="NAME=PID",
+                        help="another process to count in W1's CPU (repeatable)")
     args = parser.parse_args()
+    args.code = args.code.resolve()
+    extra = {}
+    for item in args.cpu_pid:
+        name, _, pid = item.partition("=")
+        extra[name] = int(pid)
     if args.observability:  # inherited by the servers and agents; read here by MeshClient
         os.environ["OTEL_TRACES_EXPORTER"] = "agentmesh_jsonl"
         os.environ["AGENTMESH_TRACES_FILE"] = f"/tmp/agentmesh-bench-{os.getpid()}.spans.jsonl"
@@ -283,7 +298,8 @@ async def main() -> None:
     try:
         for t in targets:
             await wait_port(int(t.rsplit(":", 1)[1]))
-        agents = start_agents(targets, args.agents, args.concurrency, tokens.get("agent"))
+        agents = start_agents(targets, args.agents, args.concurrency, tokens.get("agent"),
+                              args.code)
         async with MeshClient(targets[0], token=tokens.get("client")) as client:
             await wait_agents(client, args.agents)
             setup = {"store": args.store, "bus": args.bus, "replicas": args.replicas,
@@ -291,12 +307,14 @@ async def main() -> None:
                      "observability": args.observability}
             procs = {"submitter": os.getpid(),
                      **{f"server{i}": p.pid for i, p in enumerate(servers)},
-                     **{f"agent{i}": p.pid for i, p in enumerate(agents)}}
+                     **{f"agent{i}": p.pid for i, p in enumerate(agents)}, **extra}
             if args.only in (None, "w1"):
                 before = {name: cpu_seconds(pid) for name, pid in procs.items()}
                 result = await w1(client, args.tasks, args.inflight)
-                print(json.dumps({"workload": "W1", **setup, **result,
-                                  "cpu_s": cpu_report(procs, before)}), flush=True)
+                cpu = cpu_report(procs, before)
+                print(json.dumps({"workload": "W1", **setup, **result, "cpu_s": cpu,
+                                  "cpu_us_per_task": round(sum(cpu.values()) / args.tasks * 1e6)}),
+                      flush=True)
             if args.only in (None, "w2"):
                 dump: list[dict[str, Any]] | None = [] if args.dump else None
                 print(json.dumps({"workload": "W2", **setup,
