@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 PROTOS := $(wildcard protos/agentmesh/v1/*.proto)
 
-.PHONY: run test lint typecheck protos buf-lint buf-breaking bench clean install docs
+.PHONY: run test lint typecheck protos buf-lint buf-breaking bench clean install docs actionlint k8s-validate
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,9 +45,18 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy server agent_sdk
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check server agent_sdk tests loadtests examples
+	$(VENV)/bin/ruff check server agent_sdk tests loadtests examples scripts
 
-test: $(STAMP) $(NODE_STAMP) lint typecheck buf-lint buf-breaking
+## Check the GitHub Actions workflows (.github/workflows) with actionlint (PyPI wheel;
+## it also runs shellcheck over run: steps when shellcheck is on PATH).
+actionlint: $(STAMP)
+	$(VENV)/bin/actionlint
+
+## Render every kustomization under deploy/k8s and validate it offline, strict.
+k8s-validate: $(STAMP)
+	$(PY) scripts/validate_k8s.py
+
+test: $(STAMP) $(NODE_STAMP) lint typecheck buf-lint buf-breaking actionlint k8s-validate
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 ## Build the docs site into site/ (mkdocs + Material, offline, --strict).
