@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 PROTOS := $(wildcard protos/agentmesh/v1/*.proto)
 
-.PHONY: run test lint typecheck protos buf-lint buf-breaking bench clean install docs actionlint k8s-validate
+.PHONY: run test lint typecheck protos buf-lint buf-breaking bench loadtest clean install docs actionlint k8s-validate
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,11 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) loadtests/bench.py
+
+## k6 gRPC scenarios (loadtests/k6), short forms (~2 min), against an embedded mesh
+## started and stopped here, or TARGET=host:port[,host:port...]; FULL=1 for the full forms.
+loadtest: $(STAMP)
+	$(PY) loadtests/k6/run.py $(if $(TARGET),--target $(TARGET)) $(if $(FULL),--full)
 
 clean:
 	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache site
