@@ -217,3 +217,38 @@ def test_validator_refuses_unknown_fields_and_unknown_kinds(tmp_path: Path) -> N
                           text=True, timeout=60, check=False)
     assert good.returncode == 0, good.stdout + good.stderr
     assert good.stdout.startswith("ok")
+
+
+def _runbook_commands() -> list[str]:
+    doc = (ROOT / "docs" / "operations" / "rollout.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", doc, re.S)
+    return [line.strip() for b in blocks for line in b.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def test_runbook_edits_and_paths_work(tmp_path: Path) -> None:
+    """The runbook's file edits do what it says; every directory it applies exists."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        skip_or_fail("kubectl is not on PATH (it carries kustomize)")
+    commands = _runbook_commands()
+    for cmd in commands:
+        for path in re.findall(r"kubectl (?:apply|diff) -k (\S+)", cmd):
+            assert (ROOT / path / "kustomization.yaml").is_file(), cmd
+    edits = [c for c in commands if c.startswith("sed -i ")]
+    assert len(edits) == 3  # candidate, prod's newTag, candidate back after an abort
+    shutil.copytree(ROOT / "deploy" / "k8s", tmp_path / "deploy" / "k8s")
+    candidate, finish, reset = edits
+    for cmd in (candidate, finish):
+        subprocess.run(["bash", "-c", cmd], cwd=tmp_path, check=True, timeout=30)
+    target = re.search(r"\|  image: ([^|]+)\|", candidate)
+    assert target is not None
+    new_image = target.group(1)
+    phase10 = _render(kubectl, tmp_path / "deploy" / "k8s" / "rollout" / "phase-10")
+    assert _image(phase10[("Deployment", "agentmesh-canary")]) == new_image
+    # After the finish edit, prod's stable image is exactly the candidate's.
+    prod = _render(kubectl, tmp_path / "deploy" / "k8s" / "overlays" / "prod")
+    assert _image(prod[("Deployment", "agentmesh")]) == new_image
+    subprocess.run(["bash", "-c", reset], cwd=tmp_path, check=True, timeout=30)
+    text = (tmp_path / "deploy" / "k8s" / "rollout" / "canary" / "candidate.yaml").read_text()
+    assert new_image not in text
