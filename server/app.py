@@ -31,7 +31,7 @@ from server.api.state import StateServicer
 from server.api.tasks import TaskServicer
 from server.api.tls import server_credentials
 from server.backends.memory import InMemoryAgentRegistry, InMemoryStateStore, InMemoryTaskStore
-from server.backends.redis import RedisStores
+from server.backends.redis import RedisStores, parse_durability
 from server.blob import open_blob_store
 from server.bus import open_bus
 from server.domain.limits import DispatchLimits
@@ -51,7 +51,7 @@ from server.services.registry import Registry
 from server.services.scheduler import Scheduler, SchedulerConfig
 from server.services.snapshots import SnapshotService
 from server.services.state import StateService
-from server.settings import Settings
+from server.settings import REDIS_SCHEMES, Settings
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,14 @@ async def open_stores(settings: Settings, stack: AsyncExitStack,
     if settings.store in ("memory://", "memory", ""):
         agents = InMemoryAgentRegistry()  # the task store reads liveness from it to lease
         return InMemoryTaskStore(agents=agents), agents, InMemoryStateStore()
-    if settings.store.startswith(("redis://", "rediss://", "unix://")):
-        stores = await RedisStores.connect(settings.store, prefix=settings.key_prefix)
+    if settings.store.startswith(REDIS_SCHEMES):
+        stores = await RedisStores.connect(
+            settings.store, prefix=settings.key_prefix,
+            durability=parse_durability(settings.durability, settings.durability_timeout))
         stack.push_async_callback(stores.aclose)
         return stores.tasks, stores.agents, stores.state
-    raise ValueError(f"unknown store {settings.store!r}: use memory:// or redis://host:port/db")
+    raise ValueError(f"unknown store {settings.store!r}: use memory://, redis://host:port/db "
+                     "or redis+cluster://host:port,host:port")
 
 
 @asynccontextmanager
@@ -117,7 +120,8 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
     async with AsyncExitStack() as stack:
         tasks, agents, state_store = await open_stores(settings, stack)
         tracing = setup_tracing()  # off (and free) unless OTEL_* env vars ask for it
-        bus = MeteredBus(await open_bus(settings.bus, prefix=settings.key_prefix), metrics,
+        bus = MeteredBus(await open_bus(settings.bus, prefix=settings.key_prefix,
+                                        stream_replicas=settings.stream_replicas), metrics,
                          inject_trace=tracing)
         stack.push_async_callback(bus.aclose)
         stack.push_async_callback(bus.drain)

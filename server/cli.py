@@ -658,8 +658,12 @@ async def cmd_stats(client: MeshClient, args: argparse.Namespace) -> int:
 _SERVE_FLAGS: tuple[tuple[str, str, type[Any], str], ...] = (
     ("--host", "host", str, "address to bind (AGENTMESH_HOST)"),
     ("--port", "port", int, "gRPC port, 0 picks a free one (AGENTMESH_PORT)"),
-    ("--store", "store", str, "memory:// or redis://host:port/db (AGENTMESH_STORE)"),
-    ("--bus", "bus", str, "memory://, nats://host:port or amqp://... (AGENTMESH_BUS)"),
+    ("--store", "store", str, "memory://, redis://host:port/db or "
+     "redis+cluster://host:port,host:port (AGENTMESH_STORE)"),
+    ("--durability", "durability", str, "Redis writes acknowledged after: auto, none or "
+     "replicas:N (AGENTMESH_DURABILITY)"),
+    ("--bus", "bus", str, "memory://, nats://host:port[,host:port] or amqp://...[?queue_type="
+     "quorum] (AGENTMESH_BUS)"),
     ("--blob", "blob", str, "snapshot directory or s3://bucket/prefix (AGENTMESH_BLOB)"),
     ("--s3-endpoint", "s3_endpoint", str, "S3-compatible endpoint URL (AGENTMESH_S3_ENDPOINT)"),
     ("--metrics-port", "metrics_port", int,

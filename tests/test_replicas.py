@@ -27,6 +27,7 @@ from server.ports import Transition
 from server.services.clock import Clock, ManualClock
 from server.services.scheduler import SchedulerObserver
 from tests._services import require_nats, require_redis, unique_prefix
+from tests.clusters import NatsCluster, RedisCluster
 from tests.conftest import embedded_settings
 from tests.test_protocol import RawAgent, js, next_kind, refused_as_stale, until_state
 
@@ -35,10 +36,11 @@ PATIENT = {"heartbeat_misses": 150}
 
 
 @asynccontextmanager
-async def two_replicas(*, clock: Clock | None = None, **overrides: object,
-                       ) -> AsyncIterator[tuple[Mesh, Mesh]]:
-    """Two replicas on one Redis prefix and one NATS subject prefix (keys deleted after)."""
-    redis_url, nats_url = require_redis(), require_nats()
+async def two_replicas(*, clock: Clock | None = None, urls: tuple[str, str] | None = None,
+                       **overrides: object) -> AsyncIterator[tuple[Mesh, Mesh]]:
+    """Two replicas on one Redis prefix and one NATS subject prefix (keys deleted after);
+    ``urls``: (store, bus), by default the shared single Redis and NATS."""
+    redis_url, nats_url = urls or (require_redis(), require_nats())
     prefix = unique_prefix("rep")
     settings = embedded_settings(store=redis_url, bus=nats_url, key_prefix=prefix, **overrides)
     try:
@@ -51,10 +53,23 @@ async def two_replicas(*, clock: Clock | None = None, **overrides: object,
         await stores.aclose()
 
 
-@pytest.fixture
-async def replicas() -> AsyncIterator[tuple[Mesh, Mesh]]:
+BACKENDS = ["single", "clusters"]
+"""The replica suite runs on the shared Redis + NATS and on a Redis Cluster + NATS cluster."""
+
+
+def backend_urls(request: pytest.FixtureRequest, kind: str) -> tuple[str, str] | None:
+    """(store, bus) URLs of a ``BACKENDS`` value (the session's clusters for "clusters")."""
+    if kind == "single":
+        return None
+    redis_cluster: RedisCluster = request.getfixturevalue("shared_redis_cluster")
+    nats_cluster: NatsCluster = request.getfixturevalue("shared_nats_cluster")
+    return redis_cluster.url, nats_cluster.url
+
+
+@pytest.fixture(params=BACKENDS)
+async def replicas(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Mesh, Mesh]]:
     """Two replicas on one Redis prefix and one NATS subject prefix."""
-    async with two_replicas(**PATIENT) as pair:
+    async with two_replicas(urls=backend_urls(request, request.param), **PATIENT) as pair:
         yield pair
 
 
@@ -338,7 +353,9 @@ class Contention:
         self.met[point] += 1
 
 
-async def test_lease_expiry_and_retry_timer_are_handled_once_with_two_replicas() -> None:
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_lease_expiry_and_retry_timer_are_handled_once_with_two_replicas(
+        request: pytest.FixtureRequest, kind: str) -> None:
     """Two replicas, both reaping every 20 ms, on one clock that the test moves.
 
     The holder (on A) takes attempt 1 of a task with a 1 s execution timeout and
@@ -356,7 +373,7 @@ async def test_lease_expiry_and_retry_timer_are_handled_once_with_two_replicas()
     RETRYING, one RETRYING -> QUEUED, two leases, three refusals.
     """
     clock = ManualClock(time.time())
-    async with two_replicas(clock=clock, **PATIENT) as (a, b), \
+    async with two_replicas(clock=clock, urls=backend_urls(request, kind), **PATIENT) as (a, b), \
             grpc.aio.insecure_channel(a.address) as ca, \
             grpc.aio.insecure_channel(b.address) as cb:
         spies = [spy_on(a), spy_on(b)]
@@ -427,7 +444,9 @@ async def test_lease_expiry_and_retry_timer_are_handled_once_with_two_replicas()
         close(holder, finisher)
 
 
-async def test_reconcile_does_not_hand_over_a_lease_reported_during_its_pass() -> None:
+@pytest.mark.parametrize("kind", BACKENDS)
+async def test_reconcile_does_not_hand_over_a_lease_reported_during_its_pass(
+        request: pytest.FixtureRequest, kind: str) -> None:
     """A result that lands while a replica's reconcile pass runs is not re-delivered.
 
     ``Scheduler.reconcile`` reads a local agent's leases from the store, then
@@ -439,7 +458,7 @@ async def test_reconcile_does_not_hand_over_a_lease_reported_during_its_pass() -
     run the task twice, and its second result would be accepted as well).
     """
     clock = ManualClock(time.time())
-    async with two_replicas(clock=clock, **PATIENT) as (a, b), \
+    async with two_replicas(clock=clock, urls=backend_urls(request, kind), **PATIENT) as (a, b), \
             grpc.aio.insecure_channel(a.address) as ca, \
             grpc.aio.insecure_channel(b.address) as cb:
         spies = [spy_on(a), spy_on(b)]

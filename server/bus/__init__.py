@@ -14,14 +14,17 @@ from server.ports import Bus
 __all__ = ["InProcessBus", "open_bus"]
 
 
-async def open_bus(url: str, *, prefix: str = "agentmesh") -> Bus:
+async def open_bus(url: str, *, prefix: str = "agentmesh", stream_replicas: int = 0) -> Bus:
     """Open the bus named by ``url``.
 
     ``""`` or ``memory://`` -> ``InProcessBus``; ``nats://host:port`` (a
     comma-separated list for a cluster) -> ``NatsBus``; ``amqp://`` or
     ``amqps://`` -> ``RabbitMqBus``. ``prefix`` isolates meshes on a shared
     broker (NATS subject prefix, RabbitMQ exchange prefix); the in-process bus
-    ignores it. ValueError for any other scheme.
+    ignores it. ``stream_replicas``: NATS JetStream replicas of the durable
+    stream (0: automatic, see ``NatsBus``). ``amqp://...?queue_type=quorum``:
+    RabbitMQ durable subscriptions on quorum queues (``RabbitMqBus``).
+    ValueError for any other scheme.
     """
     scheme = urlsplit(url).scheme.lower() if url else "memory"
     if scheme == "memory":
@@ -30,7 +33,8 @@ async def open_bus(url: str, *, prefix: str = "agentmesh") -> Bus:
         from server.bus.nats import NatsBus  # noqa: PLC0415 - optional dependency
 
         servers = [part.strip() for part in url.split(",") if part.strip()]
-        return await NatsBus.connect(servers, subject_prefix=prefix)
+        return await NatsBus.connect(servers, subject_prefix=prefix,
+                                     stream_replicas=stream_replicas)
     if scheme in ("amqp", "amqps"):
         from server.bus.rabbitmq import RabbitMqBus  # noqa: PLC0415 - optional dependency
 

@@ -8,7 +8,10 @@ Durable subscriptions use JetStream. The first durable subscription creates
 (if missing) one stream per prefix, named ``stream_name``, capturing
 ``f"{subject_prefix}.>"`` with a short retention (``stream_max_age``,
 ``stream_max_bytes``): once it exists, every message under the prefix is
-stored, so keep durable use to low-volume subjects. Each durable name is a
+stored, so keep durable use to low-volume subjects. On a NATS cluster the
+stream is replicated (``stream_replicas``; by default 3 when the server
+reports a cluster of 3 or more, else 1), so a durable message survives the
+loss of a node; an existing stream keeps the replicas it was created with. Each durable name is a
 JetStream durable pull consumer (explicit ack, starting with the messages
 published after its creation); several subscriptions with the same durable name
 share its messages. Unacknowledged messages come back after ``ack_wait``.
@@ -86,7 +89,7 @@ class NatsBus:
 
     def __init__(self, nc: Client, *, subject_prefix: str = "agentmesh",
                  stream_max_age: float = 3600.0, stream_max_bytes: int = 256 * 1024 * 1024,
-                 ack_wait: float = 30.0) -> None:
+                 ack_wait: float = 30.0, stream_replicas: int = 0) -> None:
         """Wrap a connected nats-py client (``connect`` is the usual way in)."""
         check_subject(subject_prefix)
         self._nc = nc
@@ -98,6 +101,7 @@ class NatsBus:
         self._stream_max_age = stream_max_age
         self._stream_max_bytes = stream_max_bytes
         self._ack_wait = ack_wait
+        self._stream_replicas = stream_replicas or _cluster_replicas(nc)
         self._stream_ready = False
         self._stream_lock = asyncio.Lock()
         self._subs: dict[QueueSubscription, _Sub] = {}
@@ -122,6 +126,7 @@ class NatsBus:
         stream_max_age: float = 3600.0,
         stream_max_bytes: int = 256 * 1024 * 1024,
         ack_wait: float = 30.0,
+        stream_replicas: int = 0,
     ) -> NatsBus:
         """Connect to NATS and return the bus.
 
@@ -131,7 +136,8 @@ class NatsBus:
         ``initial_connect_timeout`` seconds or UnavailableError is raised.
         ``stream_max_age``/``stream_max_bytes`` bound the JetStream stream that
         durables use; ``ack_wait`` is how long an unacknowledged durable message
-        waits before it is delivered again.
+        waits before it is delivered again. ``stream_replicas``: JetStream
+        replicas of that stream (0: 3 on a cluster of 3 or more servers, else 1).
         """
         holder: list[NatsBus] = []
 
@@ -178,7 +184,8 @@ class NatsBus:
             await nc.close()
             raise UnavailableError(f"cannot connect to NATS at {url}") from exc
         bus = cls(nc, subject_prefix=subject_prefix, stream_max_age=stream_max_age,
-                  stream_max_bytes=stream_max_bytes, ack_wait=ack_wait)
+                  stream_max_bytes=stream_max_bytes, ack_wait=ack_wait,
+                  stream_replicas=stream_replicas)
         holder.append(bus)
         return bus
 
@@ -191,6 +198,11 @@ class NatsBus:
     def stream_name(self) -> str:
         """The JetStream stream that holds durable messages of this prefix."""
         return self._stream
+
+    @property
+    def stream_replicas(self) -> int:
+        """JetStream replicas of the stream this bus creates."""
+        return self._stream_replicas
 
     @property
     def is_connected(self) -> bool:
@@ -304,7 +316,7 @@ class NatsBus:
                 config = StreamConfig(
                     name=self._stream, subjects=[self._wire_prefix + ">"],
                     max_age=self._stream_max_age, max_bytes=self._stream_max_bytes,
-                    storage=StorageType.FILE,
+                    storage=StorageType.FILE, num_replicas=self._stream_replicas,
                     description=f"agentmesh durable bus messages under {self._prefix}",
                 )
                 try:
@@ -447,6 +459,15 @@ def _acker(msg: Msg, unacked: dict[int, Msg]) -> Callable[[], Awaitable[None]]:
             del unacked[id(msg)]
 
     return ack
+
+
+def _cluster_replicas(nc: Client) -> int:
+    """3 when the server reports a cluster of 3 or more servers (INFO ``connect_urls``
+    lists every server's client address), else 1."""
+    info: dict[str, Any] = getattr(nc, "_server_info", None) or {}
+    if info.get("cluster") and len(info.get("connect_urls") or []) >= 3:
+        return 3
+    return 1
 
 
 def _log_task_failure(task: asyncio.Task[None]) -> None:

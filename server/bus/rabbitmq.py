@@ -17,6 +17,14 @@ match zero tokens). Headers travel as AMQP headers.
   consumed with manual acks; the channel's prefetch is ``max_pending``, so the
   broker never sends more than the subscription can buffer. Messages are
   published persistent, so a durable queue keeps them across a broker restart.
+  With ``queue_type="quorum"`` (URL ``amqp://...?queue_type=quorum``) durable
+  queues are quorum queues (``x-queue-type: quorum``): replicated by Raft over
+  the RabbitMQ cluster's nodes, so a durable message survives the loss of a
+  minority of them. Plain and group queues stay classic: they are exclusive or
+  auto-delete, which quorum queues are not, and they hold nothing to keep.
+  A queue keeps the type it was declared with: switching an existing
+  deployment means deleting its durable queues (RabbitMQ refuses to redeclare
+  a queue with another type: PRECONDITION_FAILED).
 
 Plain and group subscriptions are consumed without acks; a subscriber that
 falls behind ``max_pending`` loses messages, which are counted in ``dropped``.
@@ -34,6 +42,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aio_pika
 import aio_pika.exceptions
@@ -69,6 +78,21 @@ def binding_key(pattern: str) -> str:
     return pattern
 
 
+QUEUE_TYPES = ("classic", "quorum")
+"""Types of durable queues the bus declares (``x-queue-type``)."""
+
+
+def split_queue_type(url: str) -> tuple[str, str | None]:
+    """The URL without its ``queue_type`` query parameter, and that parameter's value."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    found = [v for k, v in query if k == "queue_type"]
+    if not found:
+        return url, None
+    rest = urlencode([(k, v) for k, v in query if k != "queue_type"])
+    return urlunsplit(parts._replace(query=rest)), found[-1].strip().lower()
+
+
 _QUEUE_NAME_PART = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 
 _Consumer = Callable[[AbstractIncomingMessage], Awaitable[None]]
@@ -100,8 +124,11 @@ class RabbitMqBus:
 
     def __init__(self, connection: AbstractRobustConnection, channel: AbstractChannel,
                  exchange: AbstractExchange, *, prefix: str,
-                 operation_timeout: float = 10.0) -> None:
+                 operation_timeout: float = 10.0, queue_type: str = "classic") -> None:
         """Wrap an open connection (``connect`` is the usual way in)."""
+        if queue_type not in QUEUE_TYPES:
+            raise ValueError(f"queue_type must be one of {QUEUE_TYPES}, got {queue_type!r}")
+        self._queue_type = queue_type
         self._connection = connection
         self._channel = channel
         self._exchange = exchange
@@ -113,13 +140,20 @@ class RabbitMqBus:
     @classmethod
     async def connect(cls, url: str = "amqp://guest:guest@127.0.0.1:5672/", *,
                       prefix: str = "agentmesh", operation_timeout: float = 10.0,
-                      reconnect_interval: float = 5.0) -> RabbitMqBus:
+                      reconnect_interval: float = 5.0,
+                      queue_type: str | None = None) -> RabbitMqBus:
         """Connect, declare the exchange ``f"{prefix}.bus"`` and return the bus.
 
         The connection reconnects every ``reconnect_interval`` seconds after a
         loss; every broker operation times out after ``operation_timeout``.
+        ``queue_type`` (``classic`` or ``quorum``) of durable queues, else the
+        URL's ``queue_type`` parameter (removed before connecting), else classic.
         """
         check_subject(prefix)
+        url, from_url = split_queue_type(url)
+        queue_type = queue_type or from_url or "classic"
+        if queue_type not in QUEUE_TYPES:
+            raise ValueError(f"queue_type must be one of {QUEUE_TYPES}, got {queue_type!r}")
         try:
             connection = await aio_pika.connect_robust(
                 url, timeout=operation_timeout, reconnect_interval=reconnect_interval,
@@ -137,7 +171,7 @@ class RabbitMqBus:
             await connection.close()
             raise
         return cls(connection, channel, exchange, prefix=prefix,
-                   operation_timeout=operation_timeout)
+                   operation_timeout=operation_timeout, queue_type=queue_type)
 
     @property
     def exchange_name(self) -> str:
@@ -150,6 +184,11 @@ class RabbitMqBus:
             raise ValueError(f"invalid queue group {group!r}: use letters, digits and -_.:")
         digest = hashlib.sha256(pattern.encode()).hexdigest()[:16]
         return f"{self._prefix}.group.{group}.{digest}"
+
+    @property
+    def queue_type(self) -> str:
+        """``classic`` or ``quorum``: the type of the durable queues this bus declares."""
+        return self._queue_type
 
     def durable_queue_name(self, durable: str) -> str:
         """The queue that holds the messages of a durable subscription."""
@@ -192,7 +231,8 @@ class RabbitMqBus:
             if durable:
                 await channel.set_qos(prefetch_count=max_pending, timeout=self._timeout)
                 queue = await channel.declare_queue(
-                    self.durable_queue_name(durable), durable=True, timeout=self._timeout)
+                    self.durable_queue_name(durable), durable=True, timeout=self._timeout,
+                    arguments={"x-queue-type": self._queue_type})
             elif queue_group:
                 queue = await channel.declare_queue(
                     self.group_queue_name(queue_group, pattern), auto_delete=True,

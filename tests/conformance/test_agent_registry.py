@@ -10,12 +10,13 @@ from server.backends.memory import InMemoryAgentRegistry
 from server.domain.models import Agent, AgentState, Capability
 from server.ports import AgentFilter, AgentRegistry
 from tests._services import redis_stores
+from tests.conftest import redis_url_of
 
 NS = "ns1"
 T0 = 1_000.0
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def registry(request: pytest.FixtureRequest) -> AsyncIterator[AgentRegistry]:
     """One AgentRegistry per backend; the Redis one under a unique key prefix."""
     if request.param == "memory":
@@ -23,7 +24,7 @@ async def registry(request: pytest.FixtureRequest) -> AsyncIterator[AgentRegistr
         yield mem
         await mem.aclose()
         return
-    async with redis_stores("agents") as stores:
+    async with redis_stores("agents", redis_url_of(request, request.param)) as stores:
         yield stores.agents
 
 

@@ -22,6 +22,7 @@ from server.bus.rabbitmq import RabbitMqBus
 from server.domain.errors import UnavailableError
 from server.ports import Bus, BusMessage, Subscription
 from tests._services import require_amqp, require_nats, unique_prefix
+from tests.clusters import NatsCluster
 
 TIMEOUT = 5.0
 DURABLE = "d1"
@@ -29,17 +30,27 @@ DURABLE = "d1"
 BusFactory = Callable[[], Awaitable[Bus]]
 
 
-@pytest.fixture(params=["memory", "nats", "rabbitmq"])
+@pytest.fixture(params=["memory", "nats", "nats-cluster", "rabbitmq", "rabbitmq-quorum"])
 async def bus_factory(request: pytest.FixtureRequest) -> AsyncIterator[BusFactory]:
-    """Opens buses of one kind sharing one unique prefix; cleans the broker after."""
-    kind: str = request.param
+    """Opens buses of one kind sharing one unique prefix; cleans the broker after.
+
+    ``nats-cluster``: the session's 3-node NATS cluster (stream replicas 3);
+    ``rabbitmq-quorum``: durable subscriptions on quorum queues.
+    """
+    variant: str = request.param
+    kind = variant.split("-", 1)[0]
     prefix = unique_prefix("bus")
     opened: list[Bus] = []
-    url = {"memory": "memory://", "nats": "", "rabbitmq": ""}[kind]
-    if kind == "nats":
+    url = "memory://"
+    if variant == "nats-cluster":
+        cluster: NatsCluster = request.getfixturevalue("shared_nats_cluster")
+        url = cluster.url
+    elif kind == "nats":
         url = require_nats()
     elif kind == "rabbitmq":
         url = require_amqp()
+        if variant == "rabbitmq-quorum":
+            url += ("&" if "?" in url else "?") + "queue_type=quorum"
 
     async def factory() -> Bus:
         bus = await open_bus(url, prefix=prefix)
@@ -51,12 +62,12 @@ async def bus_factory(request: pytest.FixtureRequest) -> AsyncIterator[BusFactor
     for bus in opened:
         await bus.aclose()
     if kind == "nats":
-        nc = await nats.connect(url)
+        nc = await nats.connect(url.split(","))
         with contextlib.suppress(nats.js.errors.NotFoundError):
             await nc.jetstream().delete_stream(stream_name_for(prefix))
         await nc.close()
     elif kind == "rabbitmq":
-        connection = await aio_pika.connect(url)
+        connection = await aio_pika.connect(url.split("?", 1)[0])
         async with connection:
             channel = await connection.channel()
             for bus in opened:

@@ -35,6 +35,7 @@ from server.domain.models import (
 from server.ports import Transition
 from tests._services import redis_stores
 from tests.conformance.conftest import live_agents
+from tests.conftest import redis_url_of
 
 NS = "codec-ns"
 T0 = 1_732_000_000.123456
@@ -133,10 +134,11 @@ def test_retry_policies_are_shared_only_between_equal_documents() -> None:
 # -- the store's shortcuts against a real Redis -----------------------------------------
 
 
-@pytest.fixture
-async def store() -> AsyncIterator[RedisTaskStore]:
-    """A Redis TaskStore under a fresh prefix, with the live agent "ag"."""
-    async with redis_stores("codec") as stores:
+@pytest.fixture(params=["redis", "redis-cluster"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[RedisTaskStore]:
+    """A Redis TaskStore under a fresh prefix (single server or cluster), with the live
+    agent "ag"."""
+    async with redis_stores("codec", redis_url_of(request, request.param)) as stores:
         await live_agents(stores.agents, "ag", namespace=NS)
         yield stores.tasks
 

@@ -20,6 +20,7 @@ from server.backends.redis import codec
 from server.domain.errors import AbortedError
 from server.domain.models import Payload
 from tests._services import redis_stores
+from tests.conftest import redis_url_of
 
 
 async def _put(store: Any, key: str, data: bytes, expected: int | str, wid: str) -> list[Any]:
@@ -29,8 +30,10 @@ async def _put(store: Any, key: str, data: bytes, expected: int | str, wid: str)
         "0.0", "100.0", "", 0, wid))
 
 
-async def test_a_retried_cas_put_recognises_its_own_write() -> None:
-    async with redis_stores("cas-retry") as stores:
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+async def test_a_retried_cas_put_recognises_its_own_write(request: pytest.FixtureRequest,
+                                                          kind: str) -> None:
+    async with redis_stores("cas-retry", redis_url_of(request, kind)) as stores:
         state = stores.state
         first = await _put(state, "k", b"v1", 0, "w-1")
         assert first[0] == "ok"

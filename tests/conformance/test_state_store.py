@@ -24,13 +24,14 @@ from server.domain.errors import (
 from server.domain.models import Payload, StateEventType
 from server.ports import StateStore
 from tests._services import require_redis, unique_prefix
+from tests.conftest import redis_url_of
 
 NS = "ns1"
 T0 = 1_000.0
 LOG_SIZE = 8
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
     """One StateStore per backend; the Redis one under a unique key prefix."""
     if request.param == "memory":
@@ -38,7 +39,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[StateStore]:
         yield mem
         await mem.aclose()
         return
-    url = require_redis()
+    url = redis_url_of(request, request.param) or require_redis()
     stores = await RedisStores.connect(url, prefix=unique_prefix("state"),
                                        state_log_size=LOG_SIZE)
     try:

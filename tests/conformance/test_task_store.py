@@ -38,6 +38,7 @@ from server.domain.models import (
 from server.ports import AgentRegistry, FailVerdict, TaskFilter, TaskStore, Transition
 from tests._services import redis_stores, require_redis, unique_prefix
 from tests.conformance.conftest import live_agents, memory_stores
+from tests.conftest import redis_url_of
 
 NS = "ns1"
 T0 = 1_000.0
@@ -78,7 +79,7 @@ def _changes(value: Any) -> Iterator[TaskChange]:
             yield from _changes(item)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[tuple[TaskStore,
                                                                          AgentRegistry]]:
     """One TaskStore per backend (the Redis one under a unique key prefix) and the
@@ -89,7 +90,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[tuple[TaskSto
         yield TransitionChecked(mem), registry
         await mem.aclose()
         return
-    async with redis_stores("tasks") as stores:
+    async with redis_stores("tasks", redis_url_of(request, request.param)) as stores:
         yield TransitionChecked(stores.tasks), stores.agents
 
 

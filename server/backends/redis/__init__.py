@@ -86,77 +86,79 @@ from __future__ import annotations
 import logging
 from types import TracebackType
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from server.backends.redis._client import FunctionCluster, RedisClient, open_client
+from server.backends.redis._durability import NONE, Durability, parse_durability
 from server.backends.redis._scripts import RedisVersionError, check_version
 from server.backends.redis.agents import RedisAgentRegistry
 from server.backends.redis.state import DEFAULT_LOG_SIZE, RedisStateStore
 from server.backends.redis.tasks import RedisTaskStore
 
-__all__ = ["RedisAgentRegistry", "RedisStateStore", "RedisStores", "RedisTaskStore",
-           "RedisVersionError"]
+__all__ = ["Durability", "RedisAgentRegistry", "RedisStateStore", "RedisStores",
+           "RedisTaskStore", "RedisVersionError", "parse_durability"]
 
 logger = logging.getLogger(__name__)
 
 
 class RedisStores:
-    """The three Redis stores sharing one ``redis.asyncio.Redis`` client.
+    """The three Redis stores sharing one client (``redis.asyncio.Redis`` or, for
+    ``redis+cluster://``, a ``RedisCluster``: see ``_client``).
 
     Use :meth:`connect`; close with :meth:`aclose` or ``async with``.
     """
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "agentmesh", *,
-                 state_log_size: int = DEFAULT_LOG_SIZE) -> None:
+    def __init__(self, client: RedisClient, prefix: str = "agentmesh", *,
+                 state_log_size: int = DEFAULT_LOG_SIZE, durability: Durability = NONE) -> None:
         self.client = client
         """The shared client (``decode_responses=True``)."""
         self.prefix = prefix
-        self.tasks = RedisTaskStore(client, prefix)
-        self.agents = RedisAgentRegistry(client, prefix)
-        self.state = RedisStateStore(client, prefix, log_size=state_log_size)
+        self.durability = durability
+        """Replicas that confirm each mutating call (``_durability``), ``auto`` resolved."""
+        self.tasks = RedisTaskStore(client, prefix, durability=durability)
+        self.agents = RedisAgentRegistry(client, prefix, durability=durability)
+        self.state = RedisStateStore(client, prefix, log_size=state_log_size,
+                                     durability=durability)
         self._closed = False
 
     @classmethod
     async def connect(cls, url: str, *, prefix: str = "agentmesh",
                       state_log_size: int = DEFAULT_LOG_SIZE, retries: int = 8,
-                      socket_timeout: float = 5.0) -> RedisStores:
-        """Connect to ``url`` (``redis://``, ``rediss://``, ``unix://``) and load the functions.
+                      socket_timeout: float = 5.0,
+                      durability: Durability | str = "auto") -> RedisStores:
+        """Connect to ``url`` and load the functions.
 
-        Raises :class:`RedisVersionError` when the server is older than Redis 7.0.
+        ``url``: ``redis://``, ``rediss://``, ``unix://`` (one server) or
+        ``redis+cluster://host:port,host:port`` (a Redis Cluster; ``_client``).
+        Raises :class:`RedisVersionError` when a server is older than Redis 7.0.
         Commands are retried ``retries`` times with jittered exponential backoff
         on connection errors and timeouts, so the stores ride out a Redis
-        restart. A retried call may run twice when the first reply was lost;
-        the fencing checks make that harmless for results and leases.
+        restart (and, on a cluster, a failover). A retried call may run twice
+        when the first reply was lost; the fencing checks make that harmless
+        for results and leases. ``durability``: see ``_durability`` (``auto``
+        is resolved here, from the replicas of the deployment's primary).
         """
         if not prefix or any(c in prefix for c in "{}"):
             raise ValueError("prefix must be non-empty and free of '{' and '}'")
-        client = aioredis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout, health_check_interval=30,
-            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries),
-            retry_on_error=[RedisConnectionError, RedisTimeoutError])
+        wanted = parse_durability(durability) if isinstance(durability, str) else durability
+        client = open_client(url, socket_timeout=socket_timeout, retries=retries)
         try:
             await client.ping()
-            try:
-                info = await client.info("server")
-            except ResponseError:  # INFO disabled: an old server fails FUNCTION LOAD below
-                pass
-            else:
-                check_version(str(info.get("redis_version", "")))
-            stores = cls(client, prefix, state_log_size=state_log_size)
+            await _check_versions(client)
+            resolved = wanted.resolve(await _replicas_of(client, "{" + prefix + "}"))
+            stores = cls(client, prefix, state_log_size=state_log_size, durability=resolved)
             await stores.load_libraries()
         except BaseException:
             await client.aclose()
             raise
-        logger.info("connected to Redis, key prefix %s", prefix)
+        logger.info("connected to Redis%s, key prefix %s, durability %s",
+                    " Cluster" if isinstance(client, RedisCluster) else "", prefix,
+                    resolved.describe())
         return stores
 
     async def load_libraries(self) -> None:
-        """FUNCTION LOAD (REPLACE) the three Lua libraries on the connection's server."""
+        """FUNCTION LOAD (REPLACE) the three Lua libraries (on a cluster: on every primary)."""
         for library in (self.tasks.library, self.agents.library, self.state.library):
             await library.load()
 
@@ -189,6 +191,32 @@ class RedisStores:
                         exc: BaseException | None, tb: TracebackType | None) -> None:
         """Close the client."""
         await self.aclose()
+
+
+async def _check_versions(client: RedisClient) -> None:
+    """RedisVersionError unless every server (every primary of a cluster) runs Redis 7+."""
+    try:
+        if isinstance(client, RedisCluster):
+            replies = await client.info("server", target_nodes=RedisCluster.PRIMARIES)
+            infos = list(replies.values()) if "redis_version" not in replies else [replies]
+        else:
+            infos = [await client.info("server")]
+    except ResponseError:  # INFO disabled: an old server fails FUNCTION LOAD later
+        return
+    for info in infos:
+        check_version(str(info.get("redis_version", "")))
+
+
+async def _replicas_of(client: RedisClient, key: str) -> int:
+    """Replicas connected to the primary that serves ``key`` (``durability=auto``)."""
+    try:
+        if isinstance(client, FunctionCluster):
+            info = await client.info("replication", target_nodes=client.slot_primary(key))
+        else:
+            info = await client.info("replication")
+    except ResponseError:
+        return 0
+    return int(info.get("connected_slaves", 0) or 0)
 
 
 def _glob_escape(text: str) -> str:

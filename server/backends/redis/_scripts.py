@@ -32,8 +32,10 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+
+from server.backends.redis._client import RedisClient
+from server.backends.redis._durability import NONE, Durability, fcall_durable
 
 MIN_REDIS_VERSION = (7, 0)
 """Redis Functions (FUNCTION LOAD / FCALL) appeared in Redis 7.0."""
@@ -89,16 +91,21 @@ def build_library(stem: str, source: str) -> tuple[str, str]:
 
 
 class Library:
-    """One Lua library on one client: ``await lib.call(keys, args)``."""
+    """One Lua library on one client: ``await lib.call(keys, args)``.
 
-    def __init__(self, client: aioredis.Redis, stem: str) -> None:
+    ``durability`` (``_durability``): how many replicas must confirm a ``call``
+    before it returns (``call_ro`` never waits).
+    """
+
+    def __init__(self, client: RedisClient, stem: str, durability: Durability = NONE) -> None:
         self._r = client
+        self.durability = durability
         self.name, self.code = library_code(stem)
         self._loads = 0
         self._lock: asyncio.Lock | None = None
 
     async def load(self) -> None:
-        """FUNCTION LOAD REPLACE the library on the connection's server."""
+        """FUNCTION LOAD REPLACE the library on the server (on a cluster: every primary)."""
         try:
             await self._r.function_load(self.code, replace=True)
         except ResponseError as exc:
@@ -131,6 +138,8 @@ class Library:
         try:
             if ro:
                 return await self._r.fcall_ro(self.name + "_ro", len(keys), *keys, *args)
+            if self.durability.replicas:
+                return await fcall_durable(self._r, self.durability, self.name, keys, args)
             return await self._r.fcall(self.name, len(keys), *keys, *args)
         except ResponseError as exc:
             if str(exc).startswith("unknown command"):

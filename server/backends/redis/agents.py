@@ -6,9 +6,9 @@ import json
 import logging
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from server.backends.redis import codec
+from server.backends.redis._client import RedisClient
+from server.backends.redis._durability import NONE, Durability
 from server.backends.redis._scripts import Library
 from server.domain.models import Agent, AgentState
 from server.ports import AgentFilter
@@ -24,10 +24,11 @@ class RedisAgentRegistry:
     deployment's key prefix.
     """
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "agentmesh") -> None:
+    def __init__(self, client: RedisClient, prefix: str = "agentmesh", *,
+                 durability: Durability = NONE) -> None:
         self._r = client
         self._base = "{" + prefix + "}"
-        self.library = Library(client, "agents")
+        self.library = Library(client, "agents", durability)
         """The ``agents.lua`` library (loaded by :meth:`RedisStores.connect`, or on first use)."""
 
     async def _call(self, *args: str | int | float) -> Any:

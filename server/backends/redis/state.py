@@ -17,10 +17,10 @@ import secrets
 from collections.abc import Mapping
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from server.backends.memory.state import lock_held, stale_token  # same errors, one wording
 from server.backends.redis import codec
+from server.backends.redis._client import RedisClient
+from server.backends.redis._durability import NONE, Durability
 from server.backends.redis._scripts import Library
 from server.domain.errors import (
     AbortedError,
@@ -44,14 +44,14 @@ class RedisStateStore:
     by the next read or write that meets them, which logs their DELETE.
     """
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "agentmesh", *,
-                 log_size: int = DEFAULT_LOG_SIZE) -> None:
+    def __init__(self, client: RedisClient, prefix: str = "agentmesh", *,
+                 log_size: int = DEFAULT_LOG_SIZE, durability: Durability = NONE) -> None:
         if log_size < 1:
             raise ValueError("log_size must be at least 1")
         self._r = client
         self._base = "{" + prefix + "}"
         self._log_size = log_size
-        self.library = Library(client, "state")
+        self.library = Library(client, "state", durability)
         """The ``state.lua`` library (loaded by :meth:`RedisStores.connect`, or on first use)."""
 
     async def _call(self, op: str, namespace: str, *args: str | int | float) -> Any:

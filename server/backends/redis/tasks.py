@@ -18,9 +18,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from server.backends.redis import codec
+from server.backends.redis._client import RedisClient
+from server.backends.redis._durability import NONE, Durability
 from server.backends.redis._scripts import Library
 from server.domain.errors import (
     AgentMeshError,
@@ -82,10 +82,11 @@ class RedisTaskStore:
     deployment's key prefix.
     """
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "agentmesh") -> None:
+    def __init__(self, client: RedisClient, prefix: str = "agentmesh", *,
+                 durability: Durability = NONE) -> None:
         self._r = client
         self._base = "{" + prefix + "}"
-        self.library = Library(client, "tasks")
+        self.library = Library(client, "tasks", durability)
         """The ``tasks.lua`` library (loaded by :meth:`RedisStores.connect`, or on first use)."""
 
     def _key(self, kind: str, name: str) -> str:
