@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 PROTOS := $(wildcard protos/agentmesh/v1/*.proto)
 
-.PHONY: run test lint typecheck protos buf-lint buf-breaking bench loadtest clean install docs actionlint k8s-validate
+.PHONY: run test lint typecheck protos buf-lint buf-breaking bench loadtest clean install docs docs-gen actionlint k8s-validate
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,7 @@ protos: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -Iprotos \
 	  --python_out=gen --grpc_python_out=gen --mypy_out=gen --mypy_grpc_out=gen $(PROTOS)
 	touch gen/agentmesh/__init__.py gen/agentmesh/v1/__init__.py gen/agentmesh/py.typed
+	$(PY) scripts/gen_api_docs.py
 
 buf-lint: $(NODE_STAMP)
 	npx --no-install buf lint
@@ -59,9 +60,15 @@ k8s-validate: $(STAMP)
 test: $(STAMP) $(NODE_STAMP) lint typecheck buf-lint buf-breaking actionlint k8s-validate
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-## Build the docs site into site/ (mkdocs + Material, offline, --strict).
-docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+## Regenerate the reference pages (gRPC API from the protos, CLI from its parser, settings).
+docs-gen: $(STAMP)
+	$(PY) scripts/gen_api_docs.py
+	$(PY) scripts/gen_cli_docs.py
+	$(PY) scripts/gen_settings_docs.py
+
+## Build the docs site into site/ (mkdocs + Material, offline, --strict); open site/index.html.
+docs: docs-gen
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 bench: $(STAMP)
 	$(PY) loadtests/bench.py
