@@ -59,7 +59,8 @@ def skip_or_fail(message: str) -> NoReturn:
 def require_service(name: str, url: str, default_port: int) -> None:
     """Skip (or fail under CI=true) when the service does not answer."""
     if not _reachable(url, default_port):
-        skip_or_fail(f"{name} is not reachable at {url}; start it (see README 'Services')")
+        skip_or_fail(f"{name} is not reachable at {url}; "
+                     "start it (see docs/dependencies.md, 'System')")
 
 
 def require_redis() -> str:

@@ -1,6 +1,6 @@
 """Every `agentmesh` command the docs show parses with the real CLI parser.
 
-Code blocks of docs/*.md and README.md are scanned for command lines that run
+Code blocks of docs/*.md, README.md and examples/README.md are scanned for command lines that run
 ``.venv/bin/agentmesh`` (also after a pipe or an environment assignment); each
 is split like a shell would and handed to ``server.cli.build_parser()``. A
 renamed subcommand or flag in the code then fails here instead of in a
@@ -19,7 +19,8 @@ import pytest
 from server.cli import CLIError, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "examples" / "README.md",
+         *sorted((ROOT / "docs").rglob("*.md"))]
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.S | re.M)
 SHELL_BLOCKS = {"", "sh", "bash", "shell", "console", "text"}
 PROGRAM = ".venv/bin/agentmesh"
