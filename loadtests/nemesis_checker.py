@@ -53,6 +53,7 @@ Invariants (each a function ``check_<name>(h) -> list[str]`` of messages):
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import statistics
@@ -60,7 +61,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 TOL = 0.010
 """Seconds of slack on every cross-process time comparison (see the module doc)."""
@@ -685,18 +686,30 @@ def check_lock_safety(h: History) -> list[str]:
         g = by_token.get((str(op.invoke["lock"]), int(op.invoke["token"])))
         if g is not None:
             g.released = min(g.released, op.t0)
+    # Sweeps, not pairs: a 30-minute campaign grants tens of thousands of leases.
     for lock, gs in sorted(grants.items()):
-        for a in gs:
-            for b in gs:
-                if a is b:
-                    continue
-                if a.t1 < b.t0 and a.token >= b.token:
-                    out.append(f"lock {lock}: token {b.token} ({b.owner}) granted after "
-                               f"token {a.token} ({a.owner}): fencing tokens went down")
-                if b.token > a.token and b.t1 < min(a.expire, a.released) - TOL:
-                    out.append(f"lock {lock}: token {b.token} ({b.owner}) granted by "
-                               f"{b.t1:.3f} while token {a.token} ({a.owner}) was held until "
-                               f"{min(a.expire, a.released):.3f}")
+        for a, b in _real_time_inversions(gs, gs, lambda g: g.token, strict=True):
+            out.append(f"lock {lock}: token {b.token} ({b.owner}) granted after "
+                       f"token {a.token} ({a.owner}): fencing tokens went down")
+        # Overlap: b granted (by b.t1) while a lower token a was still held.
+        held: _Grant | None = None
+        for b in sorted(gs, key=lambda g: g.token):
+            if held is not None and held.token < b.token and (
+                    b.t1 < min(held.expire, held.released) - TOL):
+                out.append(f"lock {lock}: token {b.token} ({b.owner}) granted by "
+                           f"{b.t1:.3f} while token {held.token} ({held.owner}) was held "
+                           f"until {min(held.expire, held.released):.3f}")
+            if held is None or min(b.expire, b.released) > min(held.expire, held.released):
+                held = b
+    # For each lock, grants by token with the earliest grant time among higher tokens.
+    first_above: dict[str, tuple[list[int], list[_Grant]]] = {}
+    for lock, gs in grants.items():
+        ordered = sorted(gs, key=lambda g: g.token)
+        earliest: list[_Grant] = [ordered[-1]] * len(ordered)
+        for i in range(len(ordered) - 2, -1, -1):
+            nxt = earliest[i + 1]
+            earliest[i] = ordered[i] if ordered[i].t1 < nxt.t1 else nxt
+        first_above[lock] = ([g.token for g in ordered], earliest)
     versions: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for op in h.ops_of("lock_put"):
         lock, token = str(op.invoke["lock"]), int(op.invoke["token"])
@@ -704,11 +717,13 @@ def check_lock_safety(h: History) -> list[str]:
             continue
         versions[str(op.invoke["key"])].append((int(op.done["version"]), token))
         mine = by_token.get((lock, token))
-        newer = [g for g in grants[lock] if g.token > token and g.t1 < op.t0 - TOL]
-        if newer:
+        tokens, earliest = first_above.get(lock, ([], []))
+        i = bisect.bisect_right(tokens, token)
+        if i < len(tokens) and earliest[i].t1 < op.t0 - TOL:
+            newer = earliest[i]
             out.append(f"lock {lock}: fenced write under token {token} invoked at "
-                       f"{op.t0:.3f} accepted after token {newer[0].token} was granted "
-                       f"({newer[0].t1:.3f})")
+                       f"{op.t0:.3f} accepted after token {newer.token} was granted "
+                       f"({newer.t1:.3f})")
         if mine is not None and op.t0 > mine.expire + TOL:
             out.append(f"lock {lock}: fenced write under token {token} invoked "
                        f"{op.t0 - mine.expire:.3f}s after its lease ended, yet accepted")
@@ -721,15 +736,25 @@ def check_lock_safety(h: History) -> list[str]:
     return out
 
 
-def _real_time_inversions(before: list[Op], after: list[Op], pos: Callable[[Op], int], *,
-                          strict: bool) -> list[tuple[Op, Op]]:
+class _Timed(Protocol):
+    @property
+    def t0(self) -> float: ...
+    @property
+    def t1(self) -> float: ...
+
+
+_T = TypeVar("_T", bound=_Timed)
+
+
+def _real_time_inversions(before: list[_T], after: list[_T], pos: Callable[[_T], int], *,
+                          strict: bool) -> list[tuple[_T, _T]]:
     """Pairs (a, b), a in ``before`` ended before b in ``after`` began, whose
     positions are out of order (``pos(a) >= pos(b)`` when ``strict``, else
     ``pos(a) > pos(b)``); for each b only the a of highest position. A sweep
     over both lists sorted by time: O(n log n)."""
     ended = sorted(before, key=lambda o: o.t1)
     out = []
-    best: Op | None = None
+    best: _T | None = None
     i = 0
     for b in sorted(after, key=lambda o: o.t0):
         while i < len(ended) and ended[i].t1 < b.t0:
