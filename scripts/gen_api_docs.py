@@ -171,7 +171,7 @@ def render(fds: descriptor_pb2.FileDescriptorSet) -> str:
                            f"| {_roles(roles, full, method.name)} |")
             out.append("")
             for mi, method in enumerate(service.method):
-                out += [f"#### {service.name}.{method.name} {{ #{_anchor(full)}.{method.name} }}",
+                out += [f"#### {method.name} {{ #{_anchor(full)}.{method.name} }}",
                         "",
                         f"`rpc {method.name}({'stream ' if method.client_streaming else ''}"
                         f"{method.input_type.removeprefix(f'.{PACKAGE}.')}) returns "
