@@ -32,6 +32,7 @@ from agent_sdk._tracing import client_interceptors as _tracing_interceptors
 from agent_sdk._types import (
     AgentEvent,
     AgentInfo,
+    BulkResult,
     BusMessage,
     DurableMessage,
     MeshStats,
@@ -486,19 +487,72 @@ class MeshClient:
         return task_from_proto(response.task)
 
     async def list_tasks(self, *, state: str | None = None, capability: str = "",
-                         workflow: str = "", limit: int = 100) -> list[TaskInfo]:
-        """Up to ``limit`` tasks, newest first, filtered by state name, capability, workflow."""
-        state_value = task_state_value(state) if state else 0
-        wf = _name(workflow, "workflows") if workflow else ""
+                         workflow: str = "", limit: int = 100,
+                         labels: Mapping[str, str] | None = None,
+                         created_after: float = 0.0,
+                         created_before: float = 0.0) -> list[TaskInfo]:
+        """Up to ``limit`` tasks, newest first, filtered by state name, capability,
+        workflow, labels (all must match) and creation time (Unix seconds,
+        ``after <= create_time < before``; 0 means unbounded)."""
+        base = self._task_selector(state, capability, workflow, labels=labels,
+                                   created_after=created_after, created_before=created_before)
 
         async def fetch(size: int, token: str) -> task_pb2.ListTasksResponse:
             request = task_pb2.ListTasksRequest(
-                state=state_value,  # type: ignore[arg-type]
-                page_size=size, page_token=token, capability=capability, workflow=wf,
-                namespace=self._namespace)
+                state=base.state, page_size=size, page_token=token,
+                capability=base.capability, workflow=base.workflow, namespace=base.namespace,
+                labels=dict(base.labels))
+            if base.HasField("create_after"):
+                request.create_after.CopyFrom(base.create_after)
+            if base.HasField("create_before"):
+                request.create_before.CopyFrom(base.create_before)
             return await self._unary(lambda c: c.tasks.ListTasks, request, safe=True)
 
         return await self._pages(fetch, "tasks", limit, task_from_proto)
+
+    def _task_selector(self, state: str | None, capability: str, workflow: str, *,
+                       labels: Mapping[str, str] | None, created_after: float,
+                       created_before: float) -> task_pb2.TaskSelector:
+        sel = task_pb2.TaskSelector(
+            namespace=self._namespace,
+            state=task_state_value(state) if state else 0,  # type: ignore[arg-type]
+            capability=capability, workflow=_name(workflow, "workflows") if workflow else "",
+            labels=dict(labels or {}))
+        if created_after:
+            sel.create_after.FromNanoseconds(round(created_after * 1e9))
+        if created_before:
+            sel.create_before.FromNanoseconds(round(created_before * 1e9))
+        return sel
+
+    async def bulk_retry_tasks(self, *, state: str | None = None, capability: str = "",
+                               workflow: str = "", labels: Mapping[str, str] | None = None,
+                               created_after: float = 0.0, created_before: float = 0.0,
+                               max_tasks: int = 0, dry_run: bool = False) -> BulkResult:
+        """Re-drive every matching task (DEAD_LETTERED unless ``state`` says FAILED or
+        CANCELLED), at most ``max_tasks`` (0: the server's default of 1000). Admin only."""
+        request = task_pb2.BulkRetryTasksRequest(
+            selector=self._task_selector(state, capability, workflow, labels=labels,
+                                         created_after=created_after,
+                                         created_before=created_before),
+            max_tasks=max_tasks, dry_run=dry_run)
+        response = await self._unary(lambda c: c.tasks.BulkRetryTasks, request,
+                                     safe=dry_run)
+        return BulkResult(list(response.names), response.truncated)
+
+    async def bulk_cancel_tasks(self, *, state: str | None = None, capability: str = "",
+                                workflow: str = "", labels: Mapping[str, str] | None = None,
+                                created_after: float = 0.0, created_before: float = 0.0,
+                                max_tasks: int = 0, dry_run: bool = False,
+                                reason: str = "") -> BulkResult:
+        """Cancel every matching task that has not ended, at most ``max_tasks``. Admin only."""
+        request = task_pb2.BulkCancelTasksRequest(
+            selector=self._task_selector(state, capability, workflow, labels=labels,
+                                         created_after=created_after,
+                                         created_before=created_before),
+            max_tasks=max_tasks, dry_run=dry_run, reason=reason)
+        response = await self._unary(lambda c: c.tasks.BulkCancelTasks, request,
+                                     safe=dry_run)
+        return BulkResult(list(response.names), response.truncated)
 
     async def cancel_task(self, task: str, reason: str = "") -> TaskInfo:
         """Cancel a task that has not ended; a running attempt is told to stop."""
@@ -685,6 +739,16 @@ class MeshClient:
         """The agent "agents/x" (or "x")."""
         request = discovery_pb2.GetAgentRequest(name=_name(name, "agents"))
         response = await self._unary(lambda c: c.discovery.GetAgent, request, safe=True)
+        return agent_from_proto(response.agent)
+
+    async def drain_agent(self, name: str, reason: str = "",
+                          grace_period: float = 0.0) -> AgentInfo:
+        """Drain the agent "agents/x" (or "x"): no new work, told to finish and leave.
+        ``grace_period`` 0 means the server's drain grace. Admin only."""
+        request = discovery_pb2.DrainAgentRequest(name=_name(name, "agents"), reason=reason)
+        if grace_period:
+            request.grace_period.FromNanoseconds(round(grace_period * 1e9))
+        response = await self._unary(lambda c: c.discovery.DrainAgent, request, safe=True)
         return agent_from_proto(response.agent)
 
     def watch_agents(self, *, capability: str = "",

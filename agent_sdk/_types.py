@@ -358,6 +358,16 @@ class MeshStats:
     agents_live: int
 
 
+@dataclass(frozen=True, slots=True)
+class BulkResult:
+    """What a bulk re-drive or cancel acted on (or would, for a dry run)."""
+
+    #: "tasks/{task}" of each, newest first.
+    names: list[str]
+    #: More tasks matched than max_tasks allowed; run it again for the rest.
+    truncated: bool
+
+
 def stats_from_proto(s: task_pb2.GetStatsResponse) -> MeshStats:
     """Convert a GetStatsResponse."""
     return MeshStats(dict(s.tasks_by_state), s.tasks_ended, s.tasks_succeeded_autonomously,

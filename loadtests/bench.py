@@ -103,7 +103,7 @@ def start_servers(args: argparse.Namespace) -> tuple[list[subprocess.Popen[bytes
             env["AGENTMESH_AUTH_FILE"] = args.auth_file
         metrics_port = str(free_port()) if args.observability else "0"
         cmd = [PY, "-m", "server.cli", "serve", "--port", str(port), "--metrics-port", metrics_port,
-               "--store", args.store, "--bus", args.bus]
+               "--console-port", "0", "--store", args.store, "--bus", args.bus]
         procs.append(subprocess.Popen(cmd, cwd=args.code, env=env))
         targets.append(f"127.0.0.1:{port}")
     return procs, targets

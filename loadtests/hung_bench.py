@@ -116,7 +116,8 @@ class ServeProc:
                "AGENTMESH_TICK": f"{args.interval / 10:g}",
                "AGENTMESH_DRAIN_GRACE": "0.2", "AGENTMESH_KEY_PREFIX": self.prefix}
         cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port),
-               "--metrics-port", "0", "--store", args.store, "--bus", args.bus,
+               "--metrics-port", "0", "--console-port", "0",
+               "--store", args.store, "--bus", args.bus,
                "--heartbeat-interval", f"{args.interval:g}", "--log-level", "WARNING"]
         self._out = open(log, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._out,

@@ -29,7 +29,7 @@ from server.settings import Settings
 
 
 def _settings(store: str, prefix: str) -> Settings:
-    return Settings(port=0, metrics_port=0, store=store, key_prefix=prefix,
+    return Settings(port=0, metrics_port=0, console_port=0, store=store, key_prefix=prefix,
                     blob="/tmp/agentmesh-bench-snapshots")
 
 

@@ -34,6 +34,7 @@ from server.backends.memory import InMemoryAgentRegistry, InMemoryStateStore, In
 from server.backends.redis import RedisStores, parse_durability
 from server.blob import open_blob_store
 from server.bus import open_bus
+from server.console import ConsoleServer, ConsoleServices
 from server.domain.limits import DispatchLimits
 from server.domain.models import AgentState
 from server.netutil import add_grpc_port, ensure_free
@@ -45,6 +46,7 @@ from server.observability.sampler import GaugeSampler
 from server.observability.tracing import TracingObserver, server_interceptors, setup_tracing
 from server.ports import AgentRegistry, SnapshotSource, StateStore, TaskStore
 from server.services.breakers import BreakerConfig
+from server.services.bulk import BulkActions
 from server.services.clock import Clock, SystemClock
 from server.services.messaging import Messaging
 from server.services.registry import Registry
@@ -78,6 +80,8 @@ class Mesh:
     server: grpc.aio.Server
     health: health.aio.HealthServicer
     stopping: asyncio.Event
+    console: ConsoleServer | None = None
+    """The web console, when it is on (``Settings.console_port_effective``)."""
 
     async def drain(self, grace: float | None = None) -> None:
         """Graceful drain: NOT_SERVING, agents told to drain, wait for in-flight results."""
@@ -148,7 +152,8 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
                                 fail_max=settings.breaker_fail_max,
                                 reset_timeout=settings.breaker_reset_timeout),
                             heartbeat_interval=settings.heartbeat_interval,
-                            heartbeat_misses=settings.heartbeat_misses),
+                            heartbeat_misses=settings.heartbeat_misses,
+                            drain_grace=settings.drain_grace),
             observer=CompositeObserver([metrics_observer, TracingObserver()]) if tracing
             else metrics_observer,
             release_locks=state.release_agent_locks)
@@ -159,6 +164,7 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
         stack.push_async_callback(blob.aclose)
         snapshots = SnapshotService(state_store, tasks, blob, bus, clock)
         messaging = Messaging(bus, max_pending=settings.max_watch_pending)
+        bulk = BulkActions(scheduler)
         limits = Limits(max_payload_bytes=settings.max_payload_bytes,
                         max_message_bytes=settings.max_message_bytes,
                         max_watch_pending=settings.max_watch_pending)
@@ -205,9 +211,10 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
         ])
         server.add_generic_rpc_handlers((
             generic_handler(discovery_pb2.DESCRIPTOR.services_by_name["DiscoveryService"],
-                            DiscoveryServicer(registry, limits)),
+                            DiscoveryServicer(registry, limits,
+                                              drain_grace=settings.drain_grace)),
             generic_handler(task_pb2.DESCRIPTOR.services_by_name["TaskService"],
-                            TaskServicer(scheduler, registry, limits)),
+                            TaskServicer(scheduler, registry, limits, bulk=bulk)),
             generic_handler(state_pb2.DESCRIPTOR.services_by_name["StateService"],
                             StateServicer(state, limits, snapshots)),
             generic_handler(bus_pb2.DESCRIPTOR.services_by_name["BusService"],
@@ -222,6 +229,9 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
         # metrics port goes first: a gRPC port bound but never started stays
         # taken after stop() until the process ends.
         ensure_free(settings.host, settings.port, "gRPC")
+        console_port = settings.console_port_effective
+        if console_port is not None:
+            ensure_free(settings.console_host, console_port, "console")
         metrics_server = None
         if settings.metrics_port:
             metrics_server = metrics.start_http_server(settings.metrics_port,
@@ -237,11 +247,32 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
         await server.start()
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        console = None
+        if console_port is not None:
+            # Same process, same service objects: the console reads and acts
+            # through them, never through a store of its own.
+            console = ConsoleServer(
+                ConsoleServices(scheduler, registry, state, bulk, clock,
+                                drain_grace=settings.drain_grace),
+                bus, tokens=tokens, host=settings.console_host, port=console_port,
+                tls_cert=settings.tls_cert, tls_key=settings.tls_key)
+            try:
+                await console.start()
+            except OSError:
+                await server.stop(grace=0)
+                if metrics_server is not None:
+                    metrics_server.close()
+                raise
+            if settings.console_host not in ("127.0.0.1", "::1", "localhost") and \
+                    tokens is None:
+                log.warning("SECURITY: the console listens on %s without authentication: "
+                            "anyone who reaches it can re-drive, cancel and drain; use "
+                            "--auth-file", settings.console_host)
 
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
         mesh = Mesh(settings, f"{host}:{port}", port, scheduler, registry, state, snapshots,
                     metrics,
-                    server, health_servicer, asyncio.Event())
+                    server, health_servicer, asyncio.Event(), console)
         log.info("agentmesh serving on %s:%d (store=%s bus=%s)", settings.host, port,
                  settings.store, settings.bus)
         if settings.bus == "memory://" and settings.store != "memory://":
@@ -255,6 +286,8 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
                 if not mesh.stopping.is_set():
                     await mesh.drain(0.0)
             await server.stop(grace=1.0)
+            if console is not None:
+                await console.stop()
             if metrics_server is not None:
                 metrics_server.close()
             log.info("agentmesh stopped")

@@ -6,8 +6,8 @@ environment variables). Every other command is a thin client over
 
     agentmesh [--server HOST:PORT] [--namespace NS] [--json] [--timeout S] COMMAND ...
 
-    agents list|get|watch
-    tasks submit|get|list|cancel|retry|watch|dead-letters
+    agents list|get|watch|drain
+    tasks submit|get|list|cancel|retry|watch|dead-letters|retry-all|cancel-all
     workflow run|get
     state get|put|list|delete
     stats
@@ -18,7 +18,7 @@ line, ``agentmesh: error: ...``, on stderr, never a traceback. Exit status:
     0    success
     1    failure (a refused call, an unreachable server, a task that failed...)
     2    bad usage or input (flags, settings, files)
-    3    ``serve``: a port it must listen on (gRPC or metrics) is already in use
+    3    ``serve``: a port it must listen on (gRPC, metrics or console) is already in use
     130  interrupted (Ctrl-C)
 """
 
@@ -33,7 +33,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
@@ -65,7 +65,7 @@ EXIT_USAGE = 2
 EXIT_PORT_IN_USE = 3
 EXIT_INTERRUPTED = 130
 EXIT_STATUS_HELP = ("exit status: 0 success, 1 failure, 2 bad usage or input, 3 serve: a port "
-                    "(gRPC or metrics) is already in use, 130 interrupted")
+                    "(gRPC, metrics or console) is already in use, 130 interrupted")
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 PROG = "agentmesh"
@@ -197,6 +197,46 @@ def parse_value(text: str) -> Any:
         return text
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(text: str, option: str) -> float:
+    """Unix seconds of ``--since``/``--until``: ISO 8601 (naive means UTC) or an age
+    such as ``90s``, ``15m``, ``2h``, ``1d`` (that long ago)."""
+    value = text.strip()
+    unit = _DURATION_UNITS.get(value[-1:].lower())
+    if unit is not None and value[:-1].replace(".", "", 1).isdigit():
+        return datetime.now().timestamp() - float(value[:-1]) * unit
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise CLIError(f"invalid time for {option}: {text!r} (ISO 8601 like "
+                       "2026-01-31T03:00, or an age like 15m, 2h, 1d)", EXIT_USAGE) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def parse_labels(values: Sequence[str] | None, option: str = "--label") -> dict[str, str]:
+    """``KEY=VALUE`` arguments as a dict (a usage error names the bad one)."""
+    out: dict[str, str] = {}
+    for item in values or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"invalid {option} {item!r}: expected KEY=VALUE", EXIT_USAGE)
+        out[key] = value
+    return out
+
+
+def task_filter_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The filter flags of ``tasks list``/``retry-all``/``cancel-all`` as SDK arguments."""
+    return {"state": args.state.upper() if args.state else None,
+            "capability": args.capability or "", "workflow": args.workflow or "",
+            "labels": parse_labels(args.label),
+            "created_after": parse_time(args.since, "--since") if args.since else 0.0,
+            "created_before": parse_time(args.until, "--until") if args.until else 0.0}
+
+
 def _labels(value: Mapping[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(value.items()))
 
@@ -262,6 +302,18 @@ async def cmd_agents_get(client: MeshClient, args: argparse.Namespace) -> int:
                   ("labels", _labels(agent.labels)),
                   ("registered", fmt_time(agent.register_time)),
                   ("heartbeat", fmt_time(agent.heartbeat_time))])
+    return EXIT_OK
+
+
+async def cmd_agents_drain(client: MeshClient, args: argparse.Namespace) -> int:
+    """``agents drain NAME``: the agent takes no new work and is told to finish and leave."""
+    found = await find_agent(client, args.name)
+    agent = await client.drain_agent(found.name, reason=args.reason or "",
+                                     grace_period=args.grace or 0.0)
+    if args.json:
+        print_json(agent)
+    else:
+        print(f"agent {_agent_name(agent)} {agent.state}")
     return EXIT_OK
 
 
@@ -364,10 +416,8 @@ async def cmd_tasks_get(client: MeshClient, args: argparse.Namespace) -> int:
 
 
 async def cmd_tasks_list(client: MeshClient, args: argparse.Namespace) -> int:
-    """``tasks list``: tasks filtered by state, capability and workflow."""
-    tasks = await client.list_tasks(state=args.state.upper() if args.state else None,
-                                    capability=args.capability or "",
-                                    workflow=args.workflow or "", limit=args.limit)
+    """``tasks list``: tasks filtered by state, capability, workflow, labels and time."""
+    tasks = await client.list_tasks(limit=args.limit, **task_filter_args(args))
     await _show_tasks(client, tasks, args)
     return EXIT_OK
 
@@ -400,6 +450,44 @@ async def cmd_tasks_retry(client: MeshClient, args: argparse.Namespace) -> int:
     else:
         print(f"task {task.id} {task.state} (attempt {task.attempt})")
     return EXIT_OK
+
+
+async def _bulk(client: MeshClient, args: argparse.Namespace, verb: str) -> int:
+    """``tasks retry-all`` / ``cancel-all``: preview, confirm, act, report."""
+    flt = task_filter_args(args)
+    extra: dict[str, Any] = {"reason": args.reason or ""} if verb == "cancel" else {}
+    act = client.bulk_retry_tasks if verb == "retry" else client.bulk_cancel_tasks
+    if not (args.dry_run or args.yes):
+        if not sys.stdin.isatty():
+            raise CLIError(f"{verb}-all acts on every matching task: pass --yes to confirm "
+                           "(or --dry-run to list them)", EXIT_USAGE)
+        preview = await act(max_tasks=args.max, dry_run=True, **flt, **extra)
+        more = " (and more: the limit --max cut the list)" if preview.truncated else ""
+        answer = await asyncio.to_thread(input, f"{verb} {len(preview.names)} task(s){more}? "
+                                         "[y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            raise CLIError("not confirmed; nothing changed", EXIT_FAILURE)
+    result = await act(max_tasks=args.max, dry_run=args.dry_run, **flt, **extra)
+    if args.json:
+        print_json(result)
+        return EXIT_OK
+    done = "would be " if args.dry_run else ""
+    past = "re-driven" if verb == "retry" else "cancelled"
+    for name in result.names:
+        print(short_name(name))
+    tail = "; more matched (run it again)" if result.truncated else ""
+    print(f"{len(result.names)} task(s) {done}{past}{tail}", file=sys.stderr)
+    return EXIT_OK
+
+
+async def cmd_tasks_retry_all(client: MeshClient, args: argparse.Namespace) -> int:
+    """``tasks retry-all``: re-drive every dead letter (or failed/cancelled task) matching."""
+    return await _bulk(client, args, "retry")
+
+
+async def cmd_tasks_cancel_all(client: MeshClient, args: argparse.Namespace) -> int:
+    """``tasks cancel-all``: cancel every matching task that has not ended."""
+    return await _bulk(client, args, "cancel")
 
 
 async def cmd_tasks_watch(client: MeshClient, args: argparse.Namespace) -> int:
@@ -666,6 +754,11 @@ _SERVE_FLAGS: tuple[tuple[str, str, type[Any], str], ...] = (
      "quorum] (AGENTMESH_BUS)"),
     ("--blob", "blob", str, "snapshot directory or s3://bucket/prefix (AGENTMESH_BLOB)"),
     ("--s3-endpoint", "s3_endpoint", str, "S3-compatible endpoint URL (AGENTMESH_S3_ENDPOINT)"),
+    ("--console-port", "console_port", int,
+     "web console port, 0 turns it off; default 8470 with the memory store, off with a "
+     "shared store (AGENTMESH_CONSOLE_PORT)"),
+    ("--console-host", "console_host", str,
+     "address of the web console (AGENTMESH_CONSOLE_HOST)"),
     ("--metrics-port", "metrics_port", int,
      "Prometheus /metrics port, 0 disables it (AGENTMESH_METRICS_PORT)"),
     ("--metrics-host", "metrics_host", str,
@@ -836,6 +929,12 @@ def _add_agents(commands: _Commands) -> None:
     p = sub.add_parser("watch", help="stream agent joins, updates and departures")
     p.add_argument("--capability", help="only agents offering this capability")
     p.set_defaults(handler=cmd_agents_watch)
+    p = sub.add_parser("drain", help="drain one agent: no new work, finish and leave (admin)")
+    p.add_argument("name")
+    p.add_argument("--reason")
+    p.add_argument("--grace", type=float, help="seconds the agent may take (default: the "
+                   "server's drain grace)")
+    p.set_defaults(handler=cmd_agents_drain)
 
 
 _TASK_STATES = ["pending", "queued", "running", "succeeded", "failed", "cancelled",
@@ -855,10 +954,7 @@ def _add_tasks(commands: _Commands) -> None:
     p.add_argument("id")
     p.set_defaults(handler=cmd_tasks_get)
     p = sub.add_parser("list", help="list tasks")
-    p.add_argument("--state", choices=_TASK_STATES,
-                   type=lambda s: s.lower().replace("-", "_"))
-    p.add_argument("--capability")
-    p.add_argument("--workflow")
+    _filter_flags(p)
     p.add_argument("--limit", type=int, default=100)
     p.set_defaults(handler=cmd_tasks_list)
     p = sub.add_parser("cancel", help="cancel a task")
@@ -875,6 +971,31 @@ def _add_tasks(commands: _Commands) -> None:
     p = sub.add_parser("dead-letters", help="list dead-lettered tasks")
     p.add_argument("--limit", type=int, default=100)
     p.set_defaults(handler=cmd_tasks_dead_letters)
+    for verb, handler, text in (
+            ("retry-all", cmd_tasks_retry_all,
+             "re-drive every matching task (default state: dead_lettered; admin)"),
+            ("cancel-all", cmd_tasks_cancel_all,
+             "cancel every matching task that has not ended (admin)")):
+        p = sub.add_parser(verb, help=text)
+        _filter_flags(p)
+        p.add_argument("--max", type=int, default=0,
+                       help="most tasks to act on (default 1000, at most 10000)")
+        p.add_argument("--dry-run", action="store_true", help="only list what would change")
+        p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        if verb == "cancel-all":
+            p.add_argument("--reason")
+        p.set_defaults(handler=handler)
+
+
+def _filter_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", choices=_TASK_STATES,
+                   type=lambda s: s.lower().replace("-", "_"))
+    p.add_argument("--capability")
+    p.add_argument("--workflow")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE",
+                   help="only tasks with this label (repeat: all must match)")
+    p.add_argument("--since", help="created at or after: ISO 8601 (UTC) or an age (15m, 2h)")
+    p.add_argument("--until", help="created before: ISO 8601 (UTC) or an age (15m, 2h)")
 
 
 def _add_workflow(commands: _Commands) -> None:

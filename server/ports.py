@@ -61,12 +61,36 @@ class Transition:
 
 @dataclass(frozen=True, slots=True)
 class TaskFilter:
-    """Filter of ``TaskStore.list_tasks``; None/empty means any."""
+    """Filter of ``TaskStore.list_tasks``; None/empty/0 means any.
+
+    ``labels``: every pair must be among the task's labels. ``created_after``
+    and ``created_before`` bound ``create_time`` (``after <= t < before``).
+    """
 
     namespace: str
     state: TaskState | None = None
     capability: str = ""
     workflow_id: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    created_after: float = 0.0
+    created_before: float = 0.0
+
+    def matches(self, task: Task) -> bool:
+        """Whether ``task`` passes the filter (the one definition every store keeps to)."""
+        if task.namespace != self.namespace:
+            return False
+        if self.state is not None and task.state is not self.state:
+            return False
+        if self.capability and task.capability != self.capability:
+            return False
+        if self.workflow_id and task.workflow_id != self.workflow_id:
+            return False
+        if self.created_after and task.create_time < self.created_after:
+            return False
+        if self.created_before and task.create_time >= self.created_before:
+            return False
+        labels = task.labels
+        return all(labels.get(k) == v for k, v in self.labels.items())
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +192,11 @@ class TaskStore(Protocol):
         ...
 
     async def list_tasks(self, flt: TaskFilter, *, before_seq: int, limit: int) -> list[Task]:
-        """Tasks matching ``flt`` with ``seq < before_seq`` (0: no bound), newest first."""
+        """Tasks matching ``flt`` with ``seq < before_seq`` (0: no bound), newest first.
+
+        Matching is ``TaskFilter.matches``. The cost is the page plus the tasks
+        skipped to fill it (newest first), never a sort of the namespace.
+        """
         ...
 
     async def get_workflow(self, workflow_id: str) -> Workflow | None:
@@ -508,6 +536,11 @@ class StateStore(Protocol):
 
     async def revision(self, namespace: str) -> int:
         """The namespace's current revision (0 before any write)."""
+        ...
+
+    async def list_locks(self, namespace: str, *, now: float, limit: int) -> list[LockGrant]:
+        """Locks of the namespace held at ``now`` (unexpired grants), ordered by name,
+        at most ``limit``. One read (a consistent cut of the namespace's locks)."""
         ...
 
     async def aclose(self) -> None:

@@ -39,6 +39,9 @@ assigned, and every result an agent reports can be sent.
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 """Store URL schemes of the Redis stores (``+cluster``: a Redis Cluster)."""
 
+DEFAULT_CONSOLE_PORT = 8470
+"""The web console's port in the embedded mode."""
+
 
 def backend_url(value: str) -> str:
     """The URL of a ``--store``/``--bus`` value (a bare name is expanded)."""
@@ -75,6 +78,11 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9464, ge=0, le=65535,
                               description="Prometheus /metrics port; 0 disables it.")
     metrics_host: str = Field("127.0.0.1", description="Address of the metrics endpoint.")
+    console_port: int | None = Field(
+        None, ge=0, le=65535, description="Web console port; 0 turns it off. Unset: "
+        "8470 in the embedded mode (memory store), off with a shared store (every "
+        "replica would serve one; turn it on where operators should reach it).")
+    console_host: str = Field("127.0.0.1", description="Address of the web console.")
     log_format: Literal["json", "console"] = "json"
     log_level: str = "INFO"
 
@@ -152,6 +160,13 @@ class Settings(BaseSettings):
 
         parse_durability(value)
         return value.strip().lower()
+
+    @property
+    def console_port_effective(self) -> int | None:
+        """The console's port: None when it is off (see ``console_port``)."""
+        if self.console_port is None:
+            return DEFAULT_CONSOLE_PORT if self.store == "memory://" else None
+        return self.console_port or None
 
     @field_validator("store", "bus")
     @classmethod

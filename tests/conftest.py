@@ -22,8 +22,9 @@ from tests.clusters import (
 
 
 def embedded_settings(**overrides: object) -> Settings:
-    """Settings of a test server: free port, no metrics port, fast timers."""
-    values: dict[str, object] = {"port": 0, "metrics_port": 0, "heartbeat_interval": 0.2,
+    """Settings of a test server: free port, no metrics or console port, fast timers."""
+    values: dict[str, object] = {"port": 0, "metrics_port": 0, "console_port": 0,
+                                 "heartbeat_interval": 0.2,
                                  "tick": 0.02, "drain_grace": 0.5}
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

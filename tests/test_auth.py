@@ -45,6 +45,7 @@ PRINCIPALS: dict[str, tuple[str, list[str]]] = {
     "root": ("admin", ["*"]),
     "any-client": ("client", ["*"]),
     "any-agent": ("agent", ["*"]),
+    "any-viewer": ("viewer", ["*"]),
     "alice": ("client", ["team-a"]),
     "carol": ("client", ["team-a"]),
     "bob": ("client", ["team-b"]),
@@ -53,7 +54,8 @@ PRINCIPALS: dict[str, tuple[str, list[str]]] = {
     "agent-b": ("agent", ["team-b"]),
 }
 TOKENS = {name: generate_token() for name in PRINCIPALS}
-ROLE_PRINCIPAL = {Role.ADMIN: "root", Role.CLIENT: "any-client", Role.AGENT: "any-agent"}
+ROLE_PRINCIPAL = {Role.ADMIN: "root", Role.CLIENT: "any-client", Role.AGENT: "any-agent",
+                  Role.VIEWER: "any-viewer"}
 
 
 def write_auth_file(path: Path) -> Path:

@@ -49,7 +49,8 @@ example_agents = _load_example_agents()
 @pytest.fixture
 async def mesh() -> AsyncIterator[Mesh]:
     """An embedded control plane on a free loopback port."""
-    settings = Settings(port=0, metrics_port=0, heartbeat_interval=0.2, tick=0.02,
+    settings = Settings(port=0, metrics_port=0, console_port=0, heartbeat_interval=0.2,
+                        tick=0.02,
                         drain_grace=0.5)
     async with running_server(settings) as running:
         yield running
@@ -296,6 +297,7 @@ async def test_example_run_once() -> None:
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(EXAMPLES / "run.py"), "--port", str(free_port()), "--once",
+        "--console-port", "0",
         cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     async with asyncio.timeout(30):
         out_bytes, err_bytes = await proc.communicate()

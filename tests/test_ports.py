@@ -142,20 +142,24 @@ async def _until_listening(port: int, proc: asyncio.subprocess.Process) -> None:
             return
 
 
-@pytest.mark.parametrize("taken", ["gRPC", "metrics"])
+@pytest.mark.parametrize("taken", ["gRPC", "metrics", "console"])
 async def test_agentmesh_serve_twice_exits_with_one_line(taken: str, tmp_path: Path) -> None:
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, metrics_port, console_port = free_port(), free_port(), free_port()
     first = await _serve("--port", str(grpc_port), "--metrics-port", str(metrics_port),
-                         "--blob", str(tmp_path / "one"))
+                         "--console-port", str(console_port), "--blob", str(tmp_path / "one"))
     try:
         await _until_listening(grpc_port, first)
         await _until_listening(metrics_port, first)
+        await _until_listening(console_port, first)
         if taken == "gRPC":
-            args = ["--port", str(grpc_port), "--metrics-port", "0"]
+            args = ["--port", str(grpc_port), "--metrics-port", "0", "--console-port", "0"]
             busy = grpc_port
-        else:
-            args = ["--port", "0", "--metrics-port", str(metrics_port)]
+        elif taken == "metrics":
+            args = ["--port", "0", "--metrics-port", str(metrics_port), "--console-port", "0"]
             busy = metrics_port
+        else:
+            args = ["--port", "0", "--metrics-port", "0", "--console-port", str(console_port)]
+            busy = console_port
         second = await _serve(*args, "--blob", str(tmp_path / "two"))
         async with asyncio.timeout(30):
             _, err_bytes = await second.communicate()

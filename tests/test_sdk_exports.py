@@ -13,6 +13,7 @@ EXPECTED = {
     "Agent",
     "AgentEvent",
     "AgentInfo",
+    "BulkResult",
     "AgentMeshError",
     "AlreadyExistsError",
     "AttemptInfo",

@@ -55,7 +55,7 @@ class ServeProcess:
         with self.log.open("wb") as out:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "server.cli", "serve", "--port", str(self.port),
-                "--metrics-port", "0", "--log-level", "INFO",
+                "--metrics-port", "0", "--console-port", "0", "--log-level", "INFO",
                 "--drain-grace", str(self.drain_grace),
                 # Agents here never beat: a long interval keeps their sessions alive.
                 "--heartbeat-interval", "60",

@@ -142,6 +142,7 @@ def test_one_workflow_is_one_trace_across_processes(
     server_log = (tmp_path / "server.log").open("wb")
     procs.append(subprocess.Popen(
         [PY, "-m", "server.cli", "serve", "--port", str(port), "--metrics-port", "0",
+         "--console-port", "0",
          "--log-format", "json", "--heartbeat-interval", "0.5"],
         cwd=ROOT, env=_env(tmp_path, "server"), stderr=server_log))
     (tmp_path / "agent.py").write_text(AGENT)

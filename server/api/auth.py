@@ -7,7 +7,7 @@ stored in clear), one role and the namespaces it is bound to::
 
     principals:
       - name: billing-agents
-        role: agent                # agent | client | admin
+        role: agent                # agent | client | admin | viewer
         namespaces: [billing]      # "*" means every namespace
         token_sha256: 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
 
@@ -79,6 +79,9 @@ class Role(enum.StrEnum):
     """Submits, reads, watches and cancels its own work."""
     ADMIN = "admin"
     """Everything, including re-drive, restore and deregistering others."""
+    VIEWER = "viewer"
+    """Reads and watches (agents, tasks, workflows, stats, state); changes nothing.
+    The console's read-only role."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +104,7 @@ class Principal:
 
 # -- the role table --------------------------------------------------------------------
 
-_A, _C, _ADM = Role.AGENT, Role.CLIENT, Role.ADMIN
+_A, _C, _ADM, _V = Role.AGENT, Role.CLIENT, Role.ADMIN, Role.VIEWER
 
 
 def _service(module: Any, name: str, rules: Mapping[str, frozenset[Role]],
@@ -113,35 +116,38 @@ def _service(module: Any, name: str, rules: Mapping[str, frozenset[Role]],
 RPC_ROLES: Mapping[str, frozenset[Role]] = {
     **_service(discovery_pb2, "DiscoveryService", {
         "RegisterAgent": frozenset({_A, _ADM}),
-        "GetAgent": frozenset({_A, _C, _ADM}),
-        "ListAgents": frozenset({_A, _C, _ADM}),
+        "GetAgent": frozenset({_A, _C, _ADM, _V}),
+        "ListAgents": frozenset({_A, _C, _ADM, _V}),
         "DeregisterAgent": frozenset({_A, _ADM}),  # others' agents: admin only (servicer)
         "Heartbeat": frozenset({_A, _ADM}),
-        "WatchAgents": frozenset({_A, _C, _ADM}),
+        "WatchAgents": frozenset({_A, _C, _ADM, _V}),
+        "DrainAgent": frozenset({_ADM}),
     }),
     **_service(task_pb2, "TaskService", {
         "SubmitTask": frozenset({_C, _ADM}),
         "BatchSubmitTasks": frozenset({_C, _ADM}),
-        "GetTask": frozenset({_C, _ADM}),
-        "ListTasks": frozenset({_C, _ADM}),
+        "GetTask": frozenset({_C, _ADM, _V}),
+        "ListTasks": frozenset({_C, _ADM, _V}),
         "CancelTask": frozenset({_C, _ADM}),  # others' work: admin only (servicer)
         "RetryTask": frozenset({_ADM}),
-        "WatchTasks": frozenset({_C, _ADM}),
+        "WatchTasks": frozenset({_C, _ADM, _V}),
         "SubmitWorkflow": frozenset({_C, _ADM}),
-        "GetWorkflow": frozenset({_C, _ADM}),
-        "ListWorkflows": frozenset({_C, _ADM}),
+        "GetWorkflow": frozenset({_C, _ADM, _V}),
+        "ListWorkflows": frozenset({_C, _ADM, _V}),
         "CancelWorkflow": frozenset({_C, _ADM}),  # others' work: admin only (servicer)
-        "WatchWorkflow": frozenset({_C, _ADM}),
+        "WatchWorkflow": frozenset({_C, _ADM, _V}),
         "ProcessTasks": frozenset({_A, _ADM}),
         "CompleteTask": frozenset({_A, _ADM}),  # only tasks leased to its agents (servicer)
-        "GetStats": frozenset({_C, _ADM}),
+        "GetStats": frozenset({_C, _ADM, _V}),
+        "BulkRetryTasks": frozenset({_ADM}),
+        "BulkCancelTasks": frozenset({_ADM}),
     }),
     **_service(state_pb2, "StateService", {
-        "Get": frozenset({_A, _C, _ADM}),
+        "Get": frozenset({_A, _C, _ADM, _V}),
         "Put": frozenset({_A, _ADM}),
         "Delete": frozenset({_A, _ADM}),
-        "List": frozenset({_A, _C, _ADM}),
-        "Watch": frozenset({_A, _C, _ADM}),
+        "List": frozenset({_A, _C, _ADM, _V}),
+        "Watch": frozenset({_A, _C, _ADM, _V}),
         "AcquireLock": frozenset({_A, _ADM}),
         "RenewLock": frozenset({_A, _ADM}),
         "ReleaseLock": frozenset({_A, _ADM}),
@@ -175,6 +181,12 @@ _EMPTY_MEANS_ALL = frozenset({
 
 ADMIN_ACTIONS: Mapping[str, str] = {
     f"/{task_pb2.DESCRIPTOR.services_by_name['TaskService'].full_name}/RetryTask": "redrive",
+    f"/{task_pb2.DESCRIPTOR.services_by_name['TaskService'].full_name}/BulkRetryTasks":
+        "bulk-redrive",
+    f"/{task_pb2.DESCRIPTOR.services_by_name['TaskService'].full_name}/BulkCancelTasks":
+        "bulk-cancel",
+    f"/{discovery_pb2.DESCRIPTOR.services_by_name['DiscoveryService'].full_name}/DrainAgent":
+        "drain",
     f"/{state_pb2.DESCRIPTOR.services_by_name['StateService'].full_name}/RestoreSnapshot":
         "restore",
     f"/{state_pb2.DESCRIPTOR.services_by_name['StateService'].full_name}/CreateSnapshot":
@@ -249,7 +261,7 @@ class TokenTable:
             try:
                 role = Role(str(item.get("role")))
             except ValueError:
-                raise AuthFileError(f"{where}.role: one of agent, client, admin") from None
+                raise AuthFileError(f"{where}.role: one of agent, client, admin, viewer") from None
             spaces = item.get("namespaces")
             if (not isinstance(spaces, list) or not spaces
                     or not all(isinstance(s, str) and _NS.match(s) for s in spaces)):
@@ -618,6 +630,13 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 self._close(principal, watch=True)
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
+
+
+@contextlib.contextmanager
+def acting_as(principal: Principal | None) -> Iterator[None]:
+    """Bind ``principal`` as the caller (the console does, as the interceptor does)."""
+    with _bound(principal):
+        yield
 
 
 @contextlib.contextmanager

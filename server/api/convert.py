@@ -48,6 +48,7 @@ from server.domain.models import (
     WorkflowState,
     WorkflowStep,
 )
+from server.ports import TaskFilter
 
 NAMESPACE_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 CAPABILITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
@@ -97,6 +98,8 @@ REPEATED_BOUNDS: dict[str, int] = {
     "agentmesh.v1.Agent.capabilities": 256,
     "agentmesh.v1.Agent.labels": MAX_LABELS,
     "agentmesh.v1.ListAgentsRequest.labels": MAX_LABELS,
+    "agentmesh.v1.ListTasksRequest.labels": MAX_LABELS,
+    "agentmesh.v1.TaskSelector.labels": MAX_LABELS,
     "agentmesh.v1.Task.labels": MAX_LABELS,
     "agentmesh.v1.Task.trace_context": MAX_TRACE_ENTRIES,
     # Output-only fields of Task, ignored on submit (a client may send back a Task
@@ -401,6 +404,17 @@ def to_duration(seconds: float) -> duration_pb2.Duration:
                                  nanos=int(nanos % 1_000_000_000))
 
 
+def timestamp(value: timestamp_pb2.Timestamp, field: str) -> float:
+    """Unix seconds of a Timestamp; 0 when unset. Outside years 1970..9999 is refused."""
+    if not value.seconds and not value.nanos:
+        return 0.0
+    if value.seconds < 0 or value.seconds > 253_402_300_799:
+        raise _bad(field, "must be between 1970 and 9999")
+    if not 0 <= value.nanos < 1_000_000_000:
+        raise _bad(field, "nanos out of range")
+    return value.seconds + value.nanos / 1e9
+
+
 def to_timestamp(seconds: float) -> timestamp_pb2.Timestamp | None:
     """A Timestamp message, None for 0."""
     if not seconds:
@@ -628,6 +642,30 @@ def task_for_agent(task: Task) -> task_pb2.Task:
     for step_id, out in task.dependency_outputs.items():
         msg.dependency_outputs[step_id].CopyFrom(payload_msg(out))
     return msg
+
+
+def task_filter(msg: task_pb2.ListTasksRequest | task_pb2.TaskSelector, limits: Limits, *,
+                prefix: str = "") -> TaskFilter:
+    """A TaskFilter from a request's filter fields (``prefix`` names them: "selector.")."""
+    after = timestamp(msg.create_after, prefix + "create_after")
+    before = timestamp(msg.create_before, prefix + "create_before")
+    if after and before and after >= before:
+        raise _bad(prefix + "create_before", "must be later than create_after")
+    return TaskFilter(
+        namespace(msg.namespace, prefix + "namespace"), task_state(msg.state, prefix + "state"),
+        capability(msg.capability, prefix + "capability", required=False),
+        resource_id(msg.workflow, "workflows", prefix + "workflow") if msg.workflow else "",
+        labels(msg.labels, prefix + "labels", limits), after, before)
+
+
+def task_filter_key(flt: TaskFilter) -> str:
+    """What a page token of ``flt`` is bound to (a token of another filter is refused)."""
+    state = int(flt.state) if flt.state is not None else 0
+    key = f"{flt.namespace}|{state}|{flt.capability}|{flt.workflow_id}"
+    if not (flt.labels or flt.created_after or flt.created_before):
+        return key  # the form of earlier releases: their tokens stay valid
+    labels_ = ",".join(f"{k}={v}" for k, v in sorted(flt.labels.items()))
+    return f"{key}|{labels_}|{flt.created_after!r}|{flt.created_before!r}"
 
 
 def task_state(value: int, field: str = "state") -> TaskState | None:

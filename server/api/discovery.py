@@ -25,9 +25,11 @@ _LIVE = frozenset({AgentState.ACTIVE, AgentState.DRAINING})
 class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
     """gRPC face of the agent registry."""
 
-    def __init__(self, registry: Registry, limits: Limits) -> None:
+    def __init__(self, registry: Registry, limits: Limits, *,
+                 drain_grace: float = 10.0) -> None:
         self._registry = registry
         self._limits = limits
+        self._drain_grace = drain_grace
 
     @errors.unary
     async def RegisterAgent(self, request: discovery_pb2.RegisterAgentRequest,
@@ -40,6 +42,19 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
             agent=convert.agent_to_proto(agent), session_token=agent.session_token,
             heartbeat_interval=convert.to_duration(self._registry.config.heartbeat_interval),
             expire_time=convert.to_timestamp(agent.expire_time))
+
+    @errors.unary
+    async def DrainAgent(self, request: discovery_pb2.DrainAgentRequest,
+                         context: Ctx) -> discovery_pb2.DrainAgentResponse:
+        """Audited (``drain``) with its outcome."""
+        agent_id = convert.resource_id(request.name, "agents")
+        grace = convert.duration(request.grace_period, "grace_period") or self._drain_grace
+        reason = request.reason[:1024] or "drained by an operator"
+        before = await self._registry.get(agent_id)
+        auth.require_visible(before.namespace, "agent", f"agents/{agent_id}")
+        with auth.audited("drain", f"agents/{agent_id}", before.namespace):
+            agent = await self._registry.drain(agent_id, reason, grace)
+        return discovery_pb2.DrainAgentResponse(agent=convert.agent_to_proto(agent))
 
     @errors.unary
     async def GetAgent(self, request: discovery_pb2.GetAgentRequest,

@@ -21,6 +21,8 @@ from server.domain.errors import (
 )
 from server.domain.models import AgentState, TaskFailure, TaskState
 from server.ports import AgentFilter, TaskFilter
+from server.services import bulk
+from server.services.bulk import BulkActions
 from server.services.registry import Registry
 from server.services.scheduler import Scheduler
 from server.services.sessions import (
@@ -45,10 +47,12 @@ def trace_context(context: Ctx) -> dict[str, str]:
 class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     """gRPC face of the task queue."""
 
-    def __init__(self, scheduler: Scheduler, registry: Registry, limits: Limits) -> None:
+    def __init__(self, scheduler: Scheduler, registry: Registry, limits: Limits, *,
+                 bulk: BulkActions | None = None) -> None:
         self._scheduler = scheduler
         self._registry = registry
         self._limits = limits
+        self._bulk = bulk or BulkActions(scheduler)
 
     async def _task_msg(self, task_id: str) -> task_pb2.Task:
         task = await self._scheduler.get_task(task_id)
@@ -103,13 +107,9 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                         context: Ctx) -> task_pb2.ListTasksResponse:
         """See the proto."""
         size = convert.page_size(request.page_size)
-        ns = convert.namespace(request.namespace)
-        wf = (convert.resource_id(request.workflow, "workflows", "workflow")
-              if request.workflow else "")
-        flt = TaskFilter(ns, convert.task_state(request.state),
-                         convert.capability(request.capability, "capability", required=False),
-                         wf)
-        fkey = f"{ns}|{request.state}|{flt.capability}|{wf}"
+        flt = convert.task_filter(request, self._limits)
+        ns = flt.namespace
+        fkey = convert.task_filter_key(flt)
         before = convert.decode_page_token(request.page_token, fkey, convert.Cursor.SEQ)
         tasks = await self._scheduler.list_tasks(flt, before_seq=before,
                                                  limit=size + 1)
@@ -360,6 +360,38 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         auth.check_agent_identity(labels, f"tasks/{task_id}")
 
     @errors.unary
+    async def BulkRetryTasks(self, request: task_pb2.BulkRetryTasksRequest,
+                             context: Ctx) -> task_pb2.BulkRetryTasksResponse:
+        """Audited as one ``bulk-redrive`` record plus one ``redrive`` per task."""
+        flt, limit = self._selection(request.selector, request.max_tasks)
+        with auth.audited("bulk-redrive", _describe(flt, request.dry_run), flt.namespace):
+            result = await self._bulk.redrive(flt, limit=limit, dry_run=request.dry_run)
+        if not request.dry_run:
+            for task_id in result.task_ids:
+                auth.audit("redrive", f"tasks/{task_id}", flt.namespace, "ok")
+        return task_pb2.BulkRetryTasksResponse(
+            names=[f"tasks/{t}" for t in result.task_ids], truncated=result.truncated)
+
+    @errors.unary
+    async def BulkCancelTasks(self, request: task_pb2.BulkCancelTasksRequest,
+                              context: Ctx) -> task_pb2.BulkCancelTasksResponse:
+        """Audited as one ``bulk-cancel`` record plus one ``cancel`` per task."""
+        flt, limit = self._selection(request.selector, request.max_tasks)
+        reason = request.reason[:1024] or "cancelled in bulk"
+        with auth.audited("bulk-cancel", _describe(flt, request.dry_run), flt.namespace):
+            result = await self._bulk.cancel(flt, limit=limit, dry_run=request.dry_run,
+                                             reason=reason)
+        if not request.dry_run:
+            for task_id in result.task_ids:
+                auth.audit("cancel", f"tasks/{task_id}", flt.namespace, "ok")
+        return task_pb2.BulkCancelTasksResponse(
+            names=[f"tasks/{t}" for t in result.task_ids], truncated=result.truncated)
+
+    def _selection(self, sel: task_pb2.TaskSelector, max_tasks: int) -> tuple[TaskFilter, int]:
+        flt = convert.task_filter(sel, self._limits, prefix="selector.")
+        return flt, bulk.max_tasks(max_tasks)
+
+    @errors.unary
     async def GetStats(self, request: task_pb2.GetStatsRequest,
                        context: Ctx) -> task_pb2.GetStatsResponse:
         """See the proto."""
@@ -373,6 +405,18 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             tasks_ended=stats.tasks_ended,
             tasks_succeeded_autonomously=stats.tasks_succeeded_autonomously,
             autonomy=stats.autonomy, agents_live=len(live))
+
+
+def _describe(flt: TaskFilter, dry_run: bool) -> str:
+    """The audit resource of a bulk action: its filter, readable."""
+    parts = [f"state={flt.state.name}" if flt.state is not None else "",
+             f"capability={flt.capability}" if flt.capability else "",
+             f"workflow={flt.workflow_id}" if flt.workflow_id else "",
+             *(f"label:{k}={v}" for k, v in sorted(flt.labels.items())),
+             f"created>={flt.created_after:.0f}" if flt.created_after else "",
+             f"created<{flt.created_before:.0f}" if flt.created_before else "",
+             "dry-run" if dry_run else ""]
+    return "tasks?" + "&".join(p for p in parts if p)
 
 
 PACK_HEADROOM = 1024

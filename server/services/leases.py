@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from server.domain.errors import (
     FailedPreconditionError,
+    NotFoundError,
     ResourceExhaustedError,
     StaleLeaseError,
 )
@@ -80,6 +81,8 @@ class LeaseConfig:
     heartbeat_interval: float = 1.0
     heartbeat_misses: int = 3
     gone_retention: float = 600.0
+    drain_grace: float = 10.0
+    """Grace period sent with a drain directive relayed from another replica."""
 
     @property
     def ttl(self) -> float:
@@ -105,6 +108,8 @@ class Leases:
         self._work_ready = work_ready
         self.config = config
         self._release_locks = release_locks
+        self._told_drain: set[str] = set()
+        """Agents whose heartbeat stream here was sent a drain directive."""
 
     # -- agent liveness --------------------------------------------------------------
 
@@ -152,6 +157,7 @@ class Leases:
                          extra={"agent_id": agent_id, "event": "agent_gone"})
                 await events.announce_agent(self._bus, events.AgentEventType.LEFT, agent_id,
                                             agent.namespace, now)
+        self._told_drain.discard(agent_id)
         local = self._end_local(agent_id, f"agents/{agent_id} is gone ({reason}); "
                                           "register again")
         if ended or local:
@@ -173,10 +179,36 @@ class Leases:
                                         agent.namespace, self._clock.now())
         return agent
 
+    async def drain_agent(self, agent_id: str, reason: str, grace_period: float) -> Agent:
+        """One agent (an operator's action): DRAINING, and told so on its heartbeat stream.
+
+        The store state stops its leases on every replica at once; the
+        replica holding its heartbeat stream sends the directive (here, or on
+        hearing the UPDATED event, see ``agent_event``). NotFoundError for an
+        unknown agent, FailedPreconditionError (SESSION_ENDED) once it is GONE.
+        """
+        agent = await self._agents.get(agent_id)
+        if agent is None:
+            raise NotFoundError("agent", f"agents/{agent_id}")
+        if agent.state is AgentState.GONE:
+            raise FailedPreconditionError(f"agents/{agent_id} is gone; nothing to drain",
+                                          reason=SESSION_ENDED)
+        self._tell_drain(agent_id, reason, grace_period)
+        drained = await self.mark_draining(agent_id)
+        return drained if drained is not None else agent
+
+    def _tell_drain(self, agent_id: str, reason: str, grace_period: float) -> None:
+        """Send the drain directive once, when the agent's heartbeat stream is here."""
+        hb = self.sessions.heartbeat(agent_id)
+        if hb is not None and agent_id not in self._told_drain:
+            self._told_drain.add(agent_id)
+            hb.send_drain(reason, grace_period)
+
     async def drain_all(self, reason: str, grace_period: float) -> int:
         """Ask every agent attached here to drain; returns how many were told."""
         told = 0
         for hb in self.sessions.heartbeats():
+            self._told_drain.add(hb.agent_id)
             hb.send_drain(reason, grace_period)
             told += 1
             await self.mark_draining(hb.agent_id)
@@ -202,12 +234,15 @@ class Leases:
             self._breakers.forget(agent_id)
             if self._end_local(agent_id, f"agents/{agent_id} is gone; register again"):
                 await self.requeue_agent(agent_id, AGENT_GONE)
-        elif kind == events.AgentEventType.UPDATED and self.sessions.worker(agent_id):
+        elif kind == events.AgentEventType.UPDATED and (
+                self.sessions.worker(agent_id) or self.sessions.heartbeat(agent_id)):
             agent = await self._agents.get(agent_id)
             if agent is not None and agent.state is AgentState.DRAINING:
                 worker = self.sessions.worker(agent_id)
                 if worker is not None:
                     worker.draining = True
+                # Drained through another replica: the directive goes out from here.
+                self._tell_drain(agent_id, "drained by an operator", self.config.drain_grace)
 
     async def check_sessions(self) -> int:
         """End local sessions whose agent the store no longer holds live (a lost event)."""

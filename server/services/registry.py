@@ -143,6 +143,10 @@ class Registry:
         """
         return await self._leases.drain_all(reason, grace_period)
 
+    async def drain(self, agent_id: str, reason: str, grace_period: float) -> Agent:
+        """An operator drains one agent (see ``Leases.drain_agent``)."""
+        return await self._leases.drain_agent(agent_id, reason, grace_period)
+
     async def get(self, agent_id: str) -> Agent:
         """One agent (NotFoundError)."""
         agent = await self._agents.get(agent_id)

@@ -98,6 +98,8 @@ class SchedulerConfig:
     heartbeat_misses: int = 3
     gone_retention: float = 600.0
     """How long a GONE agent stays readable before it is purged."""
+    drain_grace: float = 10.0
+    """Grace period of an agent drained by an operator (the server's drain grace)."""
 
 
 class Scheduler:
@@ -128,7 +130,8 @@ class Scheduler:
                                reap_batch=cfg.reap_batch,
                                heartbeat_interval=cfg.heartbeat_interval,
                                heartbeat_misses=cfg.heartbeat_misses,
-                               gone_retention=cfg.gone_retention),
+                               gone_retention=cfg.gone_retention,
+                               drain_grace=cfg.drain_grace),
             release_locks=release_locks)
         self.dispatcher = Dispatcher(
             tasks, agents, clock, sessions=self.sessions, leases=self.leases,

@@ -33,7 +33,8 @@ class Server:
     def __init__(self, env: dict[str, str], port: int = 0, log: Path | None = None) -> None:
         self.port = port or free_port()
         self.env = {**os.environ, **FAST, **env, "AGENTMESH_PORT": str(self.port),
-                    "AGENTMESH_METRICS_PORT": "0", "AGENTMESH_LOG_LEVEL": "WARNING",
+                    "AGENTMESH_METRICS_PORT": "0", "AGENTMESH_CONSOLE_PORT": "0",
+                    "AGENTMESH_LOG_LEVEL": "WARNING",
                     "PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}"}
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None

@@ -317,3 +317,21 @@ async def test_export_import_keeps_versions_revisions_and_tokens(store: StateSto
     assert grant.fencing_token == 3  # never reuses a token granted before the snapshot
     with pytest.raises(OutOfRangeError):  # the restored namespace has no history
         await store.events_since("r2", "", 0, 10)
+
+
+async def test_list_locks_shows_held_grants_only(store: StateStore) -> None:
+    """The console's lock view: holder, agent and fencing token of each held lock."""
+    assert await store.list_locks(NS, now=T0, limit=10) == []
+    b = await store.acquire_lock(NS, "b", "worker-2", agent_id="a2", ttl=10, now=T0)
+    a = await store.acquire_lock(NS, "a", "worker-1", agent_id="a1", ttl=10, now=T0)
+    await store.acquire_lock(NS, "short", "w", agent_id="", ttl=1, now=T0)
+    freed = await store.acquire_lock(NS, "freed", "w", agent_id="", ttl=10, now=T0)
+    await store.release_lock(NS, "freed", freed.fencing_token, now=T0)
+    await store.acquire_lock("other", "x", "w", agent_id="", ttl=10, now=T0)
+    again = await store.acquire_lock(NS, "a", "worker-1", agent_id="a1", ttl=10, now=T0 + 1)
+    held = await store.list_locks(NS, now=T0 + 2, limit=10)
+    assert [(g.name, g.owner, g.agent_id, g.fencing_token) for g in held] == [
+        ("a", "worker-1", "a1", again.fencing_token), ("b", "worker-2", "a2", b.fencing_token)]
+    assert again.fencing_token > a.fencing_token
+    assert held[0].expire_time == pytest.approx(T0 + 11)
+    assert [g.name for g in await store.list_locks(NS, now=T0 + 2, limit=1)] == ["a"]

@@ -332,6 +332,51 @@ async def test_list_tasks_filters_and_pagination(store: TaskStore, agents: Agent
     assert [t.id for t in steps] == ["wf1-d", "wf1-c", "wf1-b", "wf1-a"]
 
 
+async def test_list_tasks_by_labels_and_create_time(
+        store: TaskStore, agents: AgentRegistry) -> None:
+    """Label and time filters (the console's task filters) page like the others."""
+    for i in range(6):
+        await store.create_task(replace(
+            mk(f"l{i}"), labels={"team": "a" if i % 2 else "b", "tier": str(i % 3)},
+            create_time=T0 + i))
+    team_a = await store.list_tasks(TaskFilter(NS, labels={"team": "a"}), before_seq=0,
+                                    limit=10)
+    assert [t.id for t in team_a] == ["l5", "l3", "l1"]
+    both = await store.list_tasks(TaskFilter(NS, labels={"team": "a", "tier": "0"}),
+                                  before_seq=0, limit=10)
+    assert [t.id for t in both] == ["l3"]
+    assert await store.list_tasks(TaskFilter(NS, labels={"nope": "x"}), before_seq=0,
+                                  limit=10) == []
+    window = await store.list_tasks(TaskFilter(NS, created_after=T0 + 1, created_before=T0 + 4),
+                                    before_seq=0, limit=10)
+    assert [t.id for t in window] == ["l3", "l2", "l1"]
+    first = await store.list_tasks(TaskFilter(NS, labels={"team": "b"}), before_seq=0, limit=2)
+    assert [t.id for t in first] == ["l4", "l2"]
+    rest = await store.list_tasks(TaskFilter(NS, labels={"team": "b"}),
+                                  before_seq=first[-1].seq, limit=2)
+    assert [t.id for t in rest] == ["l0"]
+
+
+async def test_list_tasks_after_redrive_lists_once_as_newest(
+        store: TaskStore, agents: AgentRegistry) -> None:
+    """A re-driven task takes a new seq: it lists once, first, never twice."""
+    await live_agents(agents, "a")
+    for i in range(3):
+        await store.create_task(mk(f"r{i}", retry_policy=RetryPolicy(max_attempts=1)))
+    lease = await store.lease_next(NS, ["cap"], "a", now=T0, default_timeout=10)
+    assert lease is not None and lease.task.id == "r0"
+    await store.fail("r0", lease.fencing_token, TaskFailure("E"),
+                     verdict=FailVerdict.DEAD_LETTER, retry_at=0, now=T0)
+    dead = await store.list_tasks(TaskFilter(NS, state=TaskState.DEAD_LETTERED), before_seq=0,
+                                  limit=10)
+    assert [t.id for t in dead] == ["r0"]
+    await store.redrive("r0", None, now=T0 + 1)
+    assert [t.id for t in await store.list_tasks(TaskFilter(NS), before_seq=0, limit=10)] == [
+        "r0", "r2", "r1"]
+    assert await store.list_tasks(TaskFilter(NS, state=TaskState.DEAD_LETTERED), before_seq=0,
+                                  limit=10) == []
+
+
 # -- leases -----------------------------------------------------------------------
 
 

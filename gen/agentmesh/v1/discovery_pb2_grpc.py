@@ -66,6 +66,11 @@ class DiscoveryServiceStub:
                 request_serializer=agentmesh_dot_v1_dot_discovery__pb2.WatchAgentsRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_v1_dot_discovery__pb2.WatchAgentsResponse.FromString,
                 _registered_method=True)
+        self.DrainAgent = channel.unary_unary(
+                '/agentmesh.v1.DiscoveryService/DrainAgent',
+                request_serializer=agentmesh_dot_v1_dot_discovery__pb2.DrainAgentRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_discovery__pb2.DrainAgentResponse.FromString,
+                _registered_method=True)
 
 
 class DiscoveryServiceServicer:
@@ -124,6 +129,16 @@ class DiscoveryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainAgent(self, request, context):
+        """DrainAgent asks one live agent to drain: it takes no new work from now
+        on and is told through its heartbeat stream to finish what it runs and
+        leave. Admin only, audited. An agent that is gone is FAILED_PRECONDITION
+        (reason SESSION_ENDED); one already draining is answered as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiscoveryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +171,11 @@ def add_DiscoveryServiceServicer_to_server(servicer, server):
                     servicer.WatchAgents,
                     request_deserializer=agentmesh_dot_v1_dot_discovery__pb2.WatchAgentsRequest.FromString,
                     response_serializer=agentmesh_dot_v1_dot_discovery__pb2.WatchAgentsResponse.SerializeToString,
+            ),
+            'DrainAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainAgent,
+                    request_deserializer=agentmesh_dot_v1_dot_discovery__pb2.DrainAgentRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_discovery__pb2.DrainAgentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -322,6 +342,33 @@ class DiscoveryService:
             '/agentmesh.v1.DiscoveryService/WatchAgents',
             agentmesh_dot_v1_dot_discovery__pb2.WatchAgentsRequest.SerializeToString,
             agentmesh_dot_v1_dot_discovery__pb2.WatchAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.DiscoveryService/DrainAgent',
+            agentmesh_dot_v1_dot_discovery__pb2.DrainAgentRequest.SerializeToString,
+            agentmesh_dot_v1_dot_discovery__pb2.DrainAgentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -58,6 +58,12 @@ class DiscoveryServiceStub:
     """
     WatchAgents: _grpc.UnaryStreamMultiCallable[_discovery_pb2.WatchAgentsRequest, _discovery_pb2.WatchAgentsResponse]
     """WatchAgents streams join, leave and state-change events."""
+    DrainAgent: _grpc.UnaryUnaryMultiCallable[_discovery_pb2.DrainAgentRequest, _discovery_pb2.DrainAgentResponse]
+    """DrainAgent asks one live agent to drain: it takes no new work from now
+    on and is told through its heartbeat stream to finish what it runs and
+    leave. Admin only, audited. An agent that is gone is FAILED_PRECONDITION
+    (reason SESSION_ENDED); one already draining is answered as it is.
+    """
 
 @_typing.type_check_only
 class DiscoveryServiceAsyncStub(DiscoveryServiceStub):
@@ -89,6 +95,12 @@ class DiscoveryServiceAsyncStub(DiscoveryServiceStub):
     """
     WatchAgents: _aio.UnaryStreamMultiCallable[_discovery_pb2.WatchAgentsRequest, _discovery_pb2.WatchAgentsResponse]  # type: ignore[assignment]
     """WatchAgents streams join, leave and state-change events."""
+    DrainAgent: _aio.UnaryUnaryMultiCallable[_discovery_pb2.DrainAgentRequest, _discovery_pb2.DrainAgentResponse]  # type: ignore[assignment]
+    """DrainAgent asks one live agent to drain: it takes no new work from now
+    on and is told through its heartbeat stream to finish what it runs and
+    leave. Admin only, audited. An agent that is gone is FAILED_PRECONDITION
+    (reason SESSION_ENDED); one already draining is answered as it is.
+    """
 
 class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
     """DiscoveryService keeps the registry of live agents: they register a card,
@@ -153,5 +165,17 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_discovery_pb2.WatchAgentsResponse], _abc.AsyncIterator[_discovery_pb2.WatchAgentsResponse]]:
         """WatchAgents streams join, leave and state-change events."""
+
+    @_abc_1.abstractmethod
+    def DrainAgent(
+        self,
+        request: _discovery_pb2.DrainAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_discovery_pb2.DrainAgentResponse, _abc.Awaitable[_discovery_pb2.DrainAgentResponse]]:
+        """DrainAgent asks one live agent to drain: it takes no new work from now
+        on and is told through its heartbeat stream to finish what it runs and
+        leave. Admin only, audited. An agent that is gone is FAILED_PRECONDITION
+        (reason SESSION_ENDED); one already draining is answered as it is.
+        """
 
 def add_DiscoveryServiceServicer_to_server(servicer: DiscoveryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -780,12 +780,35 @@ class ListTasksRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     STATE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     CAPABILITY_FIELD_NUMBER: _builtins.int
     WORKFLOW_FIELD_NUMBER: _builtins.int
     NAMESPACE_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    CREATE_AFTER_FIELD_NUMBER: _builtins.int
+    CREATE_BEFORE_FIELD_NUMBER: _builtins.int
     state: Global___TaskState.ValueType
     """Only tasks in this state, when set."""
     page_size: _builtins.int
@@ -798,6 +821,18 @@ class ListTasksRequest(_message.Message):
     """Only the steps of this workflow, when set."""
     namespace: _builtins.str
     """Namespace; "default" when empty."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only tasks carrying every one of these labels, when set."""
+
+    @_builtins.property
+    def create_after(self) -> _timestamp_pb2.Timestamp:
+        """Only tasks created at or after this time, when set."""
+
+    @_builtins.property
+    def create_before(self) -> _timestamp_pb2.Timestamp:
+        """Only tasks created before this time, when set."""
+
     def __init__(
         self,
         *,
@@ -807,10 +842,13 @@ class ListTasksRequest(_message.Message):
         capability: _builtins.str = ...,
         workflow: _builtins.str = ...,
         namespace: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        create_after: _timestamp_pb2.Timestamp | None = ...,
+        create_before: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_after", b"create_after", "create_before", b"create_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "namespace", b"namespace", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "create_after", b"create_after", "create_before", b"create_before", "labels", b"labels", "namespace", b"namespace", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1865,3 +1903,199 @@ class GetStatsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatsResponse: _TypeAlias = GetStatsResponse  # noqa: Y015
+
+@_typing.final
+class TaskSelector(_message.Message):
+    """TaskSelector picks the tasks of one namespace that a bulk action acts on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    CREATE_AFTER_FIELD_NUMBER: _builtins.int
+    CREATE_BEFORE_FIELD_NUMBER: _builtins.int
+    WORKFLOW_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """Namespace; "default" when empty."""
+    state: Global___TaskState.ValueType
+    """Only tasks in this state, when set."""
+    capability: _builtins.str
+    """Only tasks of this capability, when set."""
+    workflow: _builtins.str
+    """Only the steps of this workflow ("workflows/{workflow}"), when set."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only tasks carrying every one of these labels, when set."""
+
+    @_builtins.property
+    def create_after(self) -> _timestamp_pb2.Timestamp:
+        """Only tasks created at or after this time, when set."""
+
+    @_builtins.property
+    def create_before(self) -> _timestamp_pb2.Timestamp:
+        """Only tasks created before this time, when set."""
+
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        state: Global___TaskState.ValueType = ...,
+        capability: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        create_after: _timestamp_pb2.Timestamp | None = ...,
+        create_before: _timestamp_pb2.Timestamp | None = ...,
+        workflow: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_after", b"create_after", "create_before", b"create_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "create_after", b"create_after", "create_before", b"create_before", "labels", b"labels", "namespace", b"namespace", "state", b"state", "workflow", b"workflow"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskSelector: _TypeAlias = TaskSelector  # noqa: Y015
+
+@_typing.final
+class BulkRetryTasksRequest(_message.Message):
+    """BulkRetryTasksRequest selects the tasks to re-drive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    MAX_TASKS_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    max_tasks: _builtins.int
+    """Most tasks to act on; 0 means 1000, more than 10000 is INVALID_ARGUMENT."""
+    dry_run: _builtins.bool
+    """Only report what would be re-driven."""
+    @_builtins.property
+    def selector(self) -> Global___TaskSelector:
+        """Which tasks; an unset state means DEAD_LETTERED."""
+
+    def __init__(
+        self,
+        *,
+        selector: Global___TaskSelector | None = ...,
+        max_tasks: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "max_tasks", b"max_tasks", "selector", b"selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BulkRetryTasksRequest: _TypeAlias = BulkRetryTasksRequest  # noqa: Y015
+
+@_typing.final
+class BulkRetryTasksResponse(_message.Message):
+    """BulkRetryTasksResponse names the tasks re-driven (or that would be)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMES_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """More tasks matched than max_tasks allowed; run it again for the rest."""
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"tasks/{task}" of each, newest first."""
+
+    def __init__(
+        self,
+        *,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["names", b"names", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BulkRetryTasksResponse: _TypeAlias = BulkRetryTasksResponse  # noqa: Y015
+
+@_typing.final
+class BulkCancelTasksRequest(_message.Message):
+    """BulkCancelTasksRequest selects the tasks to cancel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SELECTOR_FIELD_NUMBER: _builtins.int
+    MAX_TASKS_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    max_tasks: _builtins.int
+    """Most tasks to act on; 0 means 1000, more than 10000 is INVALID_ARGUMENT."""
+    dry_run: _builtins.bool
+    """Only report what would be cancelled."""
+    reason: _builtins.str
+    """Why; recorded on each task."""
+    @_builtins.property
+    def selector(self) -> Global___TaskSelector:
+        """Which tasks; tasks that have ended are skipped."""
+
+    def __init__(
+        self,
+        *,
+        selector: Global___TaskSelector | None = ...,
+        max_tasks: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "max_tasks", b"max_tasks", "reason", b"reason", "selector", b"selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BulkCancelTasksRequest: _TypeAlias = BulkCancelTasksRequest  # noqa: Y015
+
+@_typing.final
+class BulkCancelTasksResponse(_message.Message):
+    """BulkCancelTasksResponse names the tasks cancelled (or that would be)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMES_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """More tasks matched than max_tasks allowed; run it again for the rest."""
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"tasks/{task}" of each, newest first."""
+
+    def __init__(
+        self,
+        *,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["names", b"names", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BulkCancelTasksResponse: _TypeAlias = BulkCancelTasksResponse  # noqa: Y015

@@ -113,6 +113,16 @@ class TaskServiceStub:
                 request_serializer=agentmesh_dot_v1_dot_task__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_v1_dot_task__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.BulkRetryTasks = channel.unary_unary(
+                '/agentmesh.v1.TaskService/BulkRetryTasks',
+                request_serializer=agentmesh_dot_v1_dot_task__pb2.BulkRetryTasksRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_task__pb2.BulkRetryTasksResponse.FromString,
+                _registered_method=True)
+        self.BulkCancelTasks = channel.unary_unary(
+                '/agentmesh.v1.TaskService/BulkCancelTasks',
+                request_serializer=agentmesh_dot_v1_dot_task__pb2.BulkCancelTasksRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_task__pb2.BulkCancelTasksResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -253,6 +263,26 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BulkRetryTasks(self, request, context):
+        """BulkRetryTasks re-drives every task of a namespace that matches a filter
+        and can be re-driven (dead-lettered, failed or cancelled; by default the
+        filter's state is DEAD_LETTERED), at most max_tasks of them, newest
+        first. A human action: admin only, audited. With dry_run nothing changes
+        and the response names the tasks that would be re-driven.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BulkCancelTasks(self, request, context):
+        """BulkCancelTasks cancels every task of a namespace that matches a filter
+        and has not ended, at most max_tasks of them. Admin only, audited;
+        dry_run as in BulkRetryTasks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -330,6 +360,16 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=agentmesh_dot_v1_dot_task__pb2.GetStatsRequest.FromString,
                     response_serializer=agentmesh_dot_v1_dot_task__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'BulkRetryTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.BulkRetryTasks,
+                    request_deserializer=agentmesh_dot_v1_dot_task__pb2.BulkRetryTasksRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_task__pb2.BulkRetryTasksResponse.SerializeToString,
+            ),
+            'BulkCancelTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.BulkCancelTasks,
+                    request_deserializer=agentmesh_dot_v1_dot_task__pb2.BulkCancelTasksRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_task__pb2.BulkCancelTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -741,6 +781,60 @@ class TaskService:
             '/agentmesh.v1.TaskService/GetStats',
             agentmesh_dot_v1_dot_task__pb2.GetStatsRequest.SerializeToString,
             agentmesh_dot_v1_dot_task__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BulkRetryTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.TaskService/BulkRetryTasks',
+            agentmesh_dot_v1_dot_task__pb2.BulkRetryTasksRequest.SerializeToString,
+            agentmesh_dot_v1_dot_task__pb2.BulkRetryTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BulkCancelTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.TaskService/BulkCancelTasks',
+            agentmesh_dot_v1_dot_task__pb2.BulkCancelTasksRequest.SerializeToString,
+            agentmesh_dot_v1_dot_task__pb2.BulkCancelTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

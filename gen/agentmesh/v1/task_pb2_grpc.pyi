@@ -98,6 +98,18 @@ class TaskServiceStub:
     """
     GetStats: _grpc.UnaryUnaryMultiCallable[_task_pb2.GetStatsRequest, _task_pb2.GetStatsResponse]
     """GetStats returns queue depth and the autonomy figures of a namespace."""
+    BulkRetryTasks: _grpc.UnaryUnaryMultiCallable[_task_pb2.BulkRetryTasksRequest, _task_pb2.BulkRetryTasksResponse]
+    """BulkRetryTasks re-drives every task of a namespace that matches a filter
+    and can be re-driven (dead-lettered, failed or cancelled; by default the
+    filter's state is DEAD_LETTERED), at most max_tasks of them, newest
+    first. A human action: admin only, audited. With dry_run nothing changes
+    and the response names the tasks that would be re-driven.
+    """
+    BulkCancelTasks: _grpc.UnaryUnaryMultiCallable[_task_pb2.BulkCancelTasksRequest, _task_pb2.BulkCancelTasksResponse]
+    """BulkCancelTasks cancels every task of a namespace that matches a filter
+    and has not ended, at most max_tasks of them. Admin only, audited;
+    dry_run as in BulkRetryTasks.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -169,6 +181,18 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_task_pb2.GetStatsRequest, _task_pb2.GetStatsResponse]  # type: ignore[assignment]
     """GetStats returns queue depth and the autonomy figures of a namespace."""
+    BulkRetryTasks: _aio.UnaryUnaryMultiCallable[_task_pb2.BulkRetryTasksRequest, _task_pb2.BulkRetryTasksResponse]  # type: ignore[assignment]
+    """BulkRetryTasks re-drives every task of a namespace that matches a filter
+    and can be re-driven (dead-lettered, failed or cancelled; by default the
+    filter's state is DEAD_LETTERED), at most max_tasks of them, newest
+    first. A human action: admin only, audited. With dry_run nothing changes
+    and the response names the tasks that would be re-driven.
+    """
+    BulkCancelTasks: _aio.UnaryUnaryMultiCallable[_task_pb2.BulkCancelTasksRequest, _task_pb2.BulkCancelTasksResponse]  # type: ignore[assignment]
+    """BulkCancelTasks cancels every task of a namespace that matches a filter
+    and has not ended, at most max_tasks of them. Admin only, audited;
+    dry_run as in BulkRetryTasks.
+    """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     """TaskService is the task queue: clients submit tasks and workflows (DAGs of
@@ -327,5 +351,29 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_task_pb2.GetStatsResponse, _abc.Awaitable[_task_pb2.GetStatsResponse]]:
         """GetStats returns queue depth and the autonomy figures of a namespace."""
+
+    @_abc_1.abstractmethod
+    def BulkRetryTasks(
+        self,
+        request: _task_pb2.BulkRetryTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_pb2.BulkRetryTasksResponse, _abc.Awaitable[_task_pb2.BulkRetryTasksResponse]]:
+        """BulkRetryTasks re-drives every task of a namespace that matches a filter
+        and can be re-driven (dead-lettered, failed or cancelled; by default the
+        filter's state is DEAD_LETTERED), at most max_tasks of them, newest
+        first. A human action: admin only, audited. With dry_run nothing changes
+        and the response names the tasks that would be re-driven.
+        """
+
+    @_abc_1.abstractmethod
+    def BulkCancelTasks(
+        self,
+        request: _task_pb2.BulkCancelTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_pb2.BulkCancelTasksResponse, _abc.Awaitable[_task_pb2.BulkCancelTasksResponse]]:
+        """BulkCancelTasks cancels every task of a namespace that matches a filter
+        and has not ended, at most max_tasks of them. Admin only, audited;
+        dry_run as in BulkRetryTasks.
+        """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -181,6 +181,15 @@ class InMemoryStateStore:
         """See StateStore.revision."""
         return self._ns[namespace].revision
 
+    async def list_locks(self, namespace: str, *, now: float, limit: int) -> list[LockGrant]:
+        """See StateStore.list_locks."""
+        ns = self._ns.get(namespace)
+        if ns is None:
+            return []
+        held = sorted((name, lock) for name, lock in ns.locks.items() if lock.held(now))
+        return [LockGrant(name, lock.owner, lock.agent_id, lock.token, lock.expire_time)
+                for name, lock in held[:limit]]
+
     # -- locks -------------------------------------------------------------------
 
     def _free(self, namespace: str, name: str, lock: _Lock) -> None:

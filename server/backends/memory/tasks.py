@@ -9,6 +9,7 @@ lease step reads the agent's liveness from it in the same atomic step.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -71,6 +72,10 @@ class InMemoryTaskStore:
         self._by_agent: dict[str, set[str]] = defaultdict(set)
         self._idempotency: dict[tuple[str, str], str] = {}
         self._seq = 0
+        # (seq, id) per namespace in seq order, for newest-first lists without a
+        # sort; an entry is stale once its task took a newer seq (a re-drive).
+        self._order: dict[str, list[tuple[int, str]]] = defaultdict(list)
+        self._wf_order: dict[str, list[tuple[int, str]]] = defaultdict(list)
         self._counts: dict[str, dict[TaskState, int]] = defaultdict(lambda: defaultdict(int))
         self._cap_counts: dict[str, dict[tuple[str, TaskState], int]] = defaultdict(
             lambda: defaultdict(int))
@@ -136,6 +141,8 @@ class InMemoryTaskStore:
         elif new.state is TaskState.RUNNING:
             self._by_agent[new.agent_id].add(new.id)
             heapq.heappush(self._lease_heap, (new.lease_deadline, new.id, new.fencing_token))
+        if old is None or old.seq != new.seq:
+            _insert_ordered(self._order[new.namespace], (new.seq, new.id))
         self._tasks[new.id] = new
         changes.append(TaskChange(new, prev))
         return new
@@ -236,6 +243,7 @@ class InMemoryTaskStore:
                 retry_after=1.0, reason="QUEUE_FULL")
         wf = replace(workflow, seq=self._next_seq())
         self._workflows[wf.id] = wf
+        _insert_ordered(self._wf_order[wf.namespace], (wf.seq, wf.id))
         dependents: dict[str, list[str]] = {s.id: [] for s in wf.steps}
         for step in wf.steps:
             for dep in step.depends_on:
@@ -259,18 +267,17 @@ class InMemoryTaskStore:
         return [tasks.get(task_id) for task_id in task_ids]
 
     async def list_tasks(self, flt: TaskFilter, *, before_seq: int, limit: int) -> list[Task]:
-        """See TaskStore.list_tasks (a scan; fine for the embedded mode)."""
+        """See TaskStore.list_tasks (newest first from the seq index; no sort)."""
         out: list[Task] = []
-        for task in sorted(self._tasks.values(), key=lambda t: -t.seq):
-            if before_seq and task.seq >= before_seq:
-                continue
-            if task.namespace != flt.namespace:
-                continue
-            if flt.state is not None and task.state is not flt.state:
-                continue
-            if flt.capability and task.capability != flt.capability:
-                continue
-            if flt.workflow_id and task.workflow_id != flt.workflow_id:
+        order = self._order.get(flt.namespace)
+        if not order or limit <= 0:
+            return out
+        end = bisect.bisect_left(order, (before_seq, "")) if before_seq else len(order)
+        tasks = self._tasks
+        for i in range(end - 1, -1, -1):
+            seq, task_id = order[i]
+            task = tasks.get(task_id)
+            if task is None or task.seq != seq or not flt.matches(task):
                 continue
             out.append(task)
             if len(out) >= limit:
@@ -284,12 +291,15 @@ class InMemoryTaskStore:
     async def list_workflows(
         self, namespace: str, state: WorkflowState | None, *, before_seq: int, limit: int
     ) -> list[Workflow]:
-        """See TaskStore.list_workflows."""
+        """See TaskStore.list_workflows (newest first from the seq index)."""
         out: list[Workflow] = []
-        for wf in sorted(self._workflows.values(), key=lambda w: -w.seq):
-            if before_seq and wf.seq >= before_seq:
-                continue
-            if wf.namespace != namespace or (state is not None and wf.state is not state):
+        order = self._wf_order.get(namespace)
+        if not order or limit <= 0:
+            return out
+        end = bisect.bisect_left(order, (before_seq, "")) if before_seq else len(order)
+        for i in range(end - 1, -1, -1):
+            wf = self._workflows.get(order[i][1])
+            if wf is None or (state is not None and wf.state is not state):
                 continue
             out.append(wf)
             if len(out) >= limit:
@@ -711,6 +721,7 @@ class InMemoryTaskStore:
             return
         for wf in records.workflows:
             self._workflows[wf.id] = wf
+            _insert_ordered(self._wf_order[wf.namespace], (wf.seq, wf.id))
             dependents: dict[str, list[str]] = {s.id: [] for s in wf.steps}
             for step in wf.steps:
                 for dep in step.depends_on:
@@ -722,6 +733,14 @@ class InMemoryTaskStore:
 
     async def aclose(self) -> None:
         """Nothing to release."""
+
+
+def _insert_ordered(order: list[tuple[int, str]], entry: tuple[int, str]) -> None:
+    """Keep ``order`` sorted by seq: new seqs come last, so this is an append."""
+    if not order or order[-1] < entry:
+        order.append(entry)
+    else:
+        bisect.insort(order, entry)
 
 
 def _already_exists(name: str) -> AlreadyExistsError:

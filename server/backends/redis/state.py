@@ -143,6 +143,18 @@ class RedisStateStore:
 
     # -- locks -------------------------------------------------------------------
 
+    async def list_locks(self, namespace: str, *, now: float, limit: int) -> list[LockGrant]:
+        """See StateStore.list_locks (one HGETALL of the namespace's lock hash)."""
+        key = f"{self._base}:st:{len(namespace)}:{namespace}:locks"
+        out: list[LockGrant] = []
+        for name, raw in (await self._r.hgetall(key)).items():
+            rec = json.loads(codec.text(raw))
+            if float(rec["expire"]) > now:
+                out.append(LockGrant(codec.text(name), str(rec["owner"]), str(rec["agent"]),
+                                     int(rec["token"]), float(rec["expire"])))
+        out.sort(key=lambda g: g.name)
+        return out[:limit]
+
     @staticmethod
     def _grant(reply: list[Any]) -> LockGrant:
         agent = codec.text(reply[3])

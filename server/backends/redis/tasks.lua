@@ -847,6 +847,22 @@ end
 function OPS.list_tasks()
   local ns, st, cap, wfid = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
   local before, limit = tonumber(ARGV[6]), tonumber(ARGV[7])
+  -- Optional (older callers pass none): labels as JSON, create_time bounds.
+  local want = {}
+  if ARGV[8] and ARGV[8] ~= '' then want = cjson.decode(ARGV[8]) end
+  local after_t, before_t = tonumber(ARGV[9] or '0') or 0, tonumber(ARGV[10] or '0') or 0
+  local function labels_match(t)
+    local have = t.labels
+    for k, v in pairs(want) do
+      if type(have) ~= 'table' or have[k] ~= v then return false end
+    end
+    return true
+  end
+  local function time_match(t)
+    if after_t == 0 and before_t == 0 then return true end
+    local c = tonumber(t.create_time) or 0
+    return (after_t == 0 or c >= after_t) and (before_t == 0 or c < before_t)
+  end
   local max = '+inf'
   if before > 0 then max = '(' .. before end
   local out, offset, batch = {}, 0, 256
@@ -859,7 +875,8 @@ function OPS.list_tasks()
       if raw then
         local t = cjson.decode(raw)
         if (st == 0 or t.state == st) and (cap == '' or t.capability == cap)
-            and (wfid == '' or t.workflow_id == wfid) then
+            and (wfid == '' or t.workflow_id == wfid) and time_match(t)
+            and labels_match(t) then
           out[#out + 1] = raw
           if #out >= limit then break end
         end

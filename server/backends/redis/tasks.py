@@ -190,8 +190,10 @@ class RedisTaskStore:
         if limit <= 0:
             return []
         state = int(flt.state) if flt.state is not None else 0
+        labels = json.dumps(dict(flt.labels), separators=(",", ":")) if flt.labels else ""
         raws = await self._read("list_tasks", flt.namespace, state, flt.capability,
-                                flt.workflow_id, before_seq, limit)
+                                flt.workflow_id, before_seq, limit, labels,
+                                repr(flt.created_after), repr(flt.created_before))
         return [codec.decode_task(r) for r in raws]
 
     async def get_workflow(self, workflow_id: str) -> Workflow | None:
