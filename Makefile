@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 PROTOS := $(wildcard protos/agentmesh/v1/*.proto)
 
-.PHONY: run test lint typecheck protos buf-lint buf-breaking bench loadtest clean install docs docs-gen actionlint k8s-validate
+.PHONY: system-deps run test lint typecheck protos buf-lint buf-breaking bench loadtest clean install docs docs-gen actionlint k8s-validate
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,7 +57,12 @@ actionlint: $(STAMP)
 k8s-validate: $(STAMP)
 	$(PY) scripts/validate_k8s.py
 
-test: $(STAMP) $(NODE_STAMP) lint typecheck buf-lint buf-breaking actionlint k8s-validate
+## System tools pip cannot bring (Debian packages, as root): promtool, amtool,
+## shellcheck, chromium (the console's browser tests). Does nothing when present.
+system-deps:
+	bash scripts/install-system-deps.sh
+
+test: $(STAMP) $(NODE_STAMP) system-deps lint typecheck buf-lint buf-breaking actionlint k8s-validate
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 ## Regenerate the reference pages (gRPC API from the protos, CLI from its parser, settings).

@@ -3,7 +3,8 @@
 #
 # `promtool` and the `prometheus` server (Debian's `prometheus` package: alert
 # rule checks and the live-Prometheus test), `amtool` (prometheus-alertmanager:
-# the Alertmanager config check) and `shellcheck` (this script's own lint). Run as root. Idempotent: when every tool is
+# the Alertmanager config check), `shellcheck` (this script's own lint) and
+# `chromium` (the web console's browser tests). Run as root. Idempotent: when every tool is
 # already on PATH this exits 0 without touching apt.
 set -euo pipefail
 
@@ -11,6 +12,9 @@ missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v amtool >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
 command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+# Debian's chromium: the console's browser tests drive it with Playwright
+# (nothing ever downloads a browser build).
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 
 if [ "${#missing[@]}" -eq 0 ]; then
     exit 0
