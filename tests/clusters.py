@@ -220,24 +220,27 @@ class RedisCluster:
         self._spawn(node)
         _wait(lambda: node.client().ping(), f"redis node {node.port} answering", 10)
 
-    def wait_failover(self, killed: RedisNode, limit: float = 30.0) -> RedisNode:
-        """Until a live primary serves the slots ``killed`` served; returns it."""
-        promoted: list[RedisNode] = []
+    def wait_failover(self, killed: RedisNode, key: str, limit: float = 30.0) -> RedisNode:
+        """Until a live node other than ``killed`` is the primary of ``key``'s slot and
+        every live node says cluster_state:ok; returns that primary."""
+        found: list[RedisNode] = []
 
-        def served() -> bool:
-            topo = self.topology()
-            live_primaries = [self._node(int(a.rsplit(":", 1)[1])) for a in topo]
-            if len(live_primaries) != self.primaries:
+        def promoted() -> bool:
+            try:
+                primary = self.primary_of(key)
+            except RuntimeError:  # no node lists a primary for the slot yet
+                return False
+            if primary is killed or not primary.alive:
                 return False
             for node in self.nodes:
                 if node.alive and node.client().execute_command(
                         "CLUSTER INFO")["cluster_state"] != "ok":
                     return False
-            promoted[:] = [n for n in live_primaries if n is not killed]
-            return killed not in live_primaries
+            found[:] = [primary]
+            return True
 
-        _wait(served, f"failover of {killed.address}", limit, 0.1)
-        return promoted[0]
+        _wait(promoted, f"failover of {killed.address}", limit, 0.05)
+        return found[0]
 
     def stop(self) -> None:
         """Stop every node (SIGKILL: tests keep nothing)."""

@@ -18,7 +18,8 @@ round trip), and refuses a call whose keys span slots before sending it. It
 also rides out a failover: while a primary is down and its replica not yet
 promoted, commands fail with connection errors or CLUSTERDOWN; redis-py
 retries them a few times without waiting, and this client keeps retrying,
-with jittered backoff, for up to ``failover_timeout`` seconds.
+with jittered backoff, for up to ``failover_timeout`` seconds, then raises
+UnavailableError (UNAVAILABLE to the caller, never INTERNAL).
 
 FUNCTION LOAD goes to every primary (redis-py sends it to all of them); the
 primaries replicate it to their replicas, so a promoted replica already has
@@ -30,11 +31,13 @@ answers "Function not found" and the library is loaded again on every primary
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote
 
 import redis.asyncio as aioredis
@@ -45,7 +48,9 @@ from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCov
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["CLUSTER_SCHEMES", "ClusterAddress", "FunctionCluster", "RedisClient",
+from server.domain.errors import UnavailableError
+
+__all__ = ["CLUSTER_SCHEMES", "FAILOVER_ERRORS", "ClusterAddress", "FunctionCluster", "RedisClient",
            "is_cluster_url", "open_client", "parse_cluster_url"]
 
 logger = logging.getLogger(__name__)
@@ -54,8 +59,11 @@ RedisClient = aioredis.Redis | RedisCluster
 """What the stores talk to: one server or a cluster (the same command methods)."""
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
-_FAILOVER_ERRORS = (RedisConnectionError, RedisTimeoutError, ClusterDownError,
-                    SlotNotCoveredError)
+FAILOVER_ERRORS = (RedisConnectionError, RedisTimeoutError, ClusterDownError,
+                   SlotNotCoveredError)
+"""What a command meets while a primary is down and not yet replaced."""
+
+T = TypeVar("T")
 
 
 def is_cluster_url(url: str) -> bool:
@@ -117,17 +125,26 @@ class FunctionCluster(RedisCluster):
         return await super()._determine_slot(command, *args)
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        return await self.ride_out_failover(
+            lambda: super(FunctionCluster, self).execute_command(*args, **kwargs), str(args[0]))
+
+    async def ride_out_failover(self, attempt: Callable[[], Awaitable[T]], what: str) -> T:
+        """``await attempt()``, again with jittered backoff while it fails with a
+        connection error, a timeout or CLUSTERDOWN, for up to ``failover_timeout``
+        seconds; then UnavailableError. The topology is read again between tries."""
         deadline = time.monotonic() + self.failover_timeout
         delay = 0.05
         while True:
             try:
-                return await super().execute_command(*args, **kwargs)
-            except _FAILOVER_ERRORS as exc:
+                return await attempt()
+            except FAILOVER_ERRORS as exc:
                 if time.monotonic() + delay > deadline:
-                    raise
-                logger.info("redis cluster: %s failed (%s); retrying", args[0], exc)
+                    raise UnavailableError(f"redis cluster: {what} failed: {exc}") from exc
+                logger.info("redis cluster: %s failed (%s); retrying", what, exc)
             await asyncio.sleep(delay * (0.5 + random.random() / 2))
             delay = min(delay * 2, 1.0)
+            with contextlib.suppress(*FAILOVER_ERRORS, RedisClusterException):
+                await self.nodes_manager.initialize()
 
     def slot_primary(self, key: str) -> ClusterNode:
         """The primary node serving ``key``'s slot, as the client knows the topology."""

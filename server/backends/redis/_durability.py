@@ -40,7 +40,7 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
-from server.backends.redis._client import FunctionCluster, RedisClient
+from server.backends.redis._client import FAILOVER_ERRORS, FunctionCluster, RedisClient
 from server.domain.errors import UnavailableError
 
 __all__ = ["Durability", "fcall_durable", "parse_durability"]
@@ -99,15 +99,27 @@ async def fcall_durable(client: RedisClient, durability: Durability, name: str,
     wait_ms = max(1, int(durability.timeout * 1000))
     if isinstance(client, RedisCluster):
         assert isinstance(client, FunctionCluster)
-        primary = client.slot_primary(keys[0])
-        pipe: Any = client.pipeline()
-        pipe.execute_command("FCALL", name, len(keys), *keys, *args)
-        pipe.execute_command("WAIT", durability.replicas, wait_ms, target_nodes=primary)
+        cluster = client
+
+        async def on_cluster() -> tuple[Any, Any]:
+            # The pipeline hands back a node's connection error as a result
+            # (raise_on_error=False): raise it, so the failover is ridden out.
+            pipe: Any = cluster.pipeline()
+            pipe.execute_command("FCALL", name, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", durability.replicas, wait_ms,
+                                 target_nodes=cluster.slot_primary(keys[0]))
+            replies = await pipe.execute(raise_on_error=False)
+            for item in replies:
+                if isinstance(item, FAILOVER_ERRORS):
+                    raise item
+            return replies[0], replies[1]
+
+        reply, acked = await cluster.ride_out_failover(on_cluster, f"FCALL {name} + WAIT")
     else:
         pipe = client.pipeline(transaction=False)
         pipe.execute_command("FCALL", name, len(keys), *keys, *args)
         pipe.execute_command("WAIT", durability.replicas, wait_ms)
-    reply, acked = await pipe.execute(raise_on_error=False)
+        reply, acked = await pipe.execute(raise_on_error=False)
     if isinstance(reply, BaseException):
         raise reply
     if isinstance(acked, BaseException):
