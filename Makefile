@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 PROTOS := $(wildcard protos/agentmesh/v1/*.proto)
 
-.PHONY: system-deps run test lint typecheck protos buf-lint buf-breaking bench loadtest clean install docs docs-gen actionlint k8s-validate
+.PHONY: console system-deps run test lint typecheck protos buf-lint buf-breaking bench loadtest clean install docs docs-gen actionlint k8s-validate
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ actionlint: $(STAMP)
 ## Render every kustomization under deploy/k8s and validate it offline, strict.
 k8s-validate: $(STAMP)
 	$(PY) scripts/validate_k8s.py
+
+## Rebuild the web console (console/: Vite + Preact + dagre) into server/console/static.
+## The bundle is committed, so `pip install` + `agentmesh serve` need no Node;
+## tests/test_console_bundle.py fails when it is older than its sources.
+console: $(NODE_STAMP)
+	npx --no-install vite build --config console/vite.config.mjs
 
 ## System tools pip cannot bring (Debian packages, as root): promtool, amtool,
 ## shellcheck, chromium (the console's browser tests). Does nothing when present.

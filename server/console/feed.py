@@ -155,9 +155,7 @@ class Feed:
             topics = ("state",)
         else:
             return
-        for listener in self._listeners:
-            if listener.namespace == namespace:
-                listener.mark(topics)
+        self.mark(namespace, topics)
 
     def _count(self, namespace: str, state: int) -> None:
         slot = int(self._clock.now() // BUCKET)
@@ -195,6 +193,16 @@ class Feed:
             yield listener
         finally:
             self._listeners.discard(listener)
+
+    def watched_namespaces(self) -> set[str]:
+        """Namespaces some page stream is open on."""
+        return {listener.namespace for listener in self._listeners}
+
+    def mark(self, namespace: str, topics: tuple[str, ...]) -> None:
+        """Tell the namespace's page streams that ``topics`` changed."""
+        for listener in self._listeners:
+            if listener.namespace == namespace:
+                listener.mark(topics)
 
     @property
     def listeners(self) -> int:

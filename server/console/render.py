@@ -98,24 +98,31 @@ def task_detail(task: Task, agent_names: Mapping[str, str]) -> dict[str, Any]:
     }
 
 
+def health(value: Agent, *, now: float, interval: float) -> str:
+    """``ok``, ``late`` (a beat missed), ``hung`` (two or more), ``starting``, ``gone``."""
+    if value.state is AgentState.GONE:
+        return "gone"
+    if value.heartbeat_time == 0:
+        return "starting"
+    missed = int((now - value.heartbeat_time) // interval) if interval > 0 else 0
+    return "hung" if missed >= 2 else "late" if missed >= 1 else "ok"
+
+
 def agent(value: Agent, *, now: float, interval: float, misses: int,
           open_breakers: list[str]) -> dict[str, Any]:
-    """An agent card; ``beats_missed`` makes a hung agent stand out before it is GONE."""
+    """An agent card; ``health`` makes a hung agent stand out before it is GONE."""
     age = now - value.heartbeat_time if value.heartbeat_time else None
-    missed = int(age // interval) if age is not None and interval > 0 else 0
     live = value.state is not AgentState.GONE
-    health = "gone" if not live else ("hung" if missed >= 2 else "late" if missed >= 1
-                                      else "ok")
-    if live and value.heartbeat_time == 0:
-        health = "starting"
+    missed = int(age // interval) if age is not None and interval > 0 and live else None
     return {"id": value.id, "name": value.display_name, "state": value.state.name,
             "capabilities": [c.name for c in value.capabilities],
             "labels": dict(value.labels), "version": value.version,
             "in_flight": value.in_flight, "max_concurrency": value.max_concurrency,
             "load": value.load, "register_time": value.register_time,
             "heartbeat_time": value.heartbeat_time, "heartbeat_age": age,
-            "beats_missed": missed if live else None, "misses_allowed": misses,
-            "health": health, "open_breakers": open_breakers}
+            "heartbeat_interval": interval, "beats_missed": missed, "misses_allowed": misses,
+            "health": health(value, now=now, interval=interval),
+            "open_breakers": open_breakers}
 
 
 def _error(task: Task | None) -> str:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from pathlib import Path
 
 from aiohttp import web
 
+from server.aio import cancel_and_wait
 from server.api.auth import TokenTable
 from server.console import http
 from server.console.access import Access
 from server.console.audit import AuditTrail
 from server.console.context import CONSOLE, PRINCIPAL, Console, ConsoleServices
 from server.console.feed import Feed
+from server.console.liveness import LivenessWatch
 from server.console.routes import ROUTES, Route
 from server.netutil import PortInUseError, ensure_free
 from server.ports import Bus
@@ -93,6 +96,8 @@ class ConsoleServer:
         self.audit = AuditTrail()
         self.console = Console(services, Access(tokens, secure_cookie=self._ssl is not None),
                                self.feed, self.audit)
+        self._liveness = LivenessWatch(services.registry, self.feed, services.clock)
+        self._watching: asyncio.Task[None] | None = None
         self._host = host
         self._port = port
         self._runner: web.AppRunner | None = None
@@ -125,12 +130,16 @@ class ConsoleServer:
                 raise PortInUseError(self._port, "console", self._host) from None
             raise
         self._runner = runner
+        self._watching = asyncio.create_task(self._liveness.run(), name="console-liveness")
         bound = runner.addresses
         self.port = int(bound[0][1]) if bound else self._port
         log.info("agentmesh console on %s", self.url)
 
     async def stop(self) -> None:
         """Close the page streams and the listener. Safe to repeat."""
+        watching, self._watching = self._watching, None
+        if watching is not None:
+            await cancel_and_wait(watching)
         await self.feed.stop()
         runner, self._runner = self._runner, None
         if runner is not None:
