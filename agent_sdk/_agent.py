@@ -128,6 +128,8 @@ class _Session:
         #: Set when the server asks this session to drain (it is shutting down).
         self.drain = asyncio.Event()
         self.drain_grace: float | None = None
+        #: The drain was an operator's (DrainAgent): stop after it, do not reconnect.
+        self.leave = False
 
 
 class Agent:
@@ -243,7 +245,11 @@ class Agent:
                     session = await self._register(conn)
                     attempt = 0
                     await self._serve(conn, session)
-                    if session.drain.is_set():
+                    if session.drain.is_set() and session.leave:
+                        log.info("agent %s: drained by an operator; stopped",
+                                 self._display_name)
+                        stop_requested.set()
+                    elif session.drain.is_set():
                         # That server is shutting down: continue on the next one.
                         self._targets.failover(conn)
                 except (grpc.aio.AioRpcError, _SessionLost, OSError,
@@ -399,10 +405,13 @@ class Agent:
                     self._heartbeat_interval = interval
             elif kind == "drain":
                 grace = response.drain.grace_period.ToTimedelta().total_seconds()
-                log.info("agent %s: server asks to drain (%s); finishing in-flight work, "
-                         "then reconnecting", self._display_name,
-                         response.drain.reason or "no reason given")
+                log.info("agent %s: %s (%s); finishing in-flight work, then %s",
+                         self._display_name,
+                         "drained by an operator" if response.drain.leave
+                         else "server asks to drain", response.drain.reason or "no reason given",
+                         "stopping" if response.drain.leave else "reconnecting")
                 session.drain_grace = grace if grace > 0 else None
+                session.leave = response.drain.leave
                 session.drain.set()
         raise _SessionLost("the heartbeat stream ended")
 

@@ -70,7 +70,7 @@ class Worker:
         self.session = WorkerSession(agent.id, agent.namespace, self.caps, self.concurrency,
                                      self.inbox.put_nowait)
         # A work session needs a live heartbeat session: attach one and keep beating.
-        self.heartbeat = HeartbeatSession(agent.id, lambda _reason, _grace: None,
+        self.heartbeat = HeartbeatSession(agent.id, lambda _reason, _grace, _leave: None,
                                           self.inbox.put_nowait)
         await self.mesh.registry.attach(self.heartbeat)
         self._beats = asyncio.create_task(self._beat(agent.id))

@@ -118,9 +118,9 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServiceServicer):
                 expire_time=convert.to_timestamp(beat.expire_time),
                 heartbeat_interval=interval)))
 
-        def send_drain(reason: str, grace_period: float) -> None:
+        def send_drain(reason: str, grace_period: float, leave: bool) -> None:
             duplex.send(discovery_pb2.HeartbeatResponse(drain=discovery_pb2.DrainDirective(
-                reason=reason, grace_period=convert.to_duration(grace_period))))
+                reason=reason, grace_period=convert.to_duration(grace_period), leave=leave)))
 
         ended: list[SessionEnded] = []
 

@@ -202,14 +202,14 @@ class Leases:
         hb = self.sessions.heartbeat(agent_id)
         if hb is not None and agent_id not in self._told_drain:
             self._told_drain.add(agent_id)
-            hb.send_drain(reason, grace_period)
+            hb.send_drain(reason, grace_period, True)
 
     async def drain_all(self, reason: str, grace_period: float) -> int:
         """Ask every agent attached here to drain; returns how many were told."""
         told = 0
         for hb in self.sessions.heartbeats():
             self._told_drain.add(hb.agent_id)
-            hb.send_drain(reason, grace_period)
+            hb.send_drain(reason, grace_period, False)
             told += 1
             await self.mark_draining(hb.agent_id)
         for worker in self.sessions.workers():

@@ -91,8 +91,9 @@ class HeartbeatSession:
     """One agent's heartbeat stream on this replica."""
 
     agent_id: str
-    send_drain: Callable[[str, float], None]
-    """Send a drain directive (reason, grace period in seconds)."""
+    send_drain: Callable[[str, float, bool], None]
+    """Send a drain directive (reason, grace period in seconds, leave: an operator's
+    drain, the agent should stop rather than reconnect)."""
     end: Callable[[SessionEnded], None]
     """End the stream with this error."""
 

@@ -606,8 +606,14 @@ class DrainDirective(_message.Message):
 
     REASON_FIELD_NUMBER: _builtins.int
     GRACE_PERIOD_FIELD_NUMBER: _builtins.int
+    LEAVE_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     """Why (server shutdown, operator request)."""
+    leave: _builtins.bool
+    """An operator drained this agent (DrainAgent): finish the work in flight and
+    stop, do not register again. False: the server is shutting down; finish
+    and reconnect to another replica.
+    """
     @_builtins.property
     def grace_period(self) -> _duration_pb2.Duration:
         """How long the server waits for in-flight results."""
@@ -617,10 +623,11 @@ class DrainDirective(_message.Message):
         *,
         reason: _builtins.str = ...,
         grace_period: _duration_pb2.Duration | None = ...,
+        leave: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["grace_period", b"grace_period"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grace_period", b"grace_period", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grace_period", b"grace_period", "leave", b"leave", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
