@@ -99,11 +99,15 @@ async def test_cancel_all_and_drain(mesh: Mesh, worker: dict[str, bool],
         assert status == EXIT_OK and "cli-worker DRAINING" in out
         # Told to drain (leave), the SDK agent finishes and stops: no new session.
         async with asyncio.timeout(10):
-            while await client.list_agents(state="ACTIVE") or await client.list_agents(
-                    state="DRAINING"):  # noqa: ASYNC110 - polls the mesh
+            while await _live_agents(client):  # noqa: ASYNC110 - polls the mesh
                 await asyncio.sleep(0.05)
         [agent] = await client.list_agents(state="GONE")
         assert agent.display_name == "cli-worker"
+
+
+async def _live_agents(client: MeshClient) -> bool:
+    return bool(await client.list_agents(state="ACTIVE")
+                or await client.list_agents(state="DRAINING"))
 
 
 async def test_bulk_and_filter_bad_input_is_one_line(
