@@ -50,3 +50,11 @@ def test_observability_page_names_every_alert_and_dashboard() -> None:
     boards = sorted((ROOT / "deploy" / "observability" / "grafana" / "dashboards").glob("*.json"))
     titles = [json.loads(b.read_text())["title"].split(" / ")[-1] for b in boards]
     assert [t for t in titles if f"**{t}**" not in page] == [], titles
+
+
+def test_security_page_names_every_role() -> None:
+    """docs/operations/security.md describes every role of server/api/auth.py."""
+    from server.api.auth import Role  # noqa: PLC0415 - imports the generated protos
+
+    page = (ROOT / "docs" / "operations" / "security.md").read_text(encoding="utf-8")
+    assert [r.value for r in Role if f"- `{r.value}`:" not in page] == []
