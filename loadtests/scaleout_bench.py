@@ -13,8 +13,10 @@ A configuration is (replicas, durability). Each run starts its servers
 (``agentmesh serve`` processes) and agents (``noop_agent.py``, spread round
 robin over the replicas), submits through every replica in turn, and stops
 them. Printed: one JSON line per run, then the medians per configuration with
-ratios to the first one, and CPU per task summed over every process (servers,
-agents, the submitter, every redis-server and nats-server).
+ratios to the first one, CPU per task summed over every process (servers,
+agents, the submitter, every redis-server and nats-server), and the Redis
+commands per task on the primaries (INFO commandstats: Function calls,
+reads), which do not depend on the machine's speed.
 """
 
 from __future__ import annotations
@@ -42,6 +44,21 @@ from agent_sdk import MeshClient  # noqa: E402
 from tests.clusters import NatsCluster, RedisCluster, nats_cluster, redis_cluster  # noqa: E402
 
 PY = sys.executable
+
+
+def redis_calls(rc: RedisCluster) -> dict[str, int]:
+    """Commands executed so far, summed over the cluster's primaries (INFO commandstats)."""
+    total: dict[str, int] = {}
+    for node in rc.nodes:
+        if not node.alive:
+            continue
+        with node.client() as c:
+            if c.info("replication").get("role") != "master":
+                continue
+            for name, stat in c.info("commandstats").items():
+                cmd = name.removeprefix("cmdstat_")
+                total[cmd] = total.get(cmd, 0) + int(stat["calls"])
+    return total
 
 
 def start_servers(rc: RedisCluster, nc: NatsCluster, replicas: int, durability: str,
@@ -115,8 +132,11 @@ async def one_run(rc: RedisCluster, nc: NatsCluster, replicas: int, durability: 
                      **{f"redis{n.port}": n.proc.pid for n in rc.nodes if n.proc},
                      **{f"nats{n.port}": n.proc.pid for n in nc.nodes if n.proc}}
             before = {k: cpu_seconds(pid) for k, pid in procs.items()}
+            calls_before = await asyncio.to_thread(redis_calls, rc)
             result = await w1_spread(clients, args.tasks, args.inflight)
             cpu = {k: cpu_seconds(pid) - before[k] for k, pid in procs.items()}
+            calls_after = await asyncio.to_thread(redis_calls, rc)
+            calls = {k: v - calls_before.get(k, 0) for k, v in calls_after.items()}
             out: dict[str, Any] = {
                 "replicas": replicas, "durability": durability, "agents": args.agents,
                 **result,
@@ -124,7 +144,12 @@ async def one_run(rc: RedisCluster, nc: NatsCluster, replicas: int, durability: 
                 "cpu_us_per_task_by_kind": {
                     kind: round(sum(v for k, v in cpu.items() if k.startswith(kind))
                                 / args.tasks * 1e6)
-                    for kind in ("submitter", "server", "agent", "redis", "nats")}}
+                    for kind in ("submitter", "server", "agent", "redis", "nats")},
+                # Redis commands per task on the primaries (INFO commandstats; the
+                # probes of this script itself are a handful per run)
+                "redis_calls_per_task": {
+                    k: round(v / args.tasks, 2) for k, v in sorted(calls.items())
+                    if v / args.tasks >= 0.05}}
             if args.w2:
                 out["w2"] = await w2(clients[0], args.rate, args.duration)
             return out
@@ -150,7 +175,10 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "replicas": replicas, "durability": durability, "runs": len(mine),
             "w1_tasks_per_s": statistics.median(r["tasks_per_s"] for r in mine),
-            "cpu_us_per_task": statistics.median(r["cpu_us_per_task"] for r in mine)}
+            "cpu_us_per_task": statistics.median(r["cpu_us_per_task"] for r in mine),
+            "fcalls_per_task": statistics.median(
+                r["redis_calls_per_task"].get("fcall", 0.0)
+                + r["redis_calls_per_task"].get("fcall_ro", 0.0) for r in mine)}
         if all("w2" in r for r in mine):
             row["w2_p50_ms"] = statistics.median(r["w2"]["p50_ms"] for r in mine)
             row["w2_p99_ms"] = statistics.median(r["w2"]["p99_ms"] for r in mine)
@@ -159,6 +187,7 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         row["w1_ratio"] = round(row["w1_tasks_per_s"] / base["w1_tasks_per_s"], 2)
         row["cpu_ratio"] = round(row["cpu_us_per_task"] / base["cpu_us_per_task"], 2)
+        row["fcalls_ratio"] = round(row["fcalls_per_task"] / base["fcalls_per_task"], 2)
         if "w2_p99_ms" in row and "w2_p99_ms" in base:
             row["w2_p99_ratio"] = round(row["w2_p99_ms"] / base["w2_p99_ms"], 2)
     return rows
