@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -69,6 +70,17 @@ PROFILES = {
                       full_delay=60.0, full={"DRAIN": "300s"}),
     "soak": Profile(agents=2, concurrency=64, short={"RATE": "50", "DURATION": "20s"}),
 }
+
+
+def seconds(value: str) -> float:
+    """Seconds in a k6 duration ("90s", "10m", "1h", "1m30s" or a bare number of seconds)."""
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        return float(value)
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h)", value)
+    if not parts or "".join(n + u for n, u in parts) != value:
+        raise ValueError(f"not a duration: {value!r}")
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(n) * units[u] for n, u in parts)
 
 
 def free_port() -> int:
