@@ -536,6 +536,10 @@ class Config:
     quiet: bool = False
     service_faults_first: bool = False
     """Start the first round of faults with the service faults (replicas, Redis, NATS)."""
+    min_faults: int = 0
+    """Go on past ``seconds`` (to at most twice as long) until this many faults were
+    injected: on a loaded machine each fault takes longer, and a short campaign
+    would otherwise test little."""
 
 
 FAULT_WEIGHTS = {
@@ -1003,10 +1007,14 @@ class Campaign:
         if self.cfg.service_faults_first:  # order is popped from its end
             order = ([k for k in order if k not in SERVICE_WEIGHTS]
                      + [k for k in order if k in SERVICE_WEIGHTS])
-        while time.monotonic() < until:
+        injected = 0
+        cap = until + self.cfg.seconds
+        while time.monotonic() < until or (injected < self.cfg.min_faults
+                                            and time.monotonic() < cap):
             await asyncio.sleep(rng.uniform(0.4, 1.2))
-            if time.monotonic() >= until:
+            if time.monotonic() >= until and injected >= self.cfg.min_faults:
                 break
+            injected += 1
             if order:
                 kind = order.pop()
             else:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from server.backends.memory import InMemoryAgentRegistry, InMemoryTaskStore
 from server.bus.memory import InProcessBus
-from server.domain.models import Agent, Capability, Task, TaskState
+from server.domain.models import Agent, AgentState, Capability, Task, TaskState
 from server.services.clock import ManualClock
 from server.services.scheduler import Scheduler
 from server.services.sessions import Assignment, Outbound, WorkerSession
@@ -159,5 +159,94 @@ async def test_watch_uses_the_versions_this_replica_made_and_reads_the_rest() ->
         assert again == [stored] and tasks.reads == [["mine"]], "an unknown version is read"
     finally:
         await watch.aclose()
+        await scheduler.stop()
+        await bus.aclose()
+
+
+async def test_a_lease_delivered_on_an_earlier_stream_is_adopted_not_refused() -> None:
+    """The agent's first work stream (replica A) broke after a lease reached it; it
+    reconnected to replica B and reports there. The store holds the lease for this
+    agent under this token, so the report is accepted (it used to be refused
+    STALE_LEASE while the lease was live: nemesis, Redis + NATS, two replicas).
+    Another agent's report under the same token is still refused."""
+    from server.domain.models import Payload  # noqa: PLC0415
+    from server.services.sessions import ReportOutcome  # noqa: PLC0415
+
+    clock = ManualClock()
+    agents, bus = InMemoryAgentRegistry(), InProcessBus()
+    tasks = InMemoryTaskStore(agents=agents)
+    for agent_id in ("a1", "a2"):
+        await agents.register(Agent(id=agent_id, display_name=agent_id,
+                                    capabilities=(Capability("c"),), max_concurrency=1,
+                                    heartbeat_time=clock.now(), expire_time=clock.now() + 60))
+    replica_a, replica_b = (Scheduler(tasks, agents, bus, clock) for _ in range(2))
+    await replica_a.start()
+    await replica_b.start()
+    try:
+        sent_a: list[Outbound] = []
+        on_a = WorkerSession("a1", "default", ("c",), 1, sent_a.append)
+        await replica_a.open_session(on_a)
+        replica_a.grant(on_a, 1)
+        await replica_a.submit(Task(id="t1", capability="c"))
+        await _until(lambda: any(isinstance(m, Assignment) for m in sent_a))
+        token = on_a.in_flight["t1"]
+        on_b = WorkerSession("a1", "default", ("c",), 1, [].append)
+        other = WorkerSession("a2", "default", ("c",), 1, [].append)
+        await replica_b.open_session(on_b)
+        await replica_b.open_session(other)
+        refused = await replica_b.leases.report_results(other, [("t1", token, Payload(b"x"))])
+        assert refused == [ReportOutcome.STALE_LEASE], "another agent's report is refused"
+        assert "t1" not in other.in_flight
+        accepted = await replica_b.leases.report_results(on_b, [("t1", token, Payload(b"ok"))])
+        assert accepted == [ReportOutcome.ACCEPTED]
+        done = await tasks.get_task("t1")
+        assert done is not None and done.state is TaskState.SUCCEEDED
+        assert done.output.data == b"ok" and done.fencing_token == token
+        assert on_b.in_flight == {}, "the adopted lease's slot was returned"
+        again = await replica_b.leases.report_results(on_b, [("t1", token, Payload(b"2"))])
+        assert again == [ReportOutcome.NOT_RUNNING], "a second report is not accepted twice"
+    finally:
+        await replica_a.stop()
+        await replica_b.stop()
+        await bus.aclose()
+
+
+class _SlowGone(InMemoryAgentRegistry):
+    """A registry whose state write takes a second of the manual clock (a slow store)."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        super().__init__()
+        self.clock = clock
+        self.stored_at = 0.0
+
+    async def set_state(self, agent_id: str, state: AgentState, *, now: float) -> Agent | None:
+        self.clock.advance(1.0)
+        agent = await super().set_state(agent_id, state, now=now)
+        self.stored_at = self.clock.now()
+        return agent
+
+
+async def test_the_left_event_is_stamped_after_gone_is_stored() -> None:
+    """A LEFT event's time bounds the leases an agent can have been granted: any
+    lease stamped later was refused by the store. It was stamped before the GONE
+    write, so a slow store made the bound too early (nemesis, Redis + NATS)."""
+    from server.services import events  # noqa: PLC0415
+
+    clock = ManualClock()
+    agents, bus = _SlowGone(clock), InProcessBus()
+    tasks = InMemoryTaskStore(agents=agents)
+    await agents.register(Agent(id="a1", display_name="a", capabilities=(Capability("c"),),
+                                heartbeat_time=clock.now(), expire_time=clock.now() + 60))
+    scheduler = Scheduler(tasks, agents, bus, clock)
+    seen = await bus.subscribe(events.agent_subject("default"))
+    await scheduler.start()
+    try:
+        assert await scheduler.leases.mark_gone("a1", "test")
+        while True:
+            body = events.decode((await asyncio.wait_for(anext(aiter(seen)), 2)).data)
+            if body["type"] == events.AgentEventType.LEFT:
+                break
+        assert body["time"] >= agents.stored_at, "stamped once GONE was stored"
+    finally:
         await scheduler.stop()
         await bus.aclose()

@@ -304,7 +304,7 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             elif kind == "progress":
                 p = req.progress
                 task_id = convert.resource_id(p.task, "tasks", "progress.task")
-                if not leases.holds(session, task_id, p.fencing_token):
+                if not await leases.holds(session, task_id, p.fencing_token):
                     # Not (or no longer) this stream's lease: a progress that crossed a
                     # cancellation or an expiry. Tell the agent to stop that attempt;
                     # the stream and the agent's other tasks carry on.

@@ -155,8 +155,10 @@ class Leases:
                 ended = True
                 log.info("agent %s (%s) gone: %s", agent_id, agent.display_name, reason,
                          extra={"agent_id": agent_id, "event": "agent_gone"})
+                # The event's time is read once GONE is stored: every lease stamped
+                # after it was refused by the store's lease step.
                 await events.announce_agent(self._bus, events.AgentEventType.LEFT, agent_id,
-                                            agent.namespace, now)
+                                            agent.namespace, self._clock.now())
         self._told_drain.discard(agent_id)
         local = self._end_local(agent_id, f"agents/{agent_id} is gone ({reason}); "
                                           "register again")
@@ -330,13 +332,25 @@ class Leases:
 
     # -- reports ---------------------------------------------------------------------
 
-    @staticmethod
-    def holds(session: WorkerSession | None, task_id: str, token: int) -> bool:
+    async def holds(self, session: WorkerSession | None, task_id: str, token: int) -> bool:
         """The one fencing pre-check: does this stream hold this lease?
 
         Without a stream (CompleteTask) only the store's own fencing applies.
+        A lease the store holds for this agent under this token, though this
+        stream never sent it (delivered on an earlier work stream of the
+        agent, on this replica or another, before a reconnect), is adopted:
+        it is this stream's from now on, so its report counts and returns
+        its slot. The store's fencing stays the authority either way.
         """
-        return session is None or session.in_flight.get(task_id) == token
+        if session is None or session.in_flight.get(task_id) == token:
+            return True
+        task = await self._tasks.get_task(task_id)
+        if (task is None or task.state is not TaskState.RUNNING
+                or task.fencing_token != token or task.agent_id != session.agent_id
+                or session.closed):
+            return False
+        session.in_flight[task_id] = token
+        return True
 
     async def refusal(self, task_id: str, token: int) -> int:
         """Why a report under ``token`` was refused: STALE_LEASE or NOT_RUNNING.
@@ -359,7 +373,7 @@ class Leases:
         todo: list[tuple[str, int, Payload]] = []
         index: list[int] = []
         for i, (task_id, token, output) in enumerate(items):
-            if self.holds(session, task_id, token):
+            if await self.holds(session, task_id, token):
                 todo.append((task_id, token, output))
                 index.append(i)
             else:
@@ -389,7 +403,7 @@ class Leases:
     async def report_failure(self, session: WorkerSession | None, task_id: str, token: int,
                              failure: TaskFailure) -> int:
         """Record a failed attempt and schedule what the retry policy says."""
-        if not self.holds(session, task_id, token):
+        if not await self.holds(session, task_id, token):
             return await self.refusal(task_id, token)
         try:
             task = await self._tasks.get_task(task_id)

@@ -52,3 +52,23 @@ async def test_a_retried_cas_put_recognises_its_own_write(request: pytest.Fixtur
         assert await _put(state, "u", b"x", "", "w-3") == blind
         got = await state.get("default", "u", now=100.0)
         assert got is not None and got.version == 1
+
+
+@pytest.mark.parametrize("kind", ["redis", "redis-cluster"])
+async def test_a_retried_cas_put_after_other_writers_recognises_its_own_write(
+        request: pytest.FixtureRequest, kind: str) -> None:
+    """The first run committed, other clients read it and wrote on top before the
+    retry arrived (nemesis, ``redis_reply_loss`` under contention): the entry now
+    carries their write id, yet the retry must still answer what it did."""
+    async with redis_stores("cas-retry-late", redis_url_of(request, kind)) as stores:
+        state = stores.state
+        first = await _put(state, "k", b"v1", 0, "w-1")
+        assert first[0] == "ok"
+        for i in range(3):  # others move the key on: versions 2, 3, 4
+            assert (await _put(state, "k", f"o{i}".encode(), i + 1, f"o-{i}"))[0] == "ok"
+        again = await _put(state, "k", b"v1", 0, "w-1")  # the lost-reply retry
+        assert again == first, "the retry answers the first run's entry (version 1)"
+        stranger = await _put(state, "k", b"v9", 0, "w-9")  # never written: refused
+        assert stranger[0] == "mismatch" and int(stranger[1]) == 4
+        entry = await state.get("default", "k", now=100.0)
+        assert entry is not None and (entry.version, entry.value.data) == (4, b"o2")

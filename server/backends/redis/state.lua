@@ -83,6 +83,26 @@ function OPS.get()
   return raw or false
 end
 
+-- The entry this write id made, when it is among the namespace's last RETRY_REACH
+-- writes: a retry whose first run committed, after which other writers moved the
+-- key on before the retry arrived (the entry itself then carries their id). Read
+-- only on the refusal path. Beyond that reach the retry answers a mismatch.
+local RETRY_REACH = 64
+local LOG_PUT_PREFIX = '{"type":1,"entry":'
+
+local function own_write(key, wid)
+  local needle = ',"w":' .. cjson.encode(wid) .. '}'
+  local tail = redis.call('LRANGE', LOG, -RETRY_REACH, -1)
+  for i = #tail, 1, -1 do
+    local item = tail[i]
+    if string.find(item, needle, 1, true) and item:sub(1, #LOG_PUT_PREFIX) == LOG_PUT_PREFIX then
+      local raw = item:sub(#LOG_PUT_PREFIX + 1, -2)
+      if cjson.decode(raw).key == key then return raw end
+    end
+  end
+  return nil
+end
+
 function OPS.put()
   local key, value, expected, expire, now = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8]
   local wid = ARGV[11] or ''
@@ -95,7 +115,11 @@ function OPS.put()
   redis.call('SADD', NSS, NS)
   local version = 0
   if cur then version = cur.version end
-  if expected ~= '' and tonumber(expected) ~= version then return {'mismatch', version} end
+  if expected ~= '' and tonumber(expected) ~= version then
+    local mine = wid ~= '' and own_write(key, wid)
+    if mine then return {'ok', mine} end
+    return {'mismatch', version}
+  end
   local rev = redis.call('INCR', REV)
   local raw = '{"key":' .. cjson.encode(key) .. ',"value":' .. value .. ',"version":' ..
               (version + 1) .. ',"revision":' .. rev .. ',"update_time":' .. cjson.encode(now) ..

@@ -659,10 +659,24 @@ function OPS.complete_many()
   return table.concat(J)
 end
 
+-- This failure already closed attempt `token` (the script retried after its reply
+-- was lost): the task still carries the token, is no longer RUNNING, and its last
+-- attempt ended with exactly this failure.
+local function failed_before(t, token, failure)
+  if t.state == RUNNING or t.fencing_token ~= tonumber(token) then return false end
+  local last = t.attempts[#t.attempts]
+  return last ~= nil and type(last.failure) == 'table'
+    and last.failure.error_type == failure.error_type and last.failure.message == failure.message
+end
+
 function OPS.fail()
-  local t, err = running(ARGV[2], ARGV[3])
-  if not t then return err end
   local failure = cjson.decode(ARGV[4])
+  local t, err = running(ARGV[2], ARGV[3])
+  if not t then
+    local cur = load(ARGV[2])
+    if cur and failed_before(cur, ARGV[3], failure) then return {'ok', ''} end
+    return err
+  end
   local verdict, retry_at, now = ARGV[5], ARGV[6], ARGV[7]
   local n = copy(t)
   n.failure = failure
