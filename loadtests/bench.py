@@ -103,7 +103,8 @@ def start_servers(args: argparse.Namespace) -> tuple[list[subprocess.Popen[bytes
             env["AGENTMESH_AUTH_FILE"] = args.auth_file
         metrics_port = str(free_port()) if args.observability else "0"
         cmd = [PY, "-m", "server.cli", "serve", "--port", str(port), "--metrics-port", metrics_port,
-               "--console-port", "0", "--store", args.store, "--bus", args.bus]
+               "--console-port", str(free_port()) if args.console else "0",
+               "--store", args.store, "--bus", args.bus]
         procs.append(subprocess.Popen(cmd, cwd=args.code, env=env))
         targets.append(f"127.0.0.1:{port}")
     return procs, targets
@@ -269,6 +270,9 @@ async def main() -> None:
     parser.add_argument("--observability", action="store_true",
                         help="metrics endpoint on, and tracing on in every process (spans "
                              "written as JSON lines to a temp file, like an exporter would)")
+    parser.add_argument("--console", action="store_true",
+                        help="serve with the web console on (its live feed reads every task "
+                             "event), to measure what it costs")
     parser.add_argument("--auth", action="store_true",
                         help="run the server with a generated token file; clients and "
                              "agents send tokens")

@@ -898,7 +898,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = auth.add_parser("hash-token", help="hash a token read from stdin (or --generate one)")
     p.add_argument("--generate", action="store_true", help="generate a random token")
     p.add_argument("--name", help="principal name for the printed entry")
-    p.add_argument("--role", choices=["agent", "client", "admin"], default="client")
+    p.add_argument("--role", choices=["agent", "client", "admin", "viewer"], default="client")
     p.add_argument("--namespace", dest="namespaces", action="append",
                    help="namespace of the principal (repeatable; \"*\" for all)")
 

@@ -199,6 +199,17 @@ class TaskStore(Protocol):
         """
         ...
 
+    async def scan_tasks(self, flt: TaskFilter, *, before_seq: int, limit: int,
+                         max_scan: int) -> tuple[list[Task], int]:
+        """``list_tasks`` reading at most ``max_scan`` tasks, for pages whose cost is bounded.
+
+        Returns the matches (at most ``limit``, newest first) and where to resume:
+        the seq of the last task read (pass it as ``before_seq``), or 0 when
+        there is nothing older to read. A page may thus hold fewer than
+        ``limit`` tasks, even none, and still not be the last.
+        """
+        ...
+
     async def get_workflow(self, workflow_id: str) -> Workflow | None:
         """One workflow, or None."""
         ...

@@ -34,10 +34,13 @@ async def overview(request: web.Request) -> web.Response:
     live_caps = await scheduler.live_capabilities(ns)
 
     by_state = Counter(a.state.name for a in agents)
-    cards = [card(request, a, now) for a in agents if a.state is not AgentState.GONE]
-    health = Counter(str(x["health"]) for x in cards)
-    troubled = sorted((x for x in cards if x["health"] in ("hung", "late")),
-                      key=lambda x: -float(str(x["heartbeat_age"] or 0)))[:10]
+    interval = c.services.registry.config.heartbeat_interval
+    classed = [(render.health(a, now=now, interval=interval), a) for a in agents
+               if a.state is not AgentState.GONE]
+    health = Counter(h for h, _ in classed)
+    worst = sorted((a for h, a in classed if h in ("hung", "late")),
+                   key=lambda a: a.heartbeat_time)[:10]
+    troubled = [card(request, a, now) for a in worst]
     offered: Counter[str] = Counter()
     for a in agents:
         if a.state is AgentState.ACTIVE:

@@ -15,6 +15,10 @@ from server.domain.models import Task
 from server.ports import TaskFilter
 
 PAGE = 50
+MAX_SCAN = 20_000
+"""Tasks one page request reads at most: a filter that matches little (a label
+nobody has, over 100,000 tasks) returns a short page and a cursor rather than
+holding the server's event loop for a whole-namespace scan."""
 
 
 def _filter_key(flt: TaskFilter) -> str:
@@ -30,10 +34,11 @@ async def page_of(request: web.Request, flt: TaskFilter) -> dict[str, Any]:
     before = convert.decode_page_token(http.text(request, "page_token", 8192),
                                        _filter_key(flt), convert.Cursor.SEQ)
     scheduler = console(request).services.scheduler
-    tasks = await scheduler.list_tasks(flt, before_seq=before, limit=size + 1)
-    token = (convert.encode_page_token(tasks[size - 1].seq, _filter_key(flt))
-             if len(tasks) > size else "")
-    return {"tasks": [render.task_row(t) for t in tasks[:size]], "next_page_token": token}
+    tasks, resume = await scheduler.scan_tasks(flt, before_seq=before, limit=size,
+                                               max_scan=MAX_SCAN)
+    token = convert.encode_page_token(resume, _filter_key(flt)) if resume else ""
+    return {"tasks": [render.task_row(t) for t in tasks], "next_page_token": token,
+            "partial": bool(resume) and len(tasks) < size, "scanned_up_to": MAX_SCAN}
 
 
 async def list_tasks(request: web.Request) -> web.Response:

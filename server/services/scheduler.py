@@ -278,6 +278,12 @@ class Scheduler:
         """A page of tasks, newest first."""
         return await self._tasks.list_tasks(flt, before_seq=before_seq, limit=limit)
 
+    async def scan_tasks(self, flt: TaskFilter, *, before_seq: int, limit: int,
+                         max_scan: int) -> tuple[list[Task], int]:
+        """A page of tasks reading at most ``max_scan`` (see ``TaskStore.scan_tasks``)."""
+        return await self._tasks.scan_tasks(flt, before_seq=before_seq, limit=limit,
+                                            max_scan=max_scan)
+
     async def get_workflow(self, workflow_id: str) -> tuple[Workflow, dict[str, Task]]:
         """A workflow and its step tasks by step id (NotFoundError)."""
         wf = await self._tasks.get_workflow(workflow_id)

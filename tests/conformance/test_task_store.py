@@ -1154,3 +1154,61 @@ async def test_waiting_by_capability(store: TaskStore, agents: AgentRegistry) ->
     stats = await store.stats(NS)
     assert dict(stats.waiting_by_capability) == {
         ("a", TaskState.QUEUED): 1, ("b", TaskState.QUEUED): 1}
+
+
+async def test_list_tasks_by_state_and_capability_through_redrives_and_cancels(
+        store: TaskStore, agents: AgentRegistry) -> None:
+    """Lists by an ended state stay exact while tasks leave it and come back, many times."""
+    await live_agents(agents, "a")
+    for i in range(6):
+        await store.create_task(mk(f"c{i}", "cap" if i % 2 else "other"))
+    for i in range(6):
+        await store.cancel_task(f"c{i}", "test", now=T0)
+    for _round in range(40):  # re-drive and cancel again: stale index entries pile up
+        for i in (1, 2):
+            await store.redrive(f"c{i}", None, now=T0)
+            await store.cancel_task(f"c{i}", "again", now=T0)
+    await store.redrive("c3", None, now=T0)
+    cancelled = await store.list_tasks(TaskFilter(NS, state=TaskState.CANCELLED), before_seq=0,
+                                       limit=10)
+    assert [t.id for t in cancelled] == ["c2", "c1", "c5", "c4", "c0"]
+    page = await store.list_tasks(TaskFilter(NS, state=TaskState.CANCELLED), before_seq=0,
+                                  limit=2)
+    rest = await store.list_tasks(TaskFilter(NS, state=TaskState.CANCELLED),
+                                  before_seq=page[-1].seq, limit=10)
+    assert [t.id for t in page + rest] == ["c2", "c1", "c5", "c4", "c0"]
+    by_cap = await store.list_tasks(TaskFilter(NS, state=TaskState.CANCELLED, capability="cap"),
+                                    before_seq=0, limit=10)
+    assert [t.id for t in by_cap] == ["c1", "c5"]
+    assert [t.id for t in await store.list_tasks(TaskFilter(NS, capability="cap"),
+                                                 before_seq=0, limit=10)] == [
+        "c3", "c1", "c5"]
+    assert await store.list_tasks(TaskFilter(NS, capability="nope"), before_seq=0,
+                                  limit=10) == []
+
+
+async def test_scan_tasks_bounds_the_read_and_resumes(
+        store: TaskStore, agents: AgentRegistry) -> None:
+    """A filter matching few tasks is read in bounded steps; resuming finds them all."""
+    for i in range(12):
+        labels = {"team": "rare"} if i in (1, 7) else {"team": "common"}
+        await store.create_task(replace(mk(f"s{i:02d}"), labels=labels))
+    flt = TaskFilter(NS, labels={"team": "rare"})
+    found: list[str] = []
+    before, steps = 0, 0
+    while True:
+        page, before = await store.scan_tasks(flt, before_seq=before, limit=10, max_scan=4)
+        steps += 1
+        assert len(page) <= 10
+        found += [t.id for t in page]
+        if not before:
+            break
+    assert found == ["s07", "s01"]
+    assert steps >= 3  # 12 tasks, at most 4 read per step
+    full, resume = await store.scan_tasks(TaskFilter(NS), before_seq=0, limit=3, max_scan=100)
+    assert [t.id for t in full] == ["s11", "s10", "s09"] and resume == full[-1].seq
+    rest, end = await store.scan_tasks(TaskFilter(NS), before_seq=resume, limit=100,
+                                       max_scan=100)
+    assert [t.id for t in rest] == [f"s{i:02d}" for i in range(8, -1, -1)] and end == 0
+    assert await store.scan_tasks(TaskFilter("empty-ns"), before_seq=0, limit=5,
+                                  max_scan=5) == ([], 0)

@@ -53,6 +53,8 @@ export function Tasks() {
       {!data ? (!error && <Loading what="tasks" />) : (
         <>
           <TaskTable tasks={data.tasks} now={now} />
+          {data.partial && <p class="muted" data-testid="partial">Read {data.scanned_up_to.toLocaleString()} tasks
+            without filling the page; <em>Older →</em> reads on.</p>}
           <Pager token={data.next_page_token} atStart={!tokens.length}
             onOlder={(t) => setTokens([...tokens, t])} onNewest={() => setTokens([])} />
         </>

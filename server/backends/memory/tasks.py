@@ -51,6 +51,8 @@ from server.domain.models import (
 from server.ports import FailVerdict, TaskFilter, TaskRecords, Transition
 
 _BACKLOG_STATES = (TaskState.PENDING, TaskState.QUEUED, TaskState.RETRYING)
+_INDEXED_STATES = frozenset({TaskState.DEAD_LETTERED, TaskState.FAILED, TaskState.CANCELLED})
+"""States with their own seq index: where operators look, and few tasks are."""
 
 
 class InMemoryTaskStore:
@@ -76,6 +78,12 @@ class InMemoryTaskStore:
         # sort; an entry is stale once its task took a newer seq (a re-drive).
         self._order: dict[str, list[tuple[int, str]]] = defaultdict(list)
         self._wf_order: dict[str, list[tuple[int, str]]] = defaultdict(list)
+        # The same per (namespace, capability), and per (namespace, state) for the
+        # states a human looks for (rare, so keeping them sorted costs little),
+        # so a filtered list reads the candidates only (see list_tasks).
+        self._cap_order: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
+        self._state_order: dict[tuple[str, TaskState], list[tuple[int, str]]] = (
+            defaultdict(list))
         self._counts: dict[str, dict[TaskState, int]] = defaultdict(lambda: defaultdict(int))
         self._cap_counts: dict[str, dict[tuple[str, TaskState], int]] = defaultdict(
             lambda: defaultdict(int))
@@ -143,9 +151,31 @@ class InMemoryTaskStore:
             heapq.heappush(self._lease_heap, (new.lease_deadline, new.id, new.fencing_token))
         if old is None or old.seq != new.seq:
             _insert_ordered(self._order[new.namespace], (new.seq, new.id))
+            _insert_ordered(self._cap_order[(new.namespace, new.capability)], (new.seq, new.id))
+        if new.state in _INDEXED_STATES and (prev is not new.state or old is None
+                                             or old.seq != new.seq):
+            self._index_state(new)
         self._tasks[new.id] = new
         changes.append(TaskChange(new, prev))
         return new
+
+    def _index_state(self, task: Task) -> None:
+        """Add a task entering an indexed state; drop stale entries when they pile up."""
+        order = self._state_order[(task.namespace, task.state)]
+        _insert_ordered(order, (task.seq, task.id))
+        if len(order) > 2 * self._counts[task.namespace][task.state] + 64:
+            tasks = self._tasks
+            order[:] = [(seq, tid) for seq, tid in order
+                        if (t := tasks.get(tid)) is not None and t.seq == seq
+                        and (t.state is task.state or tid == task.id)]
+
+    def _candidates(self, flt: TaskFilter) -> list[tuple[int, str]] | None:
+        """The smallest seq index that holds every task ``flt`` can match."""
+        if flt.state in _INDEXED_STATES:
+            return self._state_order.get((flt.namespace, flt.state))
+        if flt.capability:
+            return self._cap_order.get((flt.namespace, flt.capability))
+        return self._order.get(flt.namespace)
 
     def _backlog(self, namespace: str) -> int:
         counts = self._counts[namespace]
@@ -267,9 +297,9 @@ class InMemoryTaskStore:
         return [tasks.get(task_id) for task_id in task_ids]
 
     async def list_tasks(self, flt: TaskFilter, *, before_seq: int, limit: int) -> list[Task]:
-        """See TaskStore.list_tasks (newest first from the seq index; no sort)."""
+        """See TaskStore.list_tasks (newest first from a seq index; no sort)."""
         out: list[Task] = []
-        order = self._order.get(flt.namespace)
+        order = self._candidates(flt)
         if not order or limit <= 0:
             return out
         end = bisect.bisect_left(order, (before_seq, "")) if before_seq else len(order)
@@ -283,6 +313,30 @@ class InMemoryTaskStore:
             if len(out) >= limit:
                 break
         return out
+
+    async def scan_tasks(self, flt: TaskFilter, *, before_seq: int, limit: int,
+                         max_scan: int) -> tuple[list[Task], int]:
+        """See TaskStore.scan_tasks (the candidates' seq index, at most ``max_scan`` read)."""
+        out: list[Task] = []
+        order = self._candidates(flt)
+        if not order or limit <= 0:
+            return out, 0
+        end = bisect.bisect_left(order, (before_seq, "")) if before_seq else len(order)
+        tasks = self._tasks
+        read = 0
+        for i in range(end - 1, -1, -1):
+            seq, task_id = order[i]
+            task = tasks.get(task_id)
+            if task is None or task.seq != seq:
+                continue
+            read += 1
+            if flt.matches(task):
+                out.append(task)
+                if len(out) >= limit:
+                    return out, seq if i > 0 else 0
+            if read >= max_scan:
+                return out, seq if i > 0 else 0
+        return out, 0
 
     async def get_workflow(self, workflow_id: str) -> Workflow | None:
         """See TaskStore.get_workflow."""

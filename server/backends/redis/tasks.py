@@ -196,6 +196,31 @@ class RedisTaskStore:
                                 repr(flt.created_after), repr(flt.created_before))
         return [codec.decode_task(r) for r in raws]
 
+    async def scan_tasks(self, flt: TaskFilter, *, before_seq: int, limit: int,
+                         max_scan: int) -> tuple[list[Task], int]:
+        """See TaskStore.scan_tasks: the ids by seq (one ZREVRANGEBYSCORE of at most
+        ``max_scan``), their documents (one MGET), filtered here. Two reads, not one
+        atomic step: a list is a snapshot of nothing in particular anyway."""
+        if limit <= 0 or max_scan <= 0:
+            return [], 0
+        high = f"({before_seq}" if before_seq else "+inf"
+        ids: list[tuple[Any, float]] = await self._r.zrevrangebyscore(  # type: ignore[assignment]
+            self._key("tasks", flt.namespace), high, "-inf", start=0, num=max_scan,
+            withscores=True)
+        if not ids:
+            return [], 0
+        raws = await self._r.mget([self._key("task", codec.text(i)) for i, _ in ids])
+        out: list[Task] = []
+        for (_, score), raw in zip(ids, raws, strict=True):
+            if not raw:
+                continue
+            task = codec.decode_task(codec.text(raw))
+            if flt.matches(task):
+                out.append(task)
+                if len(out) >= limit:
+                    return out, int(score)
+        return out, int(ids[-1][1]) if len(ids) == max_scan else 0
+
     async def get_workflow(self, workflow_id: str) -> Workflow | None:
         """See TaskStore.get_workflow."""
         raw = await self._r.get(self._key("wf", workflow_id))
