@@ -58,6 +58,9 @@ pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 CAP = "failover"
 RATE = 60.0
 """Submits per second (one at a time, so the rate is what the servers sustain)."""
+EXECUTION_TIMEOUT = 5.0
+"""Lease of one attempt (handlers take 20 ms): the backstop that requeues a lease
+that was written but never delivered (its store reply lost in the fault)."""
 AFTER = 2.0
 """Seconds the load goes on after the last fault."""
 LIMIT = 40.0
@@ -75,7 +78,8 @@ async def _submit(targets: list[str], i: int, request_id: str,
             async with grpc.aio.insecure_channel(target) as ch:
                 resp = await task_pb2_grpc.TaskServiceStub(ch).SubmitTask(
                     task_pb2.SubmitTaskRequest(task=task_pb2.Task(
-                        capability=CAP, input=js(i), retry_policy=PY_RETRY),
+                        capability=CAP, input=js(i), retry_policy=PY_RETRY,
+                        execution_timeout={"seconds": int(EXECUTION_TIMEOUT)}),
                         request_id=request_id), timeout=10)
             return str(resp.task.name)
         except grpc.aio.AioRpcError as err:
@@ -172,12 +176,12 @@ async def _run(tmp_path: Path, procs: list[AgentProc | Server], record_property:
         if time.monotonic() > deadline:
             tasks = [await client.get(n) for n in names]
             states = Counter([task_pb2.TaskState.Name(t.state) for t in tasks])
-            open_ = [(t.name, t.agent, t.attempt, t.fencing_token) for t in tasks
-                     if t.state != task_pb2.TASK_STATE_SUCCEEDED]
+            open_ = [(t.name, task_pb2.TaskState.Name(t.state), t.agent, t.attempt)
+                     for t in tasks if t.state != task_pb2.TASK_STATE_SUCCEEDED]
             async with grpc.aio.insecure_channel(a.address) as ch:
                 holders = [await discovery_pb2_grpc.DiscoveryServiceStub(ch).GetAgent(
                     discovery_pb2.GetAgentRequest(name=agent), timeout=5)
-                    for _, agent, _, _ in open_ if agent]
+                    for _, _, agent, _ in open_ if agent]
             raise AssertionError(f"tasks not ended 60 s after the faults: {states} {open_} "
                                  f"{[(h.agent.name, h.agent.state) for h in holders]}")
         await asyncio.sleep(0.2)
@@ -211,6 +215,10 @@ async def _run(tmp_path: Path, procs: list[AgentProc | Server], record_property:
     assert stale and set(stale) <= {grpc.StatusCode.ABORTED,
                                     grpc.StatusCode.FAILED_PRECONDITION}, stale
     reattempted = sum(1 for _, token in accepted if token > 1)
+    expired = 0
+    for name in names:
+        task = await client.get(name)
+        expired += sum(1 for a in task.attempts if a.failure.error_type == "LEASE_EXPIRED")
     window = events["redis_promoted"] - events["redis_kill"]
     unavailable = events["redis_replica_back"] - events["redis_promoted"]
     record_property("tasks", len(names))
@@ -221,6 +229,7 @@ async def _run(tmp_path: Path, procs: list[AgentProc | Server], record_property:
     record_property("redis_replica_restore_s", round(unavailable, 2))
     record_property("reattempted_tasks", reattempted)
     record_property("stale_replays_refused", sum(stale.values()))
+    record_property("leases_expired", expired)
     record_property("agent_refusals", counts["refused"])
     # the load ran before and after the faults (a count, not a speed: >= 10 tasks)
     assert sum(1 for t in acked_at if t < events["redis_kill"]) >= 10
