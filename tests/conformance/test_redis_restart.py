@@ -138,3 +138,25 @@ async def test_nothing_lost_after_sigkill_and_client_recovers(
         assert nxt.task.id == best.id
     finally:
         await stores.aclose()
+
+
+async def test_redis_down_is_unavailable_not_internal(private_redis: PrivateRedis) -> None:
+    """Once the client's retries are spent, a store call with Redis down raises
+    UnavailableError (UNAVAILABLE to clients, so they retry or fail over); it used
+    to raise redis' ConnectionError, which reached clients as INTERNAL."""
+    from server.domain.errors import UnavailableError  # noqa: PLC0415
+
+    stores = await RedisStores.connect(private_redis.url, prefix=unique_prefix("down"),
+                                       retries=1, socket_timeout=0.5)
+    try:
+        await stores.tasks.create_task(Task(id="t1", capability="cap", namespace=NS,
+                                            create_time=T0, update_time=T0))
+        await private_redis.kill()
+        with pytest.raises(UnavailableError) as err:
+            await stores.tasks.get_task("t1")
+        assert err.value.reason == "STORE_UNAVAILABLE"
+        await private_redis.start()  # and it recovers on its own
+        got = await stores.tasks.get_task("t1")
+        assert got is not None and got.id == "t1"
+    finally:
+        await stores.aclose()

@@ -153,6 +153,19 @@ class FunctionCluster(RedisCluster):
         return node
 
 
+class GuardedRedis(aioredis.Redis):
+    """One server: a command that still fails with a connection error or a
+    timeout once redis-py's retries are spent raises UnavailableError
+    (UNAVAILABLE to the caller, never INTERNAL), so clients retry or fail over."""
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise UnavailableError(f"redis: {args[0] if args else 'command'} failed: {exc}",
+                                   reason="STORE_UNAVAILABLE") from exc
+
+
 def open_client(url: str, *, socket_timeout: float = 5.0, retries: int = 8,
                 failover_timeout: float = 30.0) -> RedisClient:
     """A client for the store URL (not connected yet; the first command connects).
@@ -162,7 +175,7 @@ def open_client(url: str, *, socket_timeout: float = 5.0, retries: int = 8,
     Cluster: redis-py's own retries, then up to ``failover_timeout`` seconds more.
     """
     if not is_cluster_url(url):
-        return aioredis.Redis.from_url(
+        return GuardedRedis.from_url(
             url, decode_responses=True, socket_timeout=socket_timeout,
             socket_connect_timeout=socket_timeout, health_check_interval=30,
             retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=2.0), retries),
