@@ -381,8 +381,9 @@ class NemesisServer(Server):
         finally:
             if self.log:
                 out.close()  # type: ignore[union-attr]
+        # Generous: on a machine loaded far past its cores a restart takes seconds.
         async with grpc.aio.insecure_channel(self.address) as ch:
-            await asyncio.wait_for(ch.channel_ready(), 20)
+            await asyncio.wait_for(ch.channel_ready(), 90)
         return self
 
 
