@@ -66,7 +66,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def wait_port(port: int, limit: float = 20.0) -> None:
+async def wait_port(port: int, limit: float = 60.0) -> None:
     """Until something listens on the port."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
@@ -120,7 +120,7 @@ def start_agents(targets: list[str], n: int, concurrency: int,
         for i in range(n)]
 
 
-async def wait_agents(client: MeshClient, n: int, limit: float = 20.0) -> None:
+async def wait_agents(client: MeshClient, n: int, limit: float = 60.0) -> None:
     """Until n agents offer the capability."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:

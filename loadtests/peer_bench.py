@@ -131,12 +131,11 @@ def run_mesh(svc: Services, args: argparse.Namespace, workload: str, *, embedded
     """One bench.py run of one workload; W1's CPU gets redis-server and nats-server."""
     cmd = [PY, str(HERE / "bench.py"), "--only", workload, "--tasks", str(args.tasks),
            "--rate", str(args.rate), "--duration", str(args.duration)]
-    env = dict(os.environ)
     if not embedded:
         cmd += ["--store", svc.redis_url, "--bus", svc.nats_url]
-    if code is not None:
-        cmd += ["--code", str(code)]
-        env["PYTHONPATH"] = f"{code}:{code / 'gen'}"
+    tree = code or HERE.parent  # every process imports this tree's code, never an install's
+    cmd += ["--code", str(tree)]
+    env = {**os.environ, "PYTHONPATH": f"{tree}:{tree / 'gen'}"}
     before = {"redis": cpu_seconds(svc.redis.pid), "nats": cpu_seconds(svc.nats.pid)}
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     after = {"redis": cpu_seconds(svc.redis.pid), "nats": cpu_seconds(svc.nats.pid)}
