@@ -152,9 +152,16 @@ def coverage_bar(run_tests: bool) -> Bar:
     if not data.exists():
         return Bar("Test coverage", ">= 80 %", ours, "no coverage data: run `make test` first "
                    "(or pass --run-tests)", False, "coverage of server/ and agent_sdk/")
+    written = datetime.fromtimestamp(data.stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    changed = [p for d in ("server", "agent_sdk") for p in (ROOT / d).rglob("*.py")
+               if p.stat().st_mtime > data.stat().st_mtime]
+    if changed:
+        # Lines are matched by number: data of an older tree miscounts the files changed since.
+        return Bar("Test coverage", ">= 80 %", ours, f"stale coverage data ({written}): "
+                   f"{len(changed)} source files changed since; run `make test` again",
+                   False, "coverage of server/ and agent_sdk/")
     cov.load()
     total = cov.report(file=io.StringIO())
-    written = datetime.fromtimestamp(data.stat().st_mtime, UTC).strftime("%Y-%m-%d %H:%M UTC")
     return Bar("Test coverage", ">= 80 %", ours, f"{total:.1f} % (data of {written})",
                total >= max(80.0, fail_under),
                "make test (pytest-cov, subprocesses included): server/ + agent_sdk/")
