@@ -50,7 +50,7 @@ class Server:
         self.proc = subprocess.Popen(  # noqa: ASYNC220 - spawning is instant
             [sys.executable, "-c", SERVE], cwd=ROOT, env=self.env, stdout=out, stderr=out)
         async with grpc.aio.insecure_channel(self.address) as ch:
-            await asyncio.wait_for(ch.channel_ready(), 20)
+            await asyncio.wait_for(ch.channel_ready(), 60)  # loaded 2-core box: slow imports
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
