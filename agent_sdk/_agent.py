@@ -29,7 +29,12 @@ from agent_sdk._client import DEFAULT_MAX_MESSAGE_BYTES, ChannelConfig, _Conn, _
 from agent_sdk._payload import decode_payload, encode_payload
 from agent_sdk._retry import backoff_delay
 from agent_sdk._tracing import configure_tracing, handler_span, task_log_context
-from agent_sdk.errors import NonRetryableError, RetryableError, rpc_error_from
+from agent_sdk.errors import (
+    ChunkRefusedError,
+    NonRetryableError,
+    RetryableError,
+    rpc_error_from,
+)
 
 __all__ = ["Agent", "Handler", "TaskContext"]
 
@@ -72,6 +77,8 @@ class TaskContext:
         self.step_id: str = task.step_id
         #: Set when the server cancels the task (the handler is cancelled too).
         self.cancelled = asyncio.Event()
+        #: Set when the server refused a chunk (see :meth:`emit`); later emits raise.
+        self.chunk_refusal: ChunkRefusedError | None = None
 
     @cached_property
     def input(self) -> Any:
@@ -102,6 +109,51 @@ class TaskContext:
             task=self.name, fencing_token=self.fencing_token, message=message)))
 
 
+    async def emit(self, text: str, *, artifact: str = "output", last: bool = False) -> None:
+        """Stream text (LLM tokens...) to the task's watchers while the handler runs.
+
+        Chunks reach watchers in the order emitted, numbered from 1, and are
+        kept with the task (``MeshClient.watch_chunks``; A2A artifact updates).
+        Raises :class:`ChunkRefusedError` when the chunk is over the server's
+        size limit or an earlier chunk was refused (count limit, lease ended).
+        """
+        await self._emit(task_pb2.TaskChunk(kind=task_pb2.TASK_CHUNK_KIND_TEXT, text=text,
+                                            artifact=artifact, last_chunk=last))
+
+    async def emit_artifact(self, data: Any, *, artifact: str = "output",
+                            last: bool = False) -> None:
+        """Stream a piece of an artifact (any JSON value, or bytes); see :meth:`emit`."""
+        await self._emit(task_pb2.TaskChunk(kind=task_pb2.TASK_CHUNK_KIND_ARTIFACT,
+                                            data=encode_payload(data), artifact=artifact,
+                                            last_chunk=last))
+
+    async def emit_progress(self, message: str, fraction: float = 0.0) -> None:
+        """Stream a progress note (``fraction`` 0..1, 0 when unknown); see :meth:`emit`.
+
+        Unlike :meth:`progress` it does not renew the lease.
+        """
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError("fraction must be within 0..1")
+        await self._emit(task_pb2.TaskChunk(kind=task_pb2.TASK_CHUNK_KIND_PROGRESS,
+                                            text=message, progress=fraction))
+
+    async def _emit(self, chunk: task_pb2.TaskChunk) -> None:
+        if self.chunk_refusal is not None:
+            raise self.chunk_refusal
+        session = self._session
+        size = len(chunk.text.encode()) + chunk.data.ByteSize() + len(chunk.artifact)
+        if session.max_chunk_bytes and size > session.max_chunk_bytes:
+            raise ChunkRefusedError("CHUNK_TOO_LARGE", (
+                f"the chunk is {size} bytes; the server keeps at most "
+                f"{session.max_chunk_bytes} per chunk"))
+        if session.closed or self.cancelled.is_set():
+            return
+        chunk.task = self.name
+        chunk.fencing_token = self.fencing_token
+        await session.outbox.put(task_pb2.ProcessTasksRequest(
+            chunks=task_pb2.TaskChunkBatch(chunks=[chunk])))
+
+
 class _Running:
     """A running handler."""
 
@@ -125,6 +177,8 @@ class _Session:
             maxsize=outbox_size)
         self.credits = 0
         self.closed = False
+        #: Largest chunk the server keeps (0: not told).
+        self.max_chunk_bytes = 0
         #: Set when the server asks this session to drain (it is shutting down).
         self.drain = asyncio.Event()
         self.drain_grace: float | None = None
@@ -357,6 +411,7 @@ class Agent:
             if first is grpc.aio.EOF or not isinstance(first, task_pb2.ProcessTasksResponse) \
                     or first.WhichOneof("kind") != "opened":
                 raise _SessionLost("the work stream did not open")
+            session.max_chunk_bytes = first.opened.max_chunk_bytes
             self._accepting = True
             await work.write(task_pb2.ProcessTasksRequest(
                 credit=task_pb2.TaskCredit(count=self._max_concurrency)))
@@ -432,6 +487,7 @@ class Agent:
                 ready.append(outbox.get_nowait())
             results: list[task_pb2.TaskResult] = []
             failures: list[task_pb2.TaskFailureReport] = []
+            chunks: list[task_pb2.TaskChunk] = []
             for message in ready:
                 if message is None:
                     continue
@@ -440,8 +496,13 @@ class Agent:
                     results.append(message.result)
                 elif kind == "failure":
                     failures.append(message.failure)
+                elif kind == "chunks":
+                    chunks.extend(message.chunks.chunks)
                 else:
                     await call.write(message)
+            # Chunks go before the results: a handler's chunks precede its result.
+            for batch in chunk_batches(chunks, session.max_message_bytes):
+                await call.write(batch)
             if len(results) + len(failures) == 1:
                 await call.write(task_pb2.ProcessTasksRequest(result=results[0]) if results
                                  else task_pb2.ProcessTasksRequest(failure=failures[0]))
@@ -477,6 +538,8 @@ class Agent:
                     log.info("result for %s (token %d) refused: %s", ack.task,
                              ack.fencing_token,
                              "stale lease" if ack.outcome == _STALE else "not running")
+            elif kind == "chunk_ack":
+                self._chunk_refused(response.chunk_ack)
             elif kind == "cancellation":
                 c = response.cancellation
                 entry = running.get(c.task)
@@ -486,6 +549,15 @@ class Agent:
                     entry.context.cancelled.set()
                     entry.task.cancel()
         raise _SessionLost("the work stream ended")
+
+    def _chunk_refused(self, ack: task_pb2.TaskChunkAck) -> None:
+        """Remember a refusal on the handler's context: its next emit raises it."""
+        reason = ack.reason or {_STALE: "STALE_LEASE"}.get(ack.outcome, "NOT_RUNNING")
+        log.info("chunks of %s (token %d) refused: %s %s", ack.task, ack.fencing_token,
+                 reason, ack.message)
+        entry = self._running.get(ack.task)
+        if entry is not None and entry.context.fencing_token == ack.fencing_token:
+            entry.context.chunk_refusal = ChunkRefusedError(reason, ack.message)
 
     def _start(self, assignment: task_pb2.TaskAssignment, session: _Session) -> None:
         """Run the handler of one assignment (the hot path: keep it lean)."""
@@ -638,6 +710,27 @@ def report_batches(results: Sequence[task_pb2.TaskResult],
         count += 1
     if count:
         out.append(task_pb2.ProcessTasksRequest(reports=batch))
+    return out
+
+
+def chunk_batches(chunks: Sequence[task_pb2.TaskChunk],
+                  max_message_bytes: int) -> list[task_pb2.ProcessTasksRequest]:
+    """``chunks`` messages holding every chunk in order, each within the message limit."""
+    budget = max_message_bytes - REPORT_HEADROOM
+    out: list[task_pb2.ProcessTasksRequest] = []
+    batch = task_pb2.TaskChunkBatch()
+    used = 0
+    for chunk in chunks:
+        size = chunk.ByteSize()
+        item = size + 1 + max(1, (size.bit_length() + 6) // 7)
+        if batch.chunks and (used + item + 8 > budget or len(batch.chunks) >= MAX_REPORTS):
+            out.append(task_pb2.ProcessTasksRequest(chunks=batch))
+            batch = task_pb2.TaskChunkBatch()
+            used = 0
+        batch.chunks.append(chunk)
+        used += item
+    if batch.chunks:
+        out.append(task_pb2.ProcessTasksRequest(chunks=batch))
     return out
 
 

@@ -39,6 +39,7 @@ from agent_sdk._types import (
     RetryPolicy,
     StateEntry,
     StateEvent,
+    TaskChunk,
     TaskInfo,
     WorkflowInfo,
     WorkflowSpec,
@@ -46,6 +47,7 @@ from agent_sdk._types import (
     agent_from_proto,
     agent_state_value,
     bus_message_from_proto,
+    chunk_from_proto,
     entry_from_proto,
     state_event_from_proto,
     stats_from_proto,
@@ -583,6 +585,28 @@ class MeshClient:
             max_batch_size=_WATCH_BATCH)
         return _flatten(self._stream(lambda c: c.tasks.WatchTasks(request),
                                      lambda r: [task_from_proto(t) for t in r.tasks]))
+
+    def watch_chunks(self, task: str, *, after_sequence: int = 0,
+                     ) -> AsyncIterator[TaskChunk | TaskInfo]:
+        """Iterate a task's streamed chunks in order, and the task at each state change.
+
+        The first item is the task as it is now; then its chunks after
+        ``after_sequence`` (0: from the first), each exactly once, with the
+        task again after each change of its state. The iteration ends once the
+        task has ended and every chunk was received. To resume after a broken
+        stream, pass the ``sequence`` of the last chunk received.
+        """
+        if after_sequence < 0:
+            raise ValueError("after_sequence must not be negative")
+        request = task_pb2.WatchTaskChunksRequest(name=_name(task, "tasks"),
+                                                  after_sequence=after_sequence)
+
+        def convert(r: task_pb2.WatchTaskChunksResponse) -> list[TaskChunk | TaskInfo]:
+            if r.HasField("task"):
+                return [task_from_proto(r.task)]
+            return [chunk_from_proto(c) for c in r.chunks]
+
+        return _flatten(self._stream(lambda c: c.tasks.WatchTaskChunks(request), convert))
 
     async def wait_task(self, task: str,
                         timeout: float | None = None) -> TaskInfo:  # noqa: ASYNC109 - API

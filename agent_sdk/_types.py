@@ -198,6 +198,44 @@ def task_from_proto(t: task_pb2.Task) -> TaskInfo:
     )
 
 
+_CHUNK_KINDS = _enum_names(task_pb2.TaskChunkKind, "TASK_CHUNK_KIND_")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskChunk:
+    """One streamed piece of a running task's output, as the server kept it."""
+
+    #: "tasks/{id}".
+    task: str
+    #: Position in the task's chunk log, from 1, with no gaps: resume after it.
+    sequence: int
+    #: "TEXT" (tokens), "ARTIFACT" (a piece of an artifact) or "PROGRESS".
+    kind: str
+    #: TEXT: the text; PROGRESS: the note.
+    text: str
+    #: ARTIFACT: the decoded piece (None otherwise).
+    data: Any
+    #: Artifact the piece belongs to ("output" unless the handler named one).
+    artifact: str
+    #: PROGRESS: fraction done, 0..1 (0 when unknown).
+    progress: float
+    #: True on the last piece of its artifact.
+    last: bool
+    #: Attempt that produced it (a retried task's chunks carry the new attempt).
+    attempt: int
+    #: When the server kept it.
+    create_time: datetime | None
+
+
+def chunk_from_proto(c: task_pb2.TaskChunk) -> TaskChunk:
+    """Convert a TaskChunk message."""
+    return TaskChunk(
+        task=c.task, sequence=c.sequence, kind=_CHUNK_KINDS.get(c.kind, str(c.kind)),
+        text=c.text, data=_decode_opt(c, "data"), artifact=c.artifact,
+        progress=c.progress, last=c.last_chunk, attempt=c.attempt,
+        create_time=_time(c, "create_time"))
+
+
 # ----------------------------------------------------------------------- workflows
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "AbortedError",
     "AgentMeshError",
     "AlreadyExistsError",
+    "ChunkRefusedError",
     "FailedPreconditionError",
     "InvalidArgumentError",
     "NonRetryableError",
@@ -167,6 +168,19 @@ class TaskFailedError(AgentMeshError):
         super().__init__(f"{task.name} ended {task.state}: {detail}")
         #: The task as it ended.
         self.task = task
+
+
+class ChunkRefusedError(AgentMeshError):
+    """A handler's chunk was refused: ``reason`` is CHUNK_TOO_LARGE, CHUNK_LIMIT,
+    STALE_LEASE (the lease ended) or NOT_RUNNING (the task ended)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        """Wrap the refusal."""
+        super().__init__(f"{reason}: {message}")
+        #: Why.
+        self.reason = reason
+        #: Detail.
+        self.message = message
 
 
 class WorkflowFailedError(AgentMeshError):

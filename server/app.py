@@ -30,11 +30,17 @@ from server.api.handlers import generic_handler
 from server.api.state import StateServicer
 from server.api.tasks import TaskServicer
 from server.api.tls import server_credentials
-from server.backends.memory import InMemoryAgentRegistry, InMemoryStateStore, InMemoryTaskStore
+from server.backends.memory import (
+    InMemoryAgentRegistry,
+    InMemoryChunkStore,
+    InMemoryStateStore,
+    InMemoryTaskStore,
+)
 from server.backends.redis import RedisStores, parse_durability
 from server.blob import open_blob_store
 from server.bus import open_bus
 from server.console import ConsoleServer, ConsoleServices
+from server.domain.chunks import ChunkLimits
 from server.domain.limits import DispatchLimits
 from server.domain.models import AgentState
 from server.netutil import add_grpc_port, ensure_free
@@ -44,9 +50,10 @@ from server.observability.metrics import MeshMetrics
 from server.observability.observer import CompositeObserver, MetricsObserver
 from server.observability.sampler import GaugeSampler
 from server.observability.tracing import TracingObserver, server_interceptors, setup_tracing
-from server.ports import AgentRegistry, SnapshotSource, StateStore, TaskStore
+from server.ports import AgentRegistry, ChunkStore, SnapshotSource, StateStore, TaskStore
 from server.services.breakers import BreakerConfig
 from server.services.bulk import BulkActions
+from server.services.chunks import TaskChunks
 from server.services.clock import Clock, SystemClock
 from server.services.messaging import Messaging
 from server.services.registry import Registry
@@ -100,17 +107,18 @@ class Mesh:
 
 
 async def open_stores(settings: Settings, stack: AsyncExitStack,
-                      ) -> tuple[TaskStore, AgentRegistry, StateStore]:
+                      ) -> tuple[TaskStore, AgentRegistry, StateStore, ChunkStore]:
     """The stores named by ``settings.store``."""
     if settings.store in ("memory://", "memory", ""):
         agents = InMemoryAgentRegistry()  # the task store reads liveness from it to lease
-        return InMemoryTaskStore(agents=agents), agents, InMemoryStateStore()
+        tasks = InMemoryTaskStore(agents=agents)
+        return tasks, agents, InMemoryStateStore(), InMemoryChunkStore(tasks=tasks)
     if settings.store.startswith(REDIS_SCHEMES):
         stores = await RedisStores.connect(
             settings.store, prefix=settings.key_prefix,
             durability=parse_durability(settings.durability, settings.durability_timeout))
         stack.push_async_callback(stores.aclose)
-        return stores.tasks, stores.agents, stores.state
+        return stores.tasks, stores.agents, stores.state, stores.chunks
     raise ValueError(f"unknown store {settings.store!r}: use memory://, redis://host:port/db "
                      "or redis+cluster://host:port,host:port")
 
@@ -122,7 +130,7 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
     clock = clock or SystemClock()
     metrics = metrics or MeshMetrics()
     async with AsyncExitStack() as stack:
-        tasks, agents, state_store = await open_stores(settings, stack)
+        tasks, agents, state_store, chunk_store = await open_stores(settings, stack)
         tracing = setup_tracing()  # off (and free) unless OTEL_* env vars ask for it
         bus = MeteredBus(await open_bus(settings.bus, prefix=settings.key_prefix,
                                         stream_replicas=settings.stream_replicas), metrics,
@@ -158,6 +166,10 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
             else metrics_observer,
             release_locks=state.release_agent_locks)
         registry = Registry(agents, bus, clock, scheduler.leases)
+        chunks = TaskChunks(chunk_store, tasks, bus, clock, leases=scheduler.leases,
+                            limits=ChunkLimits(max_chunk_bytes=settings.max_chunk_bytes,
+                                               max_chunks_per_task=settings.max_chunks_per_task,
+                                               retention=settings.chunk_retention))
         if not isinstance(tasks, SnapshotSource):  # pragma: no cover - every store is one
             raise TypeError(f"{type(tasks).__name__} cannot export snapshots")
         blob = open_blob_store(settings.blob, s3_endpoint=settings.s3_endpoint)
@@ -214,7 +226,7 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
                             DiscoveryServicer(registry, limits,
                                               drain_grace=settings.drain_grace)),
             generic_handler(task_pb2.DESCRIPTOR.services_by_name["TaskService"],
-                            TaskServicer(scheduler, registry, limits, bulk=bulk)),
+                            TaskServicer(scheduler, registry, limits, chunks, bulk=bulk)),
             generic_handler(state_pb2.DESCRIPTOR.services_by_name["StateService"],
                             StateServicer(state, limits, snapshots)),
             generic_handler(bus_pb2.DESCRIPTOR.services_by_name["BusService"],

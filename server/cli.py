@@ -492,6 +492,12 @@ async def cmd_tasks_cancel_all(client: MeshClient, args: argparse.Namespace) -> 
 
 async def cmd_tasks_watch(client: MeshClient, args: argparse.Namespace) -> int:
     """``tasks watch [ID...]``: one line per task change; with ids, stop once all ended."""
+    if args.chunks:
+        if len(args.ids) != 1:
+            raise CLIError("--chunks watches exactly one task ID", EXIT_USAGE)
+        return await _watch_chunks(client, args)
+    if args.after:
+        raise CLIError("--after needs --chunks", EXIT_USAGE)
     printed: dict[str, str] = {}
     names = {} if args.json else await agent_names(client)
 
@@ -517,6 +523,52 @@ async def cmd_tasks_watch(client: MeshClient, args: argparse.Namespace) -> int:
     for task in ended:
         show(task)
     return EXIT_OK
+
+
+async def _watch_chunks(client: MeshClient, args: argparse.Namespace) -> int:
+    """``tasks watch ID --chunks``: the task's changes and its chunks, in order.
+
+    Text chunks are printed as they come (no newline of their own); artifact
+    pieces and progress notes get a line each, tagged with their sequence so
+    that ``--after SEQ`` resumes exactly after the last one seen.
+    """
+    if args.after < 0:
+        raise CLIError("--after must not be negative", EXIT_USAGE)
+    names = {} if args.json else await agent_names(client)
+    inline = False
+    chunks_since = False  # chunks printed since the last task line
+    last: TaskInfo | None = None
+    async for item in client.watch_chunks(args.ids[0], after_sequence=args.after):
+        if args.json:
+            print_json_line(item)
+            if isinstance(item, TaskInfo):
+                last = item
+            continue
+        if isinstance(item, TaskInfo):
+            if inline:
+                print(flush=True)
+                inline = False
+            if last is None or (last.state, last.attempt) != (item.state, item.attempt) \
+                    or (item.done and chunks_since):
+                _print_task_change(item, args, names)
+                chunks_since = False
+            last = item
+            continue
+        chunks_since = True
+        if item.kind == "TEXT":
+            print(item.text, end="", flush=True)
+            inline = True
+        else:
+            if inline:
+                print(flush=True)
+                inline = False
+            what = (f"progress {item.progress * 100:.0f}% {item.text}" if item.kind == "PROGRESS"
+                    else f"artifact {item.artifact}{' (last)' if item.last else ''}: "
+                         f"{compact(item.data)}")
+            print(f"#{item.sequence}  {what}", flush=True)
+    if inline:
+        print(flush=True)
+    return EXIT_OK if last is None or last.state == "SUCCEEDED" else EXIT_FAILURE
 
 
 def _print_task_change(task: TaskInfo, args: argparse.Namespace,
@@ -967,6 +1019,10 @@ def _add_tasks(commands: _Commands) -> None:
     p.set_defaults(handler=cmd_tasks_retry)
     p = sub.add_parser("watch", help="stream task changes (given ids: until they end)")
     p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("--chunks", action="store_true",
+                   help="one ID: also print its streamed chunks (text inline) until it ends")
+    p.add_argument("--after", type=int, default=0, metavar="SEQ",
+                   help="with --chunks: resume after this chunk sequence number")
     p.set_defaults(handler=cmd_tasks_watch)
     p = sub.add_parser("dead-letters", help="list dead-lettered tasks")
     p.add_argument("--limit", type=int, default=100)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from server.domain.chunks import ChunkDraft, ChunkLimits, TaskChunk
 from server.domain.errors import AgentMeshError
 from server.domain.limits import NO_FALLBACK, NO_LIMITS, DispatchLimits, LeaseScope
 from server.domain.models import (
@@ -347,6 +348,41 @@ class TaskStore(Protocol):
 
     async def stats(self, namespace: str) -> Stats:
         """Counts by state and the autonomy figures."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...
+
+
+@runtime_checkable
+class ChunkStore(Protocol):
+    """Per-task logs of streamed partial results (``server/domain/chunks.py``).
+
+    A ChunkStore shares its TaskStore (the in-memory one is built with it; on
+    Redis the same prefix) and fences every append against the task record in
+    the same atomic step, as ``TaskStore.complete`` fences a result.
+    """
+
+    async def append_chunks(self, task_id: str, fencing_token: int,
+                            drafts: Sequence[ChunkDraft], *, now: float,
+                            limits: ChunkLimits) -> list[TaskChunk]:
+        """Append chunks to a task's log, all or none, in one atomic step.
+
+        NotFoundError for an unknown task; StaleLeaseError (metadata
+        ``current_token``) unless the task is RUNNING with exactly this token.
+        ResourceExhaustedError (reason ``CHUNK_LIMIT``) when the log would
+        hold more than ``limits.max_chunks_per_task``: nothing is written.
+        Otherwise the chunks get the next numbers (the first chunk of a task
+        is 1, no gaps), the task's current attempt and ``create_time = now``,
+        and the whole log is kept until ``now + limits.retention``. Sizes are
+        the caller's to check (``check_drafts``).
+        """
+        ...
+
+    async def chunks_after(self, task_id: str, after_seq: int, limit: int, *,
+                           now: float) -> list[TaskChunk]:
+        """Chunks with ``seq > after_seq`` in order, at most ``limit`` (none once expired)."""
         ...
 
     async def aclose(self) -> None:

@@ -42,6 +42,9 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss
 DEFAULT_CONSOLE_PORT = 8470
 """The web console's port in the embedded mode."""
 
+DEFAULT_A2A_PORT = 41241
+"""Port of the A2A gateway in embedded mode (the port the A2A samples use)."""
+
 
 def backend_url(value: str) -> str:
     """The URL of a ``--store``/``--bus`` value (a bare name is expanded)."""
@@ -105,6 +108,22 @@ class Settings(BaseSettings):
     max_workflow_steps: int = Field(1000, ge=1, le=10_000)
     max_watch_pending: int = Field(10_000, ge=1,
                                    description="Events buffered per watcher before cut-off.")
+    max_chunk_bytes: int = Field(
+        64 << 10, ge=1, description="Largest streamed chunk (text or data bytes) a task may "
+        "emit; INVALID_ARGUMENT (CHUNK_TOO_LARGE) past it.")
+    max_chunks_per_task: int = Field(
+        10_000, ge=1, description="Most chunks kept per task; RESOURCE_EXHAUSTED "
+        "(CHUNK_LIMIT) past it.")
+    chunk_retention: float = Field(
+        86_400.0, gt=0, description="Seconds a task's chunks are kept after its last one.")
+    a2a_port: int | None = Field(
+        None, ge=0, le=65535, description="A2A gateway HTTP port (JSON-RPC and the agent card "
+        "at /.well-known/agent-card.json); 0 disables it; unset: 41241 in embedded mode "
+        "(memory store), off otherwise.")
+    a2a_host: str | None = Field(None, description="Address of the A2A gateway; unset: host.")
+    a2a_public_url: str = Field(
+        "", description="URL the agent card advertises (behind a proxy); unset: "
+        "http://<a2a host>:<a2a port>/.")
     drain_grace: float = Field(10.0, ge=0,
                                description="Seconds to wait for in-flight results on shutdown.")
 
@@ -167,6 +186,23 @@ class Settings(BaseSettings):
         if self.console_port is None:
             return DEFAULT_CONSOLE_PORT if self.store == "memory://" else None
         return self.console_port or None
+
+    @model_validator(mode="after")
+    def _chunk_fits_in_a_message(self) -> Settings:
+        """A chunk must fit in a message with its framing."""
+        if self.max_chunk_bytes + MESSAGE_HEADROOM_BYTES > self.max_message_bytes:
+            raise ValueError(
+                f"max_chunk_bytes ({self.max_chunk_bytes}) must leave "
+                f"{MESSAGE_HEADROOM_BYTES} bytes of room in a message (max_message_bytes "
+                f"{self.max_message_bytes})")
+        return self
+
+    @property
+    def a2a_listen_port(self) -> int:
+        """The A2A gateway's port: ``a2a_port``, or its embedded-mode default (0: off)."""
+        if self.a2a_port is not None:
+            return self.a2a_port
+        return DEFAULT_A2A_PORT if self.store in ("memory://", "") else 0
 
     @field_validator("store", "bus")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -19,6 +20,11 @@ from tests.clusters import (
     nats_server_binary,
     redis_cluster,
 )
+
+# Servers the tests start (in process or as subprocesses, which inherit the
+# environment) run no A2A gateway unless a test asks for one: its default port
+# is fixed, and parallel servers would fight over it.
+os.environ.setdefault("AGENTMESH_A2A_PORT", "0")
 
 
 def embedded_settings(**overrides: object) -> Settings:

@@ -29,6 +29,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
+from server.domain.chunks import DEFAULT_ARTIFACT, ChunkDraft, ChunkKind, TaskChunk
 from server.domain.errors import FieldViolation, InvalidArgumentError, ResourceExhaustedError
 from server.domain.models import (
     DEFAULT_NAMESPACE,
@@ -114,6 +115,8 @@ REPEATED_BOUNDS: dict[str, int] = {
     "agentmesh.v1.WorkflowStep.depends_on": MAX_WORKFLOW_STEPS,
     "agentmesh.v1.TaskReportBatch.results": MAX_BATCH,
     "agentmesh.v1.TaskReportBatch.failures": MAX_BATCH,
+    "agentmesh.v1.TaskChunkBatch.chunks": MAX_BATCH,
+    "agentmesh.v1.AppendTaskChunksRequest.chunks": MAX_BATCH,
 }
 """Most entries of every repeated and map field a request can carry, by field.
 
@@ -868,3 +871,31 @@ def names(values: Iterable[str], collection: str, field: str) -> frozenset[str]:
 def any_dict(value: Mapping[str, Any]) -> dict[str, Any]:
     """A plain dict copy."""
     return dict(value)
+
+
+# -- chunks ------------------------------------------------------------------------
+
+def chunk_draft(msg: task_pb2.TaskChunk, field: str) -> ChunkDraft:
+    """A chunk as an agent sent it (its bounds are checked by the service)."""
+    try:
+        kind = ChunkKind(msg.kind)
+    except ValueError:
+        raise _bad(f"{field}.kind", "TEXT, ARTIFACT or PROGRESS") from None
+    if msg.data.metadata:
+        for key in msg.data.metadata:
+            _text(key, f"{field}.data.metadata[{_short(key)}]", MAX_PAYLOAD_METADATA_KEY_BYTES)
+    return ChunkDraft(kind, msg.text, Payload(bytes(msg.data.data), dict(msg.data.metadata)),
+                      msg.artifact or DEFAULT_ARTIFACT, msg.progress, msg.last_chunk)
+
+
+def chunk_to_proto(chunk: TaskChunk) -> task_pb2.TaskChunk:
+    """A TaskChunk message."""
+    d = chunk.draft
+    msg = task_pb2.TaskChunk(
+        task=f"tasks/{chunk.task_id}", fencing_token=chunk.fencing_token,
+        kind=int(d.kind), text=d.text, artifact=d.artifact,  # type: ignore[arg-type]
+        progress=d.progress, last_chunk=d.last, sequence=chunk.seq, attempt=chunk.attempt,
+        create_time=to_timestamp(chunk.create_time))
+    if d.data.data or d.data.metadata:
+        msg.data.CopyFrom(payload_msg(d.data))
+    return msg

@@ -12,17 +12,21 @@ from agentmesh.v1 import task_pb2, task_pb2_grpc
 from server.api import auth, convert, errors
 from server.api.convert import Limits
 from server.api.streams import Duplex, first_message
+from server.domain.chunks import CHUNK_LIMIT
 from server.domain.errors import (
+    AgentMeshError,
     FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
+    StaleLeaseError,
 )
 from server.domain.models import AgentState, TaskFailure, TaskState
 from server.ports import AgentFilter, TaskFilter
 from server.services import bulk
 from server.services.bulk import BulkActions
+from server.services.chunks import TaskChunks
 from server.services.registry import Registry
 from server.services.scheduler import Scheduler
 from server.services.sessions import (
@@ -47,11 +51,12 @@ def trace_context(context: Ctx) -> dict[str, str]:
 class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     """gRPC face of the task queue."""
 
-    def __init__(self, scheduler: Scheduler, registry: Registry, limits: Limits, *,
-                 bulk: BulkActions | None = None) -> None:
+    def __init__(self, scheduler: Scheduler, registry: Registry, limits: Limits,
+                 chunks: TaskChunks, *, bulk: BulkActions | None = None) -> None:
         self._scheduler = scheduler
         self._registry = registry
         self._limits = limits
+        self._chunks = chunks
         self._bulk = bulk or BulkActions(scheduler)
 
     async def _task_msg(self, task_id: str) -> task_pb2.Task:
@@ -286,6 +291,23 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                 session, task_id, f.fencing_token, convert.failure(f.failure, field))
             leases.acknowledge(session, task_id, f.fencing_token, outcome)
 
+        async def report_chunks(chunks: Sequence[task_pb2.TaskChunk]) -> None:
+            # Consecutive chunks of one lease go to the store together, in order.
+            groups: list[tuple[str, int, list[tuple[int, task_pb2.TaskChunk]]]] = []
+            for i, c in enumerate(chunks):
+                task_id = convert.resource_id(c.task, "tasks", f"chunks.chunks[{i}].task")
+                if groups and groups[-1][0] == task_id and groups[-1][1] == c.fencing_token:
+                    groups[-1][2].append((i, c))
+                else:
+                    groups.append((task_id, c.fencing_token, [(i, c)]))
+            for task_id, token, items in groups:
+                try:
+                    drafts = [convert.chunk_draft(c, f"chunks.chunks[{i}]") for i, c in items]
+                    await self._chunks.append(session, task_id, token, drafts,
+                                              f"chunks.chunks[{items[0][0]}:]")
+                except AgentMeshError as exc:
+                    duplex.send(_chunk_refusal(task_id, token, exc))
+
         async def handle(req: task_pb2.ProcessTasksRequest) -> None:
             kind = req.WhichOneof("kind")
             if kind == "credit":
@@ -301,6 +323,8 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                     await report_results(req.reports.results, "reports.results")
                 for i, f in enumerate(req.reports.failures):
                     await report_failure(f, f"reports.failures[{i}]")
+            elif kind == "chunks":
+                await report_chunks(req.chunks.chunks)
             elif kind == "progress":
                 p = req.progress
                 task_id = convert.resource_id(p.task, "tasks", "progress.task")
@@ -319,8 +343,10 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
             pack=lambda ready: _pack_assignments(ready, self._limits.max_message_bytes))
         await scheduler.open_session(session)
         try:
-            yield task_pb2.ProcessTasksResponse(
-                opened=task_pb2.ProcessTasksOpened(agent=f"agents/{agent.id}"))
+            yield task_pb2.ProcessTasksResponse(opened=task_pb2.ProcessTasksOpened(
+                agent=f"agents/{agent.id}",
+                max_chunk_bytes=self._chunks.limits.max_chunk_bytes,
+                max_chunks_per_task=self._chunks.limits.max_chunks_per_task))
             async for response in duplex.responses():
                 yield response
             if ended:
@@ -346,6 +372,40 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
         task = await self._scheduler.complete_unary(task_id, request.fencing_token, output,
                                                     failure)
         return task_pb2.CompleteTaskResponse(task=convert.task_to_proto(task))
+
+    @errors.unary
+    async def AppendTaskChunks(self, request: task_pb2.AppendTaskChunksRequest,
+                               context: Ctx) -> task_pb2.AppendTaskChunksResponse:
+        """See the proto."""
+        task_id = convert.resource_id(request.task, "tasks", "task")
+        drafts = [convert.chunk_draft(c, f"chunks[{i}]") for i, c in enumerate(request.chunks)]
+        if auth.caller() is not None:
+            await self._check_leased_to_caller(task_id)
+        added = await self._chunks.append(None, task_id, request.fencing_token, drafts)
+        return task_pb2.AppendTaskChunksResponse(
+            chunks=[convert.chunk_to_proto(c) for c in added])
+
+    @errors.streaming
+    async def WatchTaskChunks(self, request: task_pb2.WatchTaskChunksRequest,
+                              context: Ctx) -> AsyncIterator[task_pb2.WatchTaskChunksResponse]:
+        """See the proto."""
+        task_id = convert.resource_id(request.name, "tasks")
+        if request.after_sequence < 0:
+            raise InvalidArgumentError.field("after_sequence", "must not be negative")
+        first = await self._scheduler.get_task(task_id)
+        auth.require_visible(first.namespace, "task", f"tasks/{task_id}")
+        stream = self._chunks.watch(task_id, request.after_sequence)
+        try:
+            async for item in stream:
+                if isinstance(item, list):
+                    yield task_pb2.WatchTaskChunksResponse(
+                        chunks=[convert.chunk_to_proto(c) for c in item])
+                else:
+                    live = await self._scheduler.live_capabilities(item.namespace)
+                    yield task_pb2.WatchTaskChunksResponse(
+                        task=convert.task_to_proto(item, live=live))
+        finally:
+            await stream.aclose()
 
     async def _check_leased_to_caller(self, task_id: str) -> None:
         """PERMISSION_DENIED unless the task is leased to an agent of the caller."""
@@ -489,6 +549,21 @@ def _too_large(assignment: task_pb2.TaskAssignment, size: int,
             message=f"the assignment is {size} bytes (input {task.input.ByteSize()}, upstream "
                     f"results {upstream}); a message is limited to {max_bytes} bytes: pass "
                     "large data by reference (a state key, a blob)")))
+
+
+def _chunk_refusal(task_id: str, token: int,
+                   exc: AgentMeshError) -> task_pb2.ProcessTasksResponse:
+    """The ack that tells the agent why chunks of one lease were refused."""
+    if isinstance(exc, StaleLeaseError):
+        outcome, reason = task_pb2.TASK_REPORT_OUTCOME_STALE_LEASE, ""
+    elif isinstance(exc, FailedPreconditionError | NotFoundError):
+        outcome, reason = task_pb2.TASK_REPORT_OUTCOME_NOT_RUNNING, ""
+    else:
+        outcome = task_pb2.TASK_REPORT_OUTCOME_INVALID
+        reason = CHUNK_LIMIT if isinstance(exc, ResourceExhaustedError) else exc.reason
+    return task_pb2.ProcessTasksResponse(chunk_ack=task_pb2.TaskChunkAck(
+        task=f"tasks/{task_id}", fencing_token=token, outcome=outcome, reason=reason,
+        message=exc.message[:1024]))
 
 
 def _outbound(item: Outbound) -> task_pb2.ProcessTasksResponse | None:

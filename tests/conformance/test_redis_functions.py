@@ -50,7 +50,7 @@ from tests.conformance.test_redis_restart import PrivateRedis
 
 NS = "fn-ns"
 T0 = 1_000.0
-STEMS = ("tasks", "agents", "state")
+STEMS = ("tasks", "agents", "state", "chunks")
 LIVE = (TaskState.PENDING, TaskState.QUEUED, TaskState.RUNNING, TaskState.RETRYING)
 
 

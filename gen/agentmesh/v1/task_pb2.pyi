@@ -102,6 +102,34 @@ WORKFLOW_STATE_CANCELLED: WorkflowState.ValueType  # 4
 """Cancelled by a client."""
 Global___WorkflowState: _TypeAlias = WorkflowState  # noqa: Y015
 
+class _TaskChunkKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TaskChunkKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskChunkKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TASK_CHUNK_KIND_UNSPECIFIED: _TaskChunkKind.ValueType  # 0
+    """Not used; refused on input."""
+    TASK_CHUNK_KIND_TEXT: _TaskChunkKind.ValueType  # 1
+    """Text, such as LLM tokens (`text`)."""
+    TASK_CHUNK_KIND_ARTIFACT: _TaskChunkKind.ValueType  # 2
+    """A piece of an artifact (`data`)."""
+    TASK_CHUNK_KIND_PROGRESS: _TaskChunkKind.ValueType  # 3
+    """A progress note (`text`, `progress`)."""
+
+class TaskChunkKind(_TaskChunkKind, metaclass=_TaskChunkKindEnumTypeWrapper):
+    """TaskChunkKind says what a chunk carries."""
+
+TASK_CHUNK_KIND_UNSPECIFIED: TaskChunkKind.ValueType  # 0
+"""Not used; refused on input."""
+TASK_CHUNK_KIND_TEXT: TaskChunkKind.ValueType  # 1
+"""Text, such as LLM tokens (`text`)."""
+TASK_CHUNK_KIND_ARTIFACT: TaskChunkKind.ValueType  # 2
+"""A piece of an artifact (`data`)."""
+TASK_CHUNK_KIND_PROGRESS: TaskChunkKind.ValueType  # 3
+"""A progress note (`text`, `progress`)."""
+Global___TaskChunkKind: _TypeAlias = TaskChunkKind  # noqa: Y015
+
 class _TaskReportOutcome:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -120,6 +148,10 @@ class _TaskReportOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Tas
     """Refused: the task is unknown or has ended (another attempt's result was
     accepted, it was cancelled, failed or dead-lettered).
     """
+    TASK_REPORT_OUTCOME_INVALID: _TaskReportOutcome.ValueType  # 4
+    """Refused: the report breaks a bound (a chunk too large, too many chunks);
+    the ack's `reason` says which.
+    """
 
 class TaskReportOutcome(_TaskReportOutcome, metaclass=_TaskReportOutcomeEnumTypeWrapper):
     """TaskReportOutcome says what became of a reported result or failure."""
@@ -135,6 +167,10 @@ requeued, or a newer attempt holds it).
 TASK_REPORT_OUTCOME_NOT_RUNNING: TaskReportOutcome.ValueType  # 3
 """Refused: the task is unknown or has ended (another attempt's result was
 accepted, it was cancelled, failed or dead-lettered).
+"""
+TASK_REPORT_OUTCOME_INVALID: TaskReportOutcome.ValueType  # 4
+"""Refused: the report breaks a bound (a chunk too large, too many chunks);
+the ack's `reason` says which.
 """
 Global___TaskReportOutcome: _TypeAlias = TaskReportOutcome  # noqa: Y015
 
@@ -1339,6 +1375,7 @@ class ProcessTasksRequest(_message.Message):
     FAILURE_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     REPORTS_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def open(self) -> Global___ProcessTasksOpen:
         """First message: which session takes work on this stream."""
@@ -1363,6 +1400,10 @@ class ProcessTasksRequest(_message.Message):
     def reports(self) -> Global___TaskReportBatch:
         """Several results and failures at once (same meaning as one by one)."""
 
+    @_builtins.property
+    def chunks(self) -> Global___TaskChunkBatch:
+        """Partial results of running assignments, in the order they were produced."""
+
     def __init__(
         self,
         *,
@@ -1372,16 +1413,112 @@ class ProcessTasksRequest(_message.Message):
         failure: Global___TaskFailureReport | None = ...,
         progress: Global___TaskProgress | None = ...,
         reports: Global___TaskReportBatch | None = ...,
+        chunks: Global___TaskChunkBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "failure", b"failure", "kind", b"kind", "open", b"open", "progress", b"progress", "reports", b"reports", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "credit", b"credit", "failure", b"failure", "kind", b"kind", "open", b"open", "progress", b"progress", "reports", b"reports", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit", b"credit", "failure", b"failure", "kind", b"kind", "open", b"open", "progress", b"progress", "reports", b"reports", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "credit", b"credit", "failure", b"failure", "kind", b"kind", "open", b"open", "progress", b"progress", "reports", b"reports", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "credit", "result", "failure", "progress", "reports"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["open", "credit", "result", "failure", "progress", "reports", "chunks"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___ProcessTasksRequest: _TypeAlias = ProcessTasksRequest  # noqa: Y015
+
+@_typing.final
+class TaskChunkBatch(_message.Message):
+    """TaskChunkBatch carries chunks of one or more assignments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskChunk]:
+        """The chunks, each with its task and fencing token, in order."""
+
+    def __init__(
+        self,
+        *,
+        chunks: _abc.Iterable[Global___TaskChunk] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskChunkBatch: _TypeAlias = TaskChunkBatch  # noqa: Y015
+
+@_typing.final
+class TaskChunk(_message.Message):
+    """TaskChunk is one piece of a running attempt's partial output: LLM tokens,
+    a piece of an artifact, or a progress note. Chunks of a task are numbered
+    from 1 in the order the server accepted them, with no gaps.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    ARTIFACT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    LAST_CHUNK_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    task: _builtins.str
+    """"tasks/{task}"."""
+    fencing_token: _builtins.int
+    """The fencing token of the assignment that produced it."""
+    kind: Global___TaskChunkKind.ValueType
+    """What it is."""
+    text: _builtins.str
+    """TEXT: the text (tokens); PROGRESS: the note."""
+    artifact: _builtins.str
+    """Artifact the piece belongs to (TEXT and ARTIFACT); "" means "output".
+    Letters, digits, '-', '_', '.'; at most 64.
+    """
+    progress: _builtins.float
+    """PROGRESS: fraction done, 0..1 (0 when unknown)."""
+    last_chunk: _builtins.bool
+    """True on the last piece of its artifact."""
+    sequence: _builtins.int
+    """Position in the task's chunk log, from 1. Output only."""
+    attempt: _builtins.int
+    """Attempt that produced it. Output only."""
+    @_builtins.property
+    def data(self) -> _common_pb2.Payload:
+        """ARTIFACT: the piece of the artifact."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the server accepted it. Output only."""
+
+    def __init__(
+        self,
+        *,
+        task: _builtins.str = ...,
+        fencing_token: _builtins.int = ...,
+        kind: Global___TaskChunkKind.ValueType = ...,
+        text: _builtins.str = ...,
+        data: _common_pb2.Payload | None = ...,
+        artifact: _builtins.str = ...,
+        progress: _builtins.float = ...,
+        last_chunk: _builtins.bool = ...,
+        sequence: _builtins.int = ...,
+        attempt: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "data", b"data"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "attempt", b"attempt", "create_time", b"create_time", "data", b"data", "fencing_token", b"fencing_token", "kind", b"kind", "last_chunk", b"last_chunk", "progress", b"progress", "sequence", b"sequence", "task", b"task", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskChunk: _TypeAlias = TaskChunk  # noqa: Y015
 
 @_typing.final
 class TaskReportBatch(_message.Message):
@@ -1575,6 +1712,7 @@ class ProcessTasksResponse(_message.Message):
     CANCELLATION_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    CHUNK_ACK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def opened(self) -> Global___ProcessTasksOpened:
         """Confirms the open."""
@@ -1597,6 +1735,10 @@ class ProcessTasksResponse(_message.Message):
     def assignments(self) -> Global___TaskAssignmentBatch:
         """Several tasks to run (sent when more than one is ready at once)."""
 
+    @_builtins.property
+    def chunk_ack(self) -> Global___TaskChunkAck:
+        """Chunks the server refused (stale lease, task not running, over a bound)."""
+
     def __init__(
         self,
         *,
@@ -1605,16 +1747,58 @@ class ProcessTasksResponse(_message.Message):
         cancellation: Global___TaskCancellation | None = ...,
         ack: Global___TaskReportAck | None = ...,
         assignments: Global___TaskAssignmentBatch | None = ...,
+        chunk_ack: Global___TaskChunkAck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assignment", b"assignment", "assignments", b"assignments", "cancellation", b"cancellation", "kind", b"kind", "opened", b"opened"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assignment", b"assignment", "assignments", b"assignments", "cancellation", b"cancellation", "chunk_ack", b"chunk_ack", "kind", b"kind", "opened", b"opened"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assignment", b"assignment", "assignments", b"assignments", "cancellation", b"cancellation", "kind", b"kind", "opened", b"opened"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "assignment", b"assignment", "assignments", b"assignments", "cancellation", b"cancellation", "chunk_ack", b"chunk_ack", "kind", b"kind", "opened", b"opened"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "assignment", "cancellation", "ack", "assignments"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["opened", "assignment", "cancellation", "ack", "assignments", "chunk_ack"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___ProcessTasksResponse: _TypeAlias = ProcessTasksResponse  # noqa: Y015
+
+@_typing.final
+class TaskChunkAck(_message.Message):
+    """TaskChunkAck answers refused chunks of one assignment (accepted chunks are
+    not acknowledged). The chunks after a refused one in the same message were
+    not kept either.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    task: _builtins.str
+    """"tasks/{task}"."""
+    fencing_token: _builtins.int
+    """The fencing token that was reported."""
+    outcome: Global___TaskReportOutcome.ValueType
+    """Why they were refused."""
+    reason: _builtins.str
+    """With TASK_REPORT_OUTCOME_INVALID: CHUNK_TOO_LARGE or CHUNK_LIMIT, else ""."""
+    message: _builtins.str
+    """Human-readable detail."""
+    def __init__(
+        self,
+        *,
+        task: _builtins.str = ...,
+        fencing_token: _builtins.int = ...,
+        outcome: Global___TaskReportOutcome.ValueType = ...,
+        reason: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "message", b"message", "outcome", b"outcome", "reason", b"reason", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskChunkAck: _TypeAlias = TaskChunkAck  # noqa: Y015
 
 @_typing.final
 class TaskAssignmentBatch(_message.Message):
@@ -1647,16 +1831,24 @@ class ProcessTasksOpened(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_FIELD_NUMBER: _builtins.int
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_CHUNKS_PER_TASK_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     """"agents/{agent}"."""
+    max_chunk_bytes: _builtins.int
+    """Largest chunk the server keeps (text or data bytes plus metadata)."""
+    max_chunks_per_task: _builtins.int
+    """Most chunks kept per task."""
     def __init__(
         self,
         *,
         agent: _builtins.str = ...,
+        max_chunk_bytes: _builtins.int = ...,
+        max_chunks_per_task: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "max_chunk_bytes", b"max_chunk_bytes", "max_chunks_per_task", b"max_chunks_per_task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2099,3 +2291,115 @@ class BulkCancelTasksResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BulkCancelTasksResponse: _TypeAlias = BulkCancelTasksResponse  # noqa: Y015
+
+@_typing.final
+class AppendTaskChunksRequest(_message.Message):
+    """AppendTaskChunksRequest carries chunks of one assignment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    task: _builtins.str
+    """"tasks/{task}"."""
+    fencing_token: _builtins.int
+    """The fencing token of the assignment."""
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskChunk]:
+        """The chunks, at most 1000; their own task and fencing_token are ignored."""
+
+    def __init__(
+        self,
+        *,
+        task: _builtins.str = ...,
+        fencing_token: _builtins.int = ...,
+        chunks: _abc.Iterable[Global___TaskChunk] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "fencing_token", b"fencing_token", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendTaskChunksRequest: _TypeAlias = AppendTaskChunksRequest  # noqa: Y015
+
+@_typing.final
+class AppendTaskChunksResponse(_message.Message):
+    """AppendTaskChunksResponse returns the chunks as kept, with their sequence."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskChunk]:
+        """The chunks."""
+
+    def __init__(
+        self,
+        *,
+        chunks: _abc.Iterable[Global___TaskChunk] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppendTaskChunksResponse: _TypeAlias = AppendTaskChunksResponse  # noqa: Y015
+
+@_typing.final
+class WatchTaskChunksRequest(_message.Message):
+    """WatchTaskChunksRequest names the task and where to resume."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"tasks/{task}"."""
+    after_sequence: _builtins.int
+    """Last sequence already received; 0 starts from the first chunk kept."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchTaskChunksRequest: _TypeAlias = WatchTaskChunksRequest  # noqa: Y015
+
+@_typing.final
+class WatchTaskChunksResponse(_message.Message):
+    """WatchTaskChunksResponse carries new chunks or the task after a state change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def chunks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskChunk]:
+        """Chunks in sequence order (empty when this response carries the task)."""
+
+    @_builtins.property
+    def task(self) -> Global___Task:
+        """The task: in the first response and after each change of its state."""
+
+    def __init__(
+        self,
+        *,
+        chunks: _abc.Iterable[Global___TaskChunk] | None = ...,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunks", b"chunks", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchTaskChunksResponse: _TypeAlias = WatchTaskChunksResponse  # noqa: Y015

@@ -123,6 +123,16 @@ class TaskServiceStub:
                 request_serializer=agentmesh_dot_v1_dot_task__pb2.BulkCancelTasksRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_v1_dot_task__pb2.BulkCancelTasksResponse.FromString,
                 _registered_method=True)
+        self.AppendTaskChunks = channel.unary_unary(
+                '/agentmesh.v1.TaskService/AppendTaskChunks',
+                request_serializer=agentmesh_dot_v1_dot_task__pb2.AppendTaskChunksRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_task__pb2.AppendTaskChunksResponse.FromString,
+                _registered_method=True)
+        self.WatchTaskChunks = channel.unary_stream(
+                '/agentmesh.v1.TaskService/WatchTaskChunks',
+                request_serializer=agentmesh_dot_v1_dot_task__pb2.WatchTaskChunksRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_task__pb2.WatchTaskChunksResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -283,6 +293,32 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AppendTaskChunks(self, request, context):
+        """AppendTaskChunks adds partial results (text, artifact pieces, progress) of
+        a running attempt outside the work stream (the stream's `chunks` does the
+        same). Fenced like CompleteTask: a stale token of a live task is ABORTED
+        (reason LEASE_EXPIRED), a task that is not running FAILED_PRECONDITION
+        (reason TASK_NOT_RUNNING). A chunk over the size limit is INVALID_ARGUMENT
+        (reason CHUNK_TOO_LARGE, naming the field); past the count per task
+        RESOURCE_EXHAUSTED (reason CHUNK_LIMIT). All chunks of one call are
+        accepted or none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchTaskChunks(self, request, context):
+        """WatchTaskChunks streams a task's chunks in sequence order, from
+        `after_sequence` on (0: from the first), each exactly once, and the task
+        itself first and after each change of its state. Once the task has ended
+        and every chunk kept for it was sent, the stream ends with the ended task
+        (sent again when chunks came after it). A client that reconnects
+        with the last sequence it received misses nothing and sees nothing twice.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -370,6 +406,16 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.BulkCancelTasks,
                     request_deserializer=agentmesh_dot_v1_dot_task__pb2.BulkCancelTasksRequest.FromString,
                     response_serializer=agentmesh_dot_v1_dot_task__pb2.BulkCancelTasksResponse.SerializeToString,
+            ),
+            'AppendTaskChunks': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendTaskChunks,
+                    request_deserializer=agentmesh_dot_v1_dot_task__pb2.AppendTaskChunksRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_task__pb2.AppendTaskChunksResponse.SerializeToString,
+            ),
+            'WatchTaskChunks': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTaskChunks,
+                    request_deserializer=agentmesh_dot_v1_dot_task__pb2.WatchTaskChunksRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_task__pb2.WatchTaskChunksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -835,6 +881,60 @@ class TaskService:
             '/agentmesh.v1.TaskService/BulkCancelTasks',
             agentmesh_dot_v1_dot_task__pb2.BulkCancelTasksRequest.SerializeToString,
             agentmesh_dot_v1_dot_task__pb2.BulkCancelTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendTaskChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.TaskService/AppendTaskChunks',
+            agentmesh_dot_v1_dot_task__pb2.AppendTaskChunksRequest.SerializeToString,
+            agentmesh_dot_v1_dot_task__pb2.AppendTaskChunksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTaskChunks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentmesh.v1.TaskService/WatchTaskChunks',
+            agentmesh_dot_v1_dot_task__pb2.WatchTaskChunksRequest.SerializeToString,
+            agentmesh_dot_v1_dot_task__pb2.WatchTaskChunksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -110,6 +110,24 @@ class TaskServiceStub:
     and has not ended, at most max_tasks of them. Admin only, audited;
     dry_run as in BulkRetryTasks.
     """
+    AppendTaskChunks: _grpc.UnaryUnaryMultiCallable[_task_pb2.AppendTaskChunksRequest, _task_pb2.AppendTaskChunksResponse]
+    """AppendTaskChunks adds partial results (text, artifact pieces, progress) of
+    a running attempt outside the work stream (the stream's `chunks` does the
+    same). Fenced like CompleteTask: a stale token of a live task is ABORTED
+    (reason LEASE_EXPIRED), a task that is not running FAILED_PRECONDITION
+    (reason TASK_NOT_RUNNING). A chunk over the size limit is INVALID_ARGUMENT
+    (reason CHUNK_TOO_LARGE, naming the field); past the count per task
+    RESOURCE_EXHAUSTED (reason CHUNK_LIMIT). All chunks of one call are
+    accepted or none.
+    """
+    WatchTaskChunks: _grpc.UnaryStreamMultiCallable[_task_pb2.WatchTaskChunksRequest, _task_pb2.WatchTaskChunksResponse]
+    """WatchTaskChunks streams a task's chunks in sequence order, from
+    `after_sequence` on (0: from the first), each exactly once, and the task
+    itself first and after each change of its state. Once the task has ended
+    and every chunk kept for it was sent, the stream ends with the ended task
+    (sent again when chunks came after it). A client that reconnects
+    with the last sequence it received misses nothing and sees nothing twice.
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -192,6 +210,24 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """BulkCancelTasks cancels every task of a namespace that matches a filter
     and has not ended, at most max_tasks of them. Admin only, audited;
     dry_run as in BulkRetryTasks.
+    """
+    AppendTaskChunks: _aio.UnaryUnaryMultiCallable[_task_pb2.AppendTaskChunksRequest, _task_pb2.AppendTaskChunksResponse]  # type: ignore[assignment]
+    """AppendTaskChunks adds partial results (text, artifact pieces, progress) of
+    a running attempt outside the work stream (the stream's `chunks` does the
+    same). Fenced like CompleteTask: a stale token of a live task is ABORTED
+    (reason LEASE_EXPIRED), a task that is not running FAILED_PRECONDITION
+    (reason TASK_NOT_RUNNING). A chunk over the size limit is INVALID_ARGUMENT
+    (reason CHUNK_TOO_LARGE, naming the field); past the count per task
+    RESOURCE_EXHAUSTED (reason CHUNK_LIMIT). All chunks of one call are
+    accepted or none.
+    """
+    WatchTaskChunks: _aio.UnaryStreamMultiCallable[_task_pb2.WatchTaskChunksRequest, _task_pb2.WatchTaskChunksResponse]  # type: ignore[assignment]
+    """WatchTaskChunks streams a task's chunks in sequence order, from
+    `after_sequence` on (0: from the first), each exactly once, and the task
+    itself first and after each change of its state. Once the task has ended
+    and every chunk kept for it was sent, the stream ends with the ended task
+    (sent again when chunks came after it). A client that reconnects
+    with the last sequence it received misses nothing and sees nothing twice.
     """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -374,6 +410,36 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         """BulkCancelTasks cancels every task of a namespace that matches a filter
         and has not ended, at most max_tasks of them. Admin only, audited;
         dry_run as in BulkRetryTasks.
+        """
+
+    @_abc_1.abstractmethod
+    def AppendTaskChunks(
+        self,
+        request: _task_pb2.AppendTaskChunksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_pb2.AppendTaskChunksResponse, _abc.Awaitable[_task_pb2.AppendTaskChunksResponse]]:
+        """AppendTaskChunks adds partial results (text, artifact pieces, progress) of
+        a running attempt outside the work stream (the stream's `chunks` does the
+        same). Fenced like CompleteTask: a stale token of a live task is ABORTED
+        (reason LEASE_EXPIRED), a task that is not running FAILED_PRECONDITION
+        (reason TASK_NOT_RUNNING). A chunk over the size limit is INVALID_ARGUMENT
+        (reason CHUNK_TOO_LARGE, naming the field); past the count per task
+        RESOURCE_EXHAUSTED (reason CHUNK_LIMIT). All chunks of one call are
+        accepted or none.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchTaskChunks(
+        self,
+        request: _task_pb2.WatchTaskChunksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_task_pb2.WatchTaskChunksResponse], _abc.AsyncIterator[_task_pb2.WatchTaskChunksResponse]]:
+        """WatchTaskChunks streams a task's chunks in sequence order, from
+        `after_sequence` on (0: from the first), each exactly once, and the task
+        itself first and after each change of its state. Once the task has ended
+        and every chunk kept for it was sent, the stream ends with the ended task
+        (sent again when chunks came after it). A client that reconnects
+        with the last sequence it received misses nothing and sees nothing twice.
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -291,6 +291,10 @@ class InMemoryTaskStore:
         """See TaskStore.get_task."""
         return self._tasks.get(task_id)
 
+    def peek(self, task_id: str) -> Task | None:
+        """The current version, read without awaiting (the chunk store fences with it)."""
+        return self._tasks.get(task_id)
+
     async def get_tasks(self, task_ids: Sequence[str]) -> list[Task | None]:
         """See TaskStore.get_tasks."""
         tasks = self._tasks

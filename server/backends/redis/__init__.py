@@ -69,6 +69,11 @@ expire_time has passed. The hash is written by ``agents.lua`` with each
 agent version, so it matches the cards: an agent registered by a version
 without the hash enters it at its next heartbeat (until then it gets no lease).
 
+Chunks (``chunks.lua``): streamed partial results, fenced against ``{P}:task:<id>``::
+
+    {P}:chunks:<task>             list    chunk JSON docs; chunk n at index n - 1
+    {P}:chunkx:<task>             string  when the log expires (retention after the last append)
+
 State (``state.lua``), with ``S = {P}:st:<len(ns)>:<ns>``::
 
     S:e                           hash    key -> StateEntry JSON
@@ -93,11 +98,12 @@ from server.backends.redis._client import FunctionCluster, RedisClient, open_cli
 from server.backends.redis._durability import NONE, Durability, parse_durability
 from server.backends.redis._scripts import RedisVersionError, check_version
 from server.backends.redis.agents import RedisAgentRegistry
+from server.backends.redis.chunks import RedisChunkStore
 from server.backends.redis.state import DEFAULT_LOG_SIZE, RedisStateStore
 from server.backends.redis.tasks import RedisTaskStore
 
-__all__ = ["Durability", "RedisAgentRegistry", "RedisStateStore", "RedisStores",
-           "RedisTaskStore", "RedisVersionError", "parse_durability"]
+__all__ = ["Durability", "RedisAgentRegistry", "RedisChunkStore", "RedisStateStore",
+           "RedisStores", "RedisTaskStore", "RedisVersionError", "parse_durability"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +126,7 @@ class RedisStores:
         self.agents = RedisAgentRegistry(client, prefix, durability=durability)
         self.state = RedisStateStore(client, prefix, log_size=state_log_size,
                                      durability=durability)
+        self.chunks = RedisChunkStore(client, prefix, durability=durability)
         self._closed = False
 
     @classmethod
@@ -158,8 +165,9 @@ class RedisStores:
         return stores
 
     async def load_libraries(self) -> None:
-        """FUNCTION LOAD (REPLACE) the three Lua libraries (on a cluster: on every primary)."""
-        for library in (self.tasks.library, self.agents.library, self.state.library):
+        """FUNCTION LOAD (REPLACE) the Lua libraries (on a cluster: on every primary)."""
+        for library in (self.tasks.library, self.agents.library, self.state.library,
+                        self.chunks.library):
             await library.load()
 
     async def delete_all_keys(self) -> int:
