@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import json
 import logging
 import signal
 from collections.abc import Callable, Mapping, Sequence
@@ -205,8 +206,14 @@ class Agent:
                  labels: Mapping[str, str] | None = None, version: str = "",
                  channel: ChannelConfig | None = None, token: str | None = None,
                  tls_ca: PemSource | None = None, tls_cert: PemSource | None = None,
-                 tls_key: PemSource | None = None) -> None:
+                 tls_key: PemSource | None = None, description: str = "",
+                 a2a_card: str | Mapping[str, Any] | None = None) -> None:
         """Configure the agent; nothing connects until :meth:`run`.
+
+        ``description`` says what the agent does (the mesh's A2A card shows it).
+        ``a2a_card`` is an A2A agent card (its JSON text or the parsed object):
+        an A2A-described agent joins with its skills as capabilities; register
+        a handler for each skill id.
 
         ``channel`` sets TLS credentials, call interceptors and channel options.
         ``token`` (bearer token of an ``agent`` principal) and ``tls_ca`` /
@@ -225,8 +232,12 @@ class Agent:
         self._max_concurrency = max_concurrency
         self._labels = dict(labels or {})
         self._version = version
+        self._description = description
+        self._a2a_card = (a2a_card if isinstance(a2a_card, str) or a2a_card is None
+                          else json.dumps(dict(a2a_card)))
         self._handlers: dict[str, tuple[Handler, bool]] = {}
         self._capability_versions: dict[str, str] = {}
+        self._capability_info: dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]] = {}
         self._running: dict[str, _Running] = {}
         self._agent_name = ""
         self._rpc_timeout = 10.0
@@ -249,8 +260,12 @@ class Agent:
         """Handlers running now."""
         return len(self._running)
 
-    def handler(self, capability: str, version: str = "") -> Callable[[H], H]:
+    def handler(self, capability: str, version: str = "", *, description: str = "",
+                tags: Sequence[str] = (), examples: Sequence[str] = ()) -> Callable[[H], H]:
         """Register ``fn(task: TaskContext) -> output`` for ``capability``.
+
+        ``description``, ``tags`` and ``examples`` describe it as an A2A skill of
+        the mesh's agent card.
 
         ``fn`` may be async or sync; sync handlers run via ``asyncio.to_thread``.
         Raise :class:`RetryableError` or :class:`NonRetryableError` to choose how
@@ -265,6 +280,7 @@ class Agent:
                 raise ValueError(f"a handler for {capability!r} is already registered")
             self._handlers[capability] = (fn, inspect.iscoroutinefunction(fn))
             self._capability_versions[capability] = version
+            self._capability_info[capability] = (description, tuple(tags), tuple(examples))
             return fn
 
         return register
@@ -364,14 +380,19 @@ class Agent:
     def _card(self) -> discovery_pb2.Agent:
         return discovery_pb2.Agent(
             display_name=self._display_name,
-            capabilities=[discovery_pb2.Capability(name=c, version=v)
+            capabilities=[discovery_pb2.Capability(name=c, version=v,
+                                                   description=self._capability_info[c][0],
+                                                   tags=self._capability_info[c][1],
+                                                   examples=self._capability_info[c][2])
                           for c, v in self._capability_versions.items()],
             max_concurrency=self._max_concurrency, labels=self._labels,
-            version=self._version, namespace=self._namespace)
+            version=self._version, namespace=self._namespace, description=self._description)
 
     async def _register(self, conn: _Conn) -> _Session:
         response = await conn.discovery.RegisterAgent(
-            discovery_pb2.RegisterAgentRequest(agent=self._card()), timeout=self._rpc_timeout)
+            discovery_pb2.RegisterAgentRequest(agent=self._card(),
+                                               a2a_agent_card=self._a2a_card or ""),
+            timeout=self._rpc_timeout)
         self._agent_name = response.agent.name
         self._heartbeat_interval = (response.heartbeat_interval.ToTimedelta().total_seconds()
                                     or 5.0)

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import grpc
+from a2a.types import a2a_pb2
 from agentmesh.v1 import bus_pb2, discovery_pb2, state_pb2, task_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.aio import cancel_and_wait
+from server.api.a2a.cards import mesh_card
+from server.api.a2a.handler import MeshRequestHandler
+from server.api.a2a.http import A2AServer
 from server.api.auth import AccessInterceptor, StreamLimits, TokenTable
 from server.api.bus import BusServicer
 from server.api.convert import Limits
@@ -42,7 +47,7 @@ from server.bus import open_bus
 from server.console import ConsoleServer, ConsoleServices
 from server.domain.chunks import ChunkLimits
 from server.domain.limits import DispatchLimits
-from server.domain.models import AgentState
+from server.domain.models import DEFAULT_NAMESPACE, AgentState
 from server.netutil import add_grpc_port, ensure_free
 from server.observability.bus import MeteredBus
 from server.observability.grpc_interceptors import ObservabilityInterceptor
@@ -50,7 +55,14 @@ from server.observability.metrics import MeshMetrics
 from server.observability.observer import CompositeObserver, MetricsObserver
 from server.observability.sampler import GaugeSampler
 from server.observability.tracing import TracingObserver, server_interceptors, setup_tracing
-from server.ports import AgentRegistry, ChunkStore, SnapshotSource, StateStore, TaskStore
+from server.ports import (
+    AgentFilter,
+    AgentRegistry,
+    ChunkStore,
+    SnapshotSource,
+    StateStore,
+    TaskStore,
+)
 from server.services.breakers import BreakerConfig
 from server.services.bulk import BulkActions
 from server.services.chunks import TaskChunks
@@ -89,6 +101,8 @@ class Mesh:
     stopping: asyncio.Event
     console: ConsoleServer | None = None
     """The web console, when it is on (``Settings.console_port_effective``)."""
+    a2a_url: str = ""
+    """The A2A gateway's URL ("" when it is off)."""
 
     async def drain(self, grace: float | None = None) -> None:
         """Graceful drain: NOT_SERVING, agents told to drain, wait for in-flight results."""
@@ -254,9 +268,33 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
             if metrics_server is not None:
                 metrics_server.close()
             raise
+        a2a = None
+        a2a_url = ""
+        if settings.a2a_listen_port:
+            if tokens is not None:
+                if metrics_server is not None:
+                    metrics_server.close()
+                raise ValueError("the A2A gateway does not authenticate callers yet: with "
+                                 "--auth-file, set --a2a-port 0")
+            a2a_host = settings.a2a_host or settings.host
+            a2a = a2a_gateway(scheduler, chunks, registry, settings, a2a_host)
+            try:
+                a2a_port = a2a.bind()
+            except OSError:
+                if metrics_server is not None:
+                    metrics_server.close()
+                raise
+            shown = "127.0.0.1" if a2a_host in ("0.0.0.0", "::", "") else a2a_host  # noqa: S104
+            a2a_url = settings.a2a_public_url or f"http://{shown}:{a2a_port}/"
+            a2a.url = a2a_url
         _warn_if_exposed(settings, authenticated=tokens is not None,
                          encrypted=credentials is not None)
         await server.start()
+        if a2a is not None:
+            await a2a.start()
+            stack.push_async_callback(a2a.stop)
+            log.info("A2A gateway on %s (agent card at %s.well-known/agent-card.json)",
+                     a2a_url, a2a_url)
         for name in (*SERVICE_NAMES, ""):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         console = None
@@ -284,7 +322,7 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
         host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
         mesh = Mesh(settings, f"{host}:{port}", port, scheduler, registry, state, snapshots,
                     metrics,
-                    server, health_servicer, asyncio.Event(), console)
+                    server, health_servicer, asyncio.Event(), console, a2a_url)
         log.info("agentmesh serving on %s:%d (store=%s bus=%s)", settings.host, port,
                  settings.store, settings.bus)
         if settings.bus == "memory://" and settings.store != "memory://":
@@ -303,6 +341,26 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
             if metrics_server is not None:
                 metrics_server.close()
             log.info("agentmesh stopped")
+
+
+def a2a_gateway(scheduler: Scheduler, chunks: TaskChunks, registry: Registry,
+                settings: Settings, host: str) -> A2AServer:
+    """The A2A gateway over the mesh's services (not yet bound)."""
+    try:
+        version = importlib.metadata.version("agentmesh")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source tree
+        version = "0"
+    gateway: A2AServer
+
+    async def card() -> a2a_pb2.AgentCard:
+        agents = await registry.list(AgentFilter(DEFAULT_NAMESPACE,
+                                                 states=frozenset({AgentState.ACTIVE})),
+                                     after_id="", limit=10_000)
+        return mesh_card(agents, url=gateway.url, version=version)
+
+    gateway = A2AServer(MeshRequestHandler(scheduler, chunks, card=card), card,
+                        host=host, port=settings.a2a_listen_port)
+    return gateway
 
 
 def _warn_if_exposed(settings: Settings, *, authenticated: bool, encrypted: bool) -> None:

@@ -18,7 +18,7 @@ line, ``agentmesh: error: ...``, on stderr, never a traceback. Exit status:
     0    success
     1    failure (a refused call, an unreachable server, a task that failed...)
     2    bad usage or input (flags, settings, files)
-    3    ``serve``: a port it must listen on (gRPC, metrics or console) is already in use
+    3    ``serve``: a port it must listen on (gRPC, metrics, console or A2A) is already in use
     130  interrupted (Ctrl-C)
 """
 
@@ -65,7 +65,7 @@ EXIT_USAGE = 2
 EXIT_PORT_IN_USE = 3
 EXIT_INTERRUPTED = 130
 EXIT_STATUS_HELP = ("exit status: 0 success, 1 failure, 2 bad usage or input, 3 serve: a port "
-                    "(gRPC, metrics or console) is already in use, 130 interrupted")
+                    "(gRPC, metrics, console or A2A) is already in use, 130 interrupted")
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 PROG = "agentmesh"
@@ -815,6 +815,13 @@ _SERVE_FLAGS: tuple[tuple[str, str, type[Any], str], ...] = (
      "Prometheus /metrics port, 0 disables it (AGENTMESH_METRICS_PORT)"),
     ("--metrics-host", "metrics_host", str,
      "address of the /metrics endpoint, 0.0.0.0 in a container (AGENTMESH_METRICS_HOST)"),
+    ("--a2a-port", "a2a_port", int,
+     "A2A gateway HTTP port, 0 disables it; default 41241 in embedded mode, off with "
+     "--store redis (AGENTMESH_A2A_PORT)"),
+    ("--a2a-host", "a2a_host", str, "address of the A2A gateway; default --host "
+     "(AGENTMESH_A2A_HOST)"),
+    ("--a2a-public-url", "a2a_public_url", str,
+     "URL the A2A agent card advertises, behind a proxy (AGENTMESH_A2A_PUBLIC_URL)"),
     ("--gauge-interval", "gauge_interval", float,
      "seconds between queue/agent gauge refreshes (AGENTMESH_GAUGE_INTERVAL)"),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING... (AGENTMESH_LOG_LEVEL)"),
@@ -867,7 +874,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CLIError(str(exc), EXIT_PORT_IN_USE) from None
     except OSError as exc:
         raise CLIError(f"cannot serve on {settings.host}:{settings.port}: {exc}") from None
-    except ValueError as exc:  # e.g. an unknown --store or --bus scheme, a bad auth file
+    except ValueError as exc:  # an unknown --store or --bus scheme, a bad auth file, A2A + auth
         raise CLIError(str(exc), EXIT_USAGE) from None
     return EXIT_OK
 

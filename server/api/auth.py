@@ -141,6 +141,8 @@ RPC_ROLES: Mapping[str, frozenset[Role]] = {
         "GetStats": frozenset({_C, _ADM, _V}),
         "BulkRetryTasks": frozenset({_ADM}),
         "BulkCancelTasks": frozenset({_ADM}),
+        "AppendTaskChunks": frozenset({_A, _ADM}),  # only tasks leased to its agents
+        "WatchTaskChunks": frozenset({_C, _ADM, _V}),
     }),
     **_service(state_pb2, "StateService", {
         "Get": frozenset({_A, _C, _ADM, _V}),

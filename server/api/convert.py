@@ -15,7 +15,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, cast, overload
 
 from agentmesh.v1 import (
@@ -29,6 +29,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
+from server.api.a2a.cards import parse_card
 from server.domain.chunks import DEFAULT_ARTIFACT, ChunkDraft, ChunkKind, TaskChunk
 from server.domain.errors import FieldViolation, InvalidArgumentError, ResourceExhaustedError
 from server.domain.models import (
@@ -97,6 +98,8 @@ REPEATED_BOUNDS: dict[str, int] = {
     "agentmesh.v1.BusMessage.headers": MAX_LABELS,
     "agentmesh.v1.DurableAck.delivery_ids": MAX_DELIVERY_IDS,
     "agentmesh.v1.Agent.capabilities": 256,
+    "agentmesh.v1.Capability.tags": 32,
+    "agentmesh.v1.Capability.examples": 16,
     "agentmesh.v1.Agent.labels": MAX_LABELS,
     "agentmesh.v1.ListAgentsRequest.labels": MAX_LABELS,
     "agentmesh.v1.ListTasksRequest.labels": MAX_LABELS,
@@ -754,40 +757,62 @@ def workflow_to_proto(wf: Workflow, steps: Mapping[str, Task] | None = None, *,
 # -- agents ------------------------------------------------------------------------
 
 def agent_from_register(req: discovery_pb2.RegisterAgentRequest, limits: Limits) -> Agent:
-    """The agent card of a RegisterAgent request."""
+    """The agent card of a RegisterAgent request (with the skills of its A2A card)."""
     if not req.HasField("agent"):
         raise _bad("agent", "required")
     a = req.agent
-    if not a.display_name:
+    card = parse_card(req.a2a_agent_card) if req.a2a_agent_card else None
+    display_name = a.display_name or (card.name if card is not None else "")
+    if not display_name:
         raise _bad("agent.display_name", "required")
-    if not a.capabilities:
+    if not a.capabilities and card is None:
         raise _bad("agent.capabilities", "at least one capability is required")
-    if len(a.capabilities) > 256:
+    if len(a.capabilities) + (len(card.skills) if card else 0) > 256:
         raise _bad("agent.capabilities", "at most 256 capabilities")
     if not 1 <= a.max_concurrency <= 10_000:
         raise _bad("agent.max_concurrency", "must be 1..10000")
-    caps = tuple(
+    caps = [
         Capability(capability(c.name, f"agent.capabilities[{i}].name"),
-                   _text(c.version, f"agent.capabilities[{i}].version", 64))
-        for i, c in enumerate(a.capabilities))
+                   _text(c.version, f"agent.capabilities[{i}].version", 64),
+                   _text(c.description, f"agent.capabilities[{i}].description", 2048),
+                   tuple(_text(t, f"agent.capabilities[{i}].tags[{j}]", 64)
+                         for j, t in enumerate(c.tags)),
+                   tuple(_text(e, f"agent.capabilities[{i}].examples[{j}]", 1024)
+                         for j, e in enumerate(c.examples)))
+        for i, c in enumerate(a.capabilities)]
+    if card is not None:
+        # A skill named by a capability too fills what the capability left empty.
+        skills = {capability(s.name, f"a2a_agent_card.skills[{i}].id"): s
+                  for i, s in enumerate(card.skills)}
+        caps = [replace(c, description=c.description or skills[c.name].description,
+                        tags=c.tags or skills[c.name].tags,
+                        examples=c.examples or skills[c.name].examples)
+                if c.name in skills else c for c in caps]
+        named = {c.name for c in caps}
+        caps += [s for name, s in skills.items() if name not in named]
     return Agent(
-        id="", display_name=_text(a.display_name, "agent.display_name", 128),
-        namespace=namespace(a.namespace, "agent.namespace"), capabilities=caps,
+        id="", display_name=_text(display_name, "agent.display_name", 128),
+        namespace=namespace(a.namespace, "agent.namespace"), capabilities=tuple(caps),
         max_concurrency=a.max_concurrency, labels=labels(a.labels, "agent.labels", limits),
-        version=_text(a.version, "agent.version", 64))
+        version=_text(a.version or (card.version if card else ""), "agent.version", 64),
+        description=_text(a.description or (card.description if card else ""),
+                          "agent.description", 2048))
 
 
 def agent_to_proto(agent: Agent) -> discovery_pb2.Agent:
     """An Agent message (never the session token)."""
     return discovery_pb2.Agent(
         name=f"agents/{agent.id}", display_name=agent.display_name,
-        capabilities=[discovery_pb2.Capability(name=c.name, version=c.version)
+        capabilities=[discovery_pb2.Capability(name=c.name, version=c.version,
+                                               description=c.description, tags=c.tags,
+                                               examples=c.examples)
                       for c in agent.capabilities],
         max_concurrency=agent.max_concurrency, labels=dict(agent.labels),
         version=agent.version, state=int(agent.state),  # type: ignore[arg-type]
         in_flight=agent.in_flight, load=agent.load,
         register_time=to_timestamp(agent.register_time),
-        heartbeat_time=to_timestamp(agent.heartbeat_time), namespace=agent.namespace)
+        heartbeat_time=to_timestamp(agent.heartbeat_time), namespace=agent.namespace,
+        description=agent.description)
 
 
 def agent_state(value: int, field: str = "state") -> AgentState | None:

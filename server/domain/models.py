@@ -239,6 +239,9 @@ class Capability:
 
     name: str
     version: str = ""
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    examples: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +262,7 @@ class Agent:
     heartbeat_time: float = 0.0
     expire_time: float = 0.0
     session_token: str = ""
+    description: str = ""
 
     @property
     def capability_names(self) -> frozenset[str]:

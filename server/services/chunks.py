@@ -142,6 +142,11 @@ class TaskChunks:
             for sub in subs:
                 await sub.unsubscribe()
 
+    async def kept(self, task_id: str) -> list[TaskChunk]:
+        """Every chunk kept for a task now, in order."""
+        _, batches = await self._read(task_id, 0)
+        return [c for batch in batches for c in batch]
+
     async def _read(self, task_id: str, cursor: int) -> tuple[int, list[list[TaskChunk]]]:
         """Every chunk after ``cursor`` now in the log, in batches; the new cursor."""
         out: list[list[TaskChunk]] = []

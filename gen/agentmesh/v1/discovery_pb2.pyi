@@ -115,6 +115,7 @@ class Agent(_message.Message):
     REGISTER_TIME_FIELD_NUMBER: _builtins.int
     HEARTBEAT_TIME_FIELD_NUMBER: _builtins.int
     NAMESPACE_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, "agents/{agent}". Output only."""
     display_name: _builtins.str
@@ -133,6 +134,8 @@ class Agent(_message.Message):
     """Last load reported by the agent, 0..1. Output only."""
     namespace: _builtins.str
     """Namespace the agent serves; "default" when empty."""
+    description: _builtins.str
+    """What the agent does, for people and for the mesh's A2A agent card."""
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Capability]:
         """What the agent can do."""
@@ -168,10 +171,11 @@ class Agent(_message.Message):
         register_time: _timestamp_pb2.Timestamp | None = ...,
         heartbeat_time: _timestamp_pb2.Timestamp | None = ...,
         namespace: _builtins.str = ...,
+        description: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_time", b"heartbeat_time", "register_time", b"register_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "display_name", b"display_name", "heartbeat_time", b"heartbeat_time", "in_flight", b"in_flight", "labels", b"labels", "load", b"load", "max_concurrency", b"max_concurrency", "name", b"name", "namespace", b"namespace", "register_time", b"register_time", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "description", b"description", "display_name", b"display_name", "heartbeat_time", b"heartbeat_time", "in_flight", b"in_flight", "labels", b"labels", "load", b"load", "max_concurrency", b"max_concurrency", "name", b"name", "namespace", b"namespace", "register_time", b"register_time", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -185,19 +189,35 @@ class Capability(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    EXAMPLES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name that tasks and workflow steps refer to ("summarize")."""
     version: _builtins.str
     """Version of the handler, informational."""
+    description: _builtins.str
+    """What it does (the A2A skill description); at most 2048 bytes."""
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Keywords (A2A skill tags); at most 32 of 64 bytes."""
+
+    @_builtins.property
+    def examples(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Example requests (A2A skill examples); at most 16 of 1024 bytes."""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         version: _builtins.str = ...,
+        description: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        examples: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "examples", b"examples", "name", b"name", "tags", b"tags", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -211,8 +231,16 @@ class RegisterAgentRequest(_message.Message):
 
     AGENT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    A2A_AGENT_CARD_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional idempotency key."""
+    a2a_agent_card: _builtins.str
+    """Optional A2A agent card (its JSON, as served at
+    /.well-known/agent-card.json; at most 64 KiB). Its skills become the
+    agent's capabilities (skill id as name, with description, tags and
+    examples), added to `agent.capabilities`; its name, description and
+    version fill those fields of `agent` left empty.
+    """
     @_builtins.property
     def agent(self) -> Global___Agent:
         """The card; name and state are ignored."""
@@ -222,10 +250,11 @@ class RegisterAgentRequest(_message.Message):
         *,
         agent: Global___Agent | None = ...,
         request_id: _builtins.str = ...,
+        a2a_agent_card: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["a2a_agent_card", b"a2a_agent_card", "agent", b"agent", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

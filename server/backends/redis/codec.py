@@ -344,12 +344,20 @@ def encode_agent(a: Agent) -> str:
     """Agent -> JSON text."""
     return dumps({
         "id": a.id, "display_name": a.display_name, "namespace": a.namespace,
-        "capabilities": [{"name": c.name, "version": c.version} for c in a.capabilities],
+        "capabilities": [_capability_doc(c) for c in a.capabilities],
+        "description": a.description,
         "max_concurrency": a.max_concurrency, "labels": dict(a.labels), "version": a.version,
         "state": int(a.state), "in_flight": a.in_flight, "load": fstr(a.load),
         "register_time": fstr(a.register_time), "heartbeat_time": fstr(a.heartbeat_time),
         "expire_time": fstr(a.expire_time), "session_token": a.session_token,
     })
+
+
+def _capability_doc(c: Capability) -> Doc:
+    doc: Doc = {"name": c.name, "version": c.version}
+    if c.description or c.tags or c.examples:  # most cards carry none: keep them small
+        doc.update(description=c.description, tags=list(c.tags), examples=list(c.examples))
+    return doc
 
 
 def decode_agent(text: str) -> Agent:
@@ -358,8 +366,11 @@ def decode_agent(text: str) -> Agent:
     return Agent(
         id=str(d["id"]), display_name=str(d.get("display_name", "")),
         namespace=str(d["namespace"]),
-        capabilities=tuple(Capability(str(c["name"]), str(c.get("version", "")))
+        capabilities=tuple(Capability(str(c["name"]), str(c.get("version", "")),
+                                      str(c.get("description", "")),
+                                      _str_tuple(c.get("tags")), _str_tuple(c.get("examples")))
                            for c in _list(d.get("capabilities"))),
+        description=str(d.get("description", "")),
         max_concurrency=int(d.get("max_concurrency", 1)), labels=_str_map(d.get("labels")),
         version=str(d.get("version", "")), state=AgentState(int(d["state"])),
         in_flight=int(d.get("in_flight", 0)), load=_f(d.get("load")),

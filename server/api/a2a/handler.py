@@ -1,0 +1,285 @@
+"""The a2a-sdk RequestHandler of the gateway: A2A calls on the mesh's own services.
+
+The mesh is the task store: an A2A task *is* a mesh task (same id), so get,
+list, cancel and subscribe read and change the mesh directly, on any replica.
+A message names a skill (a capability) in its metadata (``"skill"``; when the
+mesh offers exactly one, it may be left out); its message id is the submit's
+idempotency key, so a client that re-sends a message gets the same task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+
+from a2a.server.context import ServerCallContext
+from a2a.server.events.event_queue import Event
+from a2a.server.request_handlers.request_handler import RequestHandler
+from a2a.types import a2a_pb2
+from a2a.utils.errors import (
+    InternalError,
+    InvalidParamsError,
+    PushNotificationNotSupportedError,
+    TaskNotCancelableError,
+    TaskNotFoundError,
+    UnsupportedOperationError,
+)
+from google.protobuf.json_format import MessageToDict
+
+from server.api.a2a import mapping
+from server.domain.chunks import ChunkKind, TaskChunk
+from server.domain.errors import (
+    AgentMeshError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+from server.domain.models import DEFAULT_NAMESPACE, Task
+from server.ports import TaskFilter
+from server.services.chunks import TaskChunks
+from server.services.scheduler import Scheduler
+
+MAX_PAGE = 100
+
+
+@contextlib.contextmanager
+def a2a_errors() -> Iterator[None]:
+    """Mesh errors as the A2A errors the spec names."""
+    try:
+        yield
+    except NotFoundError as exc:
+        raise TaskNotFoundError(exc.message) from None
+    except InvalidArgumentError as exc:
+        raise InvalidParamsError(exc.message) from None
+    except FailedPreconditionError as exc:  # cancel of a task that has ended
+        raise TaskNotCancelableError(exc.message) from None
+    except AgentMeshError as exc:
+        raise InternalError(f"{exc.reason}: {exc.message}") from None
+
+
+class MeshRequestHandler(RequestHandler):
+    """A2A requests served by the mesh."""
+
+    def __init__(self, scheduler: Scheduler, chunks: TaskChunks, *,
+                 card: Callable[[], Awaitable[a2a_pb2.AgentCard]]) -> None:
+        self._scheduler = scheduler
+        self._chunks = chunks
+        self._card = card
+
+    @staticmethod
+    def _namespace(tenant: str) -> str:
+        return tenant or DEFAULT_NAMESPACE
+
+    async def _task(self, task_id: str, tenant: str) -> Task:
+        with a2a_errors():
+            task = await self._scheduler.get_task(task_id)
+        if task.namespace != self._namespace(tenant):
+            raise TaskNotFoundError(f"task {task_id!r} not found")
+        return task
+
+    async def _skill(self, params: a2a_pb2.SendMessageRequest, namespace: str) -> str:
+        meta = {**MessageToDict(params.message.metadata), **MessageToDict(params.metadata)}
+        skill = meta.get("skill")
+        live = await self._scheduler.live_capabilities(namespace)
+        if skill is None and len(live) == 1:
+            return next(iter(live))
+        if not isinstance(skill, str) or not skill:
+            raise InvalidParamsError(
+                "name the skill in the message metadata (\"skill\"): one of "
+                + (", ".join(sorted(live)) or "none (no agent is live)"))
+        return skill
+
+    async def _submit(self, params: a2a_pb2.SendMessageRequest) -> Task:
+        message = params.message
+        namespace = self._namespace(params.tenant)
+        if message.task_id:
+            raise UnsupportedOperationError(
+                "a mesh task takes one message: send a new message for a new task")
+        skill = await self._skill(params, namespace)
+        labels = {}
+        if message.context_id:
+            if len(message.context_id.encode()) > 256:
+                raise InvalidParamsError("message.context_id: at most 256 bytes")
+            labels[mapping.CONTEXT_LABEL] = message.context_id
+        with a2a_errors():
+            task = Task(id=uuid.uuid4().hex, capability=skill, namespace=namespace,
+                        input=mapping.message_input(message), labels=labels)
+            request_id = f"a2a:{message.message_id}" if message.message_id else ""
+            return await self._scheduler.submit(task, request_id=request_id[:128])
+
+    # -- the A2A methods -------------------------------------------------------------
+
+    async def on_message_send(self, params: a2a_pb2.SendMessageRequest,
+                              context: ServerCallContext) -> a2a_pb2.Task | a2a_pb2.Message:
+        """Submit the task; unless ``return_immediately``, wait until it ends or needs input."""
+        task = await self._submit(params)
+        if params.configuration.return_immediately:
+            return mapping.a2a_task(task)
+        chunks: list[TaskChunk] = []
+        stream = self._chunks.watch(task.id)
+        try:
+            # The watch ends by itself once the task has ended (chunks first).
+            async for item in stream:
+                if isinstance(item, list):
+                    chunks.extend(item)
+                    continue
+                task = item
+                if mapping.a2a_state(task) == a2a_pb2.TASK_STATE_INPUT_REQUIRED:
+                    break
+        finally:
+            await stream.aclose()
+        return mapping.a2a_task(task, chunks)
+
+    async def on_message_send_stream(self, params: a2a_pb2.SendMessageRequest,
+                                     context: ServerCallContext,
+                                     ) -> AsyncGenerator[Event, None]:
+        """Submit the task, then stream its status and artifact updates (with
+        ``return_immediately``, only the submitted task)."""
+        task = await self._submit(params)
+        if params.configuration.return_immediately:
+            yield mapping.a2a_task(task)
+            return
+        async for event in self._events(task, snapshot=False):
+            yield event
+
+    async def on_subscribe_to_task(self, params: a2a_pb2.SubscribeToTaskRequest,
+                                   context: ServerCallContext,
+                                   ) -> AsyncGenerator[Event, None]:
+        """The task as it is (artifacts streamed so far included), then what follows."""
+        task = await self._task(params.id, params.tenant)
+        async for event in self._events(task, snapshot=True):
+            yield event
+
+    async def _events(self, task: Task, *, snapshot: bool,
+                      ) -> AsyncGenerator[Event, None]:
+        """Task first, then updates in order, until a final or input-required state.
+
+        With ``snapshot`` the first Task carries the artifacts streamed so far
+        and the updates start after them: nothing is sent twice.
+        """
+        prior = await self._chunks.kept(task.id) if snapshot else []
+        seen = {mapping.artifact_id(c) for c in prior}
+        stream = self._chunks.watch(task.id, prior[-1].seq if prior else 0)
+        try:
+            first = True
+            async for item in stream:
+                if isinstance(item, list):
+                    for chunk in item:
+                        yield self._chunk_event(task, chunk, seen)
+                    continue
+                task = item
+                state = mapping.a2a_state(task)
+                if first:
+                    # Even when it has ended, chunks may follow (then the task again).
+                    first = False
+                    yield mapping.a2a_task(task, prior)
+                    continue
+                if state == a2a_pb2.TASK_STATE_COMPLETED and task.output is not None:
+                    yield mapping.result_event(task)
+                yield mapping.status_event(task)
+                if mapping.is_final(state) or state == a2a_pb2.TASK_STATE_INPUT_REQUIRED:
+                    return
+        finally:
+            await stream.aclose()
+
+    @staticmethod
+    def _chunk_event(task: Task, chunk: TaskChunk, seen: set[str]) -> Event:
+        if chunk.draft.kind is ChunkKind.PROGRESS:
+            pct = f" ({chunk.draft.progress * 100:.0f}%)" if chunk.draft.progress else ""
+            return mapping.status_event(task, f"{chunk.draft.text}{pct}")
+        key = mapping.artifact_id(chunk)
+        append = key in seen
+        seen.add(key)
+        return mapping.chunk_event(task, chunk, append=append)
+
+    async def on_get_task(self, params: a2a_pb2.GetTaskRequest,
+                          context: ServerCallContext) -> a2a_pb2.Task | None:
+        """The task with its artifacts (streamed ones assembled, then the result)."""
+        task = await self._task(params.id, params.tenant)
+        return mapping.a2a_task(task, await self._chunks.kept(task.id))
+
+    async def on_list_tasks(self, params: a2a_pb2.ListTasksRequest,
+                            context: ServerCallContext) -> a2a_pb2.ListTasksResponse:
+        """Tasks of the tenant's namespace, newest first, filtered by context and state."""
+        namespace = self._namespace(params.tenant)
+        size = min(params.page_size or 50, MAX_PAGE)
+        if params.page_size < 0:
+            raise InvalidParamsError("page_size must not be negative")
+        try:
+            before = int(params.page_token) if params.page_token else 0
+        except ValueError:
+            raise InvalidParamsError("page_token is not one this server gave") from None
+        if before < 0:
+            raise InvalidParamsError("page_token is not one this server gave")
+        wanted = params.status
+        states = mapping.A2A_TO_STATES.get(wanted) if wanted else None
+        flt = TaskFilter(namespace, next(iter(states)) if states and len(states) == 1 else None)
+        out: list[a2a_pb2.Task] = []
+        token = ""
+        scanned = 0
+        while len(out) < size and scanned < 10 * MAX_PAGE:
+            page = await self._scheduler.list_tasks(flt, before_seq=before, limit=size)
+            if not page:
+                token = ""
+                break
+            scanned += len(page)
+            for task in page:
+                before = task.seq
+                if params.context_id and mapping.context_id(task) != params.context_id:
+                    continue
+                if wanted and mapping.a2a_state(task) != wanted:
+                    continue
+                out.append(mapping.a2a_task(task) if params.include_artifacts
+                           else a2a_pb2.Task(id=task.id, context_id=mapping.context_id(task),
+                                             status=mapping.status(task),
+                                             metadata=mapping.metadata(task)))
+                if len(out) == size:
+                    break
+            token = str(before) if before > 1 else ""
+            if len(page) < size:
+                if len(out) < size:
+                    token = ""
+                break
+        return a2a_pb2.ListTasksResponse(tasks=out, next_page_token=token, page_size=size,
+                                         total_size=len(out))
+
+    async def on_cancel_task(self, params: a2a_pb2.CancelTaskRequest,
+                             context: ServerCallContext) -> a2a_pb2.Task | None:
+        """Cancel the task; one that has ended is not cancelable."""
+        task = await self._task(params.id, params.tenant)
+        with a2a_errors():
+            task = await self._scheduler.cancel(task.id, "cancelled through A2A")
+        return mapping.a2a_task(task)
+
+    async def on_get_extended_agent_card(self, params: a2a_pb2.GetExtendedAgentCardRequest,
+                                         context: ServerCallContext) -> a2a_pb2.AgentCard:
+        """The same card as the public one."""
+        return await self._card()
+
+    # -- push notifications: not offered (the card says so) ----------------------------
+
+    async def on_create_task_push_notification_config(
+            self, params: a2a_pb2.TaskPushNotificationConfig,
+            context: ServerCallContext) -> a2a_pb2.TaskPushNotificationConfig:
+        """Not offered."""
+        raise PushNotificationNotSupportedError
+
+    async def on_get_task_push_notification_config(
+            self, params: a2a_pb2.GetTaskPushNotificationConfigRequest,
+            context: ServerCallContext) -> a2a_pb2.TaskPushNotificationConfig:
+        """Not offered."""
+        raise PushNotificationNotSupportedError
+
+    async def on_list_task_push_notification_configs(
+            self, params: a2a_pb2.ListTaskPushNotificationConfigsRequest,
+            context: ServerCallContext) -> a2a_pb2.ListTaskPushNotificationConfigsResponse:
+        """Not offered."""
+        raise PushNotificationNotSupportedError
+
+    async def on_delete_task_push_notification_config(
+            self, params: a2a_pb2.DeleteTaskPushNotificationConfigRequest,
+            context: ServerCallContext) -> None:
+        """Not offered."""
+        raise PushNotificationNotSupportedError
+

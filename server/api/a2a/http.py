@@ -1,0 +1,104 @@
+"""The gateway's HTTP server: A2A JSON-RPC at ``/`` and the agent card, on uvicorn.
+
+Routes come from a2a-sdk (``create_jsonrpc_routes``, ``create_agent_card_routes``:
+the spec's JSON-RPC binding and SSE streaming, kept by the A2A project);
+uvicorn serves them in the server's own event loop. The socket is bound here,
+before anything serves, so a port in use is the same PortInUseError as the
+gRPC and metrics ports (``server/netutil.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+
+import uvicorn
+from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
+from a2a.types import a2a_pb2
+from starlette.applications import Starlette
+
+from server.api.a2a.handler import MeshRequestHandler
+from server.netutil import PortInUseError, ensure_free
+
+log = logging.getLogger(__name__)
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its signal handling: ``agentmesh serve`` owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Leave the process's signals alone."""
+        yield
+
+
+class A2AServer:
+    """The A2A HTTP endpoint of one replica."""
+
+    def __init__(self, handler: MeshRequestHandler,
+                 card: Callable[[], Awaitable[a2a_pb2.AgentCard]], *, host: str,
+                 port: int) -> None:
+        self._handler = handler
+        self._card = card
+        self._host = host
+        self._port = port
+        self.url = ""
+        """The URL the agent card advertises (set once bound)."""
+        self._sock: socket.socket | None = None
+        self._server: _Uvicorn | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def bind(self) -> int:
+        """Bind the socket (PortInUseError when taken); returns the port."""
+        ensure_free(self._host, self._port, "A2A")
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.bind((self._host, self._port))
+        except OSError as exc:
+            sock.close()
+            raise PortInUseError(self._port, "A2A", self._host) from exc
+        sock.listen(128)
+        sock.setblocking(False)
+        self._sock = sock
+        return int(sock.getsockname()[1])
+
+    async def start(self) -> None:
+        """Serve on the bound socket until :meth:`stop`."""
+        assert self._sock is not None, "bind() first"
+        card = self._card
+
+        async def fresh_card(_: a2a_pb2.AgentCard) -> a2a_pb2.AgentCard:
+            return await card()  # skills follow the live agents
+
+        app = Starlette(routes=[*create_agent_card_routes(await card(), card_modifier=fresh_card),
+                                *create_jsonrpc_routes(self._handler, "/")])
+        config = uvicorn.Config(app, log_config=None, access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=1)
+        self._server = _Uvicorn(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]),
+                                         name="a2a-http")
+        # uvicorn has no started event: a bounded poll of its flag (the socket is bound).
+        while not self._server.started and not self._task.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        if self._task.done():
+            self._task.result()
+
+    async def stop(self) -> None:
+        """Stop serving (open streams are cut after a second). Safe to repeat."""
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 5.0)
+            if not self._task.done():
+                self._task.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._task
+            self._task = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
