@@ -562,6 +562,44 @@ class MeshClient:
         response = await self._unary(lambda c: c.tasks.CancelTask, request, safe=False)
         return task_from_proto(response.task)
 
+    # ----------------------------------------------------------------- people
+
+    async def list_approvals(self, *, limit: int = 100) -> list[TaskInfo]:
+        """Tasks waiting for a person now (capability ``human``), newest first."""
+        return [t for t in await self.list_tasks(state="RUNNING", capability="human",
+                                                 limit=limit) if t.awaiting_human]
+
+    async def approve(self, task: str, *, comment: str = "", input: Any = UNSET,
+                      approver: str = "") -> TaskInfo:
+        """Approve a task waiting for a person: it succeeds and its workflow goes on.
+
+        ``approver`` is recorded when the server runs without auth (with auth
+        the caller's principal is). ``input`` is optional data passed on.
+        """
+        return await self._resolve(task, task_pb2.HUMAN_DECISION_APPROVE, comment, input,
+                                   approver)
+
+    async def reject(self, task: str, *, comment: str = "", approver: str = "") -> TaskInfo:
+        """Reject a task waiting for a person: it fails (REJECTED) and so does its workflow."""
+        return await self._resolve(task, task_pb2.HUMAN_DECISION_REJECT, comment, UNSET,
+                                   approver)
+
+    async def supply_input(self, task: str, value: Any, *, comment: str = "",
+                           approver: str = "") -> TaskInfo:
+        """Answer a task waiting for a person with ``value`` (its output downstream)."""
+        return await self._resolve(task, task_pb2.HUMAN_DECISION_SUPPLY_INPUT, comment, value,
+                                   approver)
+
+    async def _resolve(self, task: str, decision: int, comment: str, value: Any,
+                       approver: str) -> TaskInfo:
+        request = task_pb2.ResolveHumanTaskRequest(
+            name=_name(task, "tasks"), decision=decision,  # type: ignore[arg-type]
+            comment=comment, approver=approver)
+        if not isinstance(value, _Unset):
+            request.input.CopyFrom(encode_payload(value))
+        response = await self._unary(lambda c: c.tasks.ResolveHumanTask, request, safe=False)
+        return task_from_proto(response.task)
+
     async def retry_task(self, task: str, input: Any = UNSET) -> TaskInfo:
         """Re-drive a task that ended without success, optionally with a new input."""
         request = task_pb2.RetryTaskRequest(name=_name(task, "tasks"))

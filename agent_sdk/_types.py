@@ -152,8 +152,10 @@ class TaskInfo:
     unschedulable: bool
     #: True when the fallback capability served it.
     served_by_fallback: bool
-    #: True once a human re-drove it.
+    #: True once a human re-drove it, or for a task a person answers (capability "human").
     human_intervened: bool
+    #: True while it waits for a person (a "human" task: approve, reject or supply input).
+    awaiting_human: bool
     #: One entry per attempt.
     attempts: tuple[AttemptInfo, ...]
     #: When it was submitted.
@@ -188,6 +190,7 @@ def task_from_proto(t: task_pb2.Task) -> TaskInfo:
         unschedulable=t.unschedulable,
         served_by_fallback=t.served_by_fallback,
         human_intervened=t.human_intervened,
+        awaiting_human=t.awaiting_human,
         attempts=tuple(
             AttemptInfo(a.attempt, a.agent, _time(a, "start_time"), _time(a, "end_time"),
                         _failure(a, "failure"))

@@ -63,6 +63,7 @@ from server.ports import (
     StateStore,
     TaskStore,
 )
+from server.services.approvals import HumanDesk
 from server.services.breakers import BreakerConfig
 from server.services.bulk import BulkActions
 from server.services.chunks import TaskChunks
@@ -180,6 +181,9 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
             else metrics_observer,
             release_locks=state.release_agent_locks)
         registry = Registry(agents, bus, clock, scheduler.leases)
+        desk = HumanDesk(tasks, agents, bus, clock, leases=scheduler.leases,
+                         task_events=scheduler.events, state=state,
+                         timeout=settings.approval_timeout)
         chunks = TaskChunks(chunk_store, tasks, bus, clock, leases=scheduler.leases,
                             limits=ChunkLimits(max_chunk_bytes=settings.max_chunk_bytes,
                                                max_chunks_per_task=settings.max_chunks_per_task,
@@ -205,6 +209,12 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
             await cancel_and_wait(gauges)
 
         stack.push_async_callback(stop_gauges)
+        desk_loop = asyncio.create_task(desk.run(), name="human-desk")
+
+        async def stop_desk() -> None:
+            await cancel_and_wait(desk_loop)
+
+        stack.push_async_callback(stop_desk)
         if settings.snapshot_interval > 0:
             snapshotter = asyncio.create_task(snapshots.run_periodic(settings.snapshot_interval))
 
@@ -240,7 +250,7 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
                             DiscoveryServicer(registry, limits,
                                               drain_grace=settings.drain_grace)),
             generic_handler(task_pb2.DESCRIPTOR.services_by_name["TaskService"],
-                            TaskServicer(scheduler, registry, limits, chunks, bulk=bulk)),
+                            TaskServicer(scheduler, registry, limits, chunks, desk, bulk=bulk)),
             generic_handler(state_pb2.DESCRIPTOR.services_by_name["StateService"],
                             StateServicer(state, limits, snapshots)),
             generic_handler(bus_pb2.DESCRIPTOR.services_by_name["BusService"],
@@ -277,7 +287,8 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
                 raise ValueError("the A2A gateway does not authenticate callers yet: with "
                                  "--auth-file, set --a2a-port 0")
             a2a_host = settings.a2a_host or settings.host
-            a2a = a2a_gateway(scheduler, chunks, registry, settings, a2a_host)
+            a2a = a2a_gateway(scheduler, chunks, desk, registry, settings=settings,
+                              host=a2a_host)
             try:
                 a2a_port = a2a.bind()
             except OSError:
@@ -343,8 +354,8 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
             log.info("agentmesh stopped")
 
 
-def a2a_gateway(scheduler: Scheduler, chunks: TaskChunks, registry: Registry,
-                settings: Settings, host: str) -> A2AServer:
+def a2a_gateway(scheduler: Scheduler, chunks: TaskChunks, desk: HumanDesk, registry: Registry,
+                *, settings: Settings, host: str) -> A2AServer:
     """The A2A gateway over the mesh's services (not yet bound)."""
     try:
         version = importlib.metadata.version("agentmesh")
@@ -358,7 +369,7 @@ def a2a_gateway(scheduler: Scheduler, chunks: TaskChunks, registry: Registry,
                                      after_id="", limit=10_000)
         return mesh_card(agents, url=gateway.url, version=version)
 
-    gateway = A2AServer(MeshRequestHandler(scheduler, chunks, card=card), card,
+    gateway = A2AServer(MeshRequestHandler(scheduler, chunks, desk, card=card), card,
                         host=host, port=settings.a2a_listen_port)
     return gateway
 

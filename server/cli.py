@@ -8,6 +8,7 @@ environment variables). Every other command is a thin client over
 
     agents list|get|watch|drain
     tasks submit|get|list|cancel|retry|watch|dead-letters|retry-all|cancel-all
+    approvals list|approve|reject|input
     workflow run|get
     state get|put|list|delete
     stats
@@ -41,6 +42,7 @@ import yaml
 from pydantic import ValidationError
 
 from agent_sdk import (
+    UNSET,
     AgentInfo,
     FailureInfo,
     MeshClient,
@@ -963,6 +965,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_agents(commands)
     _add_tasks(commands)
+    _add_approvals(commands)
     _add_workflow(commands)
     _add_state(commands)
     _add_snapshot(commands)
@@ -1059,6 +1062,58 @@ def _filter_flags(p: argparse.ArgumentParser) -> None:
                    help="only tasks with this label (repeat: all must match)")
     p.add_argument("--since", help="created at or after: ISO 8601 (UTC) or an age (15m, 2h)")
     p.add_argument("--until", help="created before: ISO 8601 (UTC) or an age (15m, 2h)")
+
+
+def _add_approvals(commands: _Commands) -> None:
+    sub = _group(commands, "approvals", "tasks waiting for a person: list, approve, reject, "
+                 "answer")
+    p = sub.add_parser("list", help="tasks waiting for a person now")
+    p.add_argument("--limit", type=int, default=100)
+    p.set_defaults(handler=cmd_approvals_list)
+    for name, helptext in (("approve", "approve: the task succeeds, its workflow goes on"),
+                           ("reject", "reject: the task fails (REJECTED), so does its workflow"),
+                           ("input", "answer with a value (its output downstream)")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("id")
+        p.add_argument("--comment", default="", help="why (audited)")
+        if name == "input":
+            p.add_argument("--value", required=True, help="the answer as JSON")
+        elif name == "approve":
+            p.add_argument("--input", help="extra data passed on, as JSON")
+        p.add_argument("--as", dest="approver", default="",
+                       help="who decides, recorded when the server runs without auth "
+                            "(default: $USER)")
+        p.set_defaults(handler=cmd_approvals_decide, decision=name)
+
+
+async def cmd_approvals_list(client: MeshClient, args: argparse.Namespace) -> int:
+    """``approvals list``: tasks waiting for a person."""
+    tasks = await client.list_approvals(limit=args.limit)
+    if args.json:
+        print_json(tasks)
+    else:
+        print_table(["task", "workflow", "step", "waiting since", "input"],
+                    [[t.id, t.workflow.removeprefix("workflows/"), t.step_id,
+                      fmt_time(t.update_time), compact(t.input)] for t in tasks])
+    return EXIT_OK
+
+
+async def cmd_approvals_decide(client: MeshClient, args: argparse.Namespace) -> int:
+    """``approvals approve|reject|input ID``: a person's decision (audited)."""
+    who = args.approver or os.environ.get("USER", "")
+    if args.decision == "approve":
+        extra = parse_json_arg(args.input, "--input") if args.input is not None else UNSET
+        task = await client.approve(args.id, comment=args.comment, input=extra, approver=who)
+    elif args.decision == "reject":
+        task = await client.reject(args.id, comment=args.comment, approver=who)
+    else:
+        task = await client.supply_input(args.id, parse_json_arg(args.value, "--value"),
+                                         comment=args.comment, approver=who)
+    if args.json:
+        print_json(task)
+    else:
+        print(f"task {task.id} {task.state}")
+    return EXIT_OK
 
 
 def _add_workflow(commands: _Commands) -> None:

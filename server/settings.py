@@ -116,6 +116,9 @@ class Settings(BaseSettings):
         "(CHUNK_LIMIT) past it.")
     chunk_retention: float = Field(
         86_400.0, gt=0, description="Seconds a task's chunks are kept after its last one.")
+    approval_timeout: float = Field(
+        3600.0, gt=0, description="Seconds a human task (an approval or input step) waits for "
+        "a person when it sets no timeout; then it is dead-lettered and escalated.")
     a2a_port: int | None = Field(
         None, ge=0, le=65535, description="A2A gateway HTTP port (JSON-RPC and the agent card "
         "at /.well-known/agent-card.json); 0 disables it; unset: 41241 in embedded mode "

@@ -143,6 +143,8 @@ RPC_ROLES: Mapping[str, frozenset[Role]] = {
         "BulkCancelTasks": frozenset({_ADM}),
         "AppendTaskChunks": frozenset({_A, _ADM}),  # only tasks leased to its agents
         "WatchTaskChunks": frozenset({_C, _ADM, _V}),
+        # A person's decision: never an agent (it would approve its own work), nor a viewer.
+        "ResolveHumanTask": frozenset({_C, _ADM}),
     }),
     **_service(state_pb2, "StateService", {
         "Get": frozenset({_A, _C, _ADM, _V}),

@@ -32,6 +32,7 @@ from google.protobuf.message import Message
 from server.api.a2a.cards import parse_card
 from server.domain.chunks import DEFAULT_ARTIFACT, ChunkDraft, ChunkKind, TaskChunk
 from server.domain.errors import FieldViolation, InvalidArgumentError, ResourceExhaustedError
+from server.domain.human import is_human
 from server.domain.models import (
     DEFAULT_NAMESPACE,
     DEFAULT_RETRY_POLICY,
@@ -601,6 +602,8 @@ def task_to_proto(task: Task, *, live: frozenset[str] | None = None,
         kw["attempts"] = [_attempt_to_proto(a) for a in task.attempts]
     if task.human_intervened:
         kw["human_intervened"] = True
+        if state is TaskState.RUNNING and is_human(task.capability):
+            kw["awaiting_human"] = True
     if state is TaskState.RETRYING:
         kw["retry_time"] = to_timestamp(task.retry_time)
     if task.schedule_to_start_timeout:
@@ -771,6 +774,15 @@ def agent_from_register(req: discovery_pb2.RegisterAgentRequest, limits: Limits)
         raise _bad("agent.capabilities", "at most 256 capabilities")
     if not 1 <= a.max_concurrency <= 10_000:
         raise _bad("agent.max_concurrency", "must be 1..10000")
+    for i, c in enumerate(a.capabilities):
+        if is_human(c.name):
+            raise _bad(f"agent.capabilities[{i}].name",
+                       f"{c.name!r} is reserved for steps a person answers")
+    if card is not None:
+        for i, s in enumerate(card.skills):
+            if is_human(s.name):
+                raise _bad(f"a2a_agent_card.skills[{i}].id",
+                           f"{s.name!r} is reserved for steps a person answers")
     caps = [
         Capability(capability(c.name, f"agent.capabilities[{i}].name"),
                    _text(c.version, f"agent.capabilities[{i}].version", 64),
@@ -924,3 +936,21 @@ def chunk_to_proto(chunk: TaskChunk) -> task_pb2.TaskChunk:
     if d.data.data or d.data.metadata:
         msg.data.CopyFrom(payload_msg(d.data))
     return msg
+
+
+def text(value: str, field: str, max_bytes: int) -> str:
+    """A free-text field within ``max_bytes`` (INVALID_ARGUMENT naming it past them)."""
+    return _text(value, field, max_bytes)
+
+
+def decoded_payload(value: Payload) -> Any:
+    """A payload's value by its encoding: JSON decoded, else the bytes (base64 text)."""
+    encoding = value.metadata.get("encoding")
+    if encoding == b"json/plain":
+        try:
+            return json.loads(value.data)
+        except ValueError:
+            raise _bad("input.data", "not JSON though its encoding says json/plain") from None
+    if encoding == b"binary/null" or (encoding is None and not value.data):
+        return None
+    return {"base64": base64.b64encode(value.data).decode()}

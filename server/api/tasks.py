@@ -22,10 +22,12 @@ from server.domain.errors import (
     ResourceExhaustedError,
     StaleLeaseError,
 )
+from server.domain.human import Decision
 from server.domain.models import AgentState, TaskFailure, TaskState
 from server.ports import AgentFilter, TaskFilter
 from server.services import bulk
 from server.services.bulk import BulkActions
+from server.services.approvals import HumanDesk
 from server.services.chunks import TaskChunks
 from server.services.registry import Registry
 from server.services.scheduler import Scheduler
@@ -52,12 +54,14 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
     """gRPC face of the task queue."""
 
     def __init__(self, scheduler: Scheduler, registry: Registry, limits: Limits,
-                 chunks: TaskChunks, *, bulk: BulkActions | None = None) -> None:
+                 chunks: TaskChunks, desk: HumanDesk, *,
+                 bulk: BulkActions | None = None) -> None:
         self._scheduler = scheduler
         self._registry = registry
         self._limits = limits
         self._chunks = chunks
         self._bulk = bulk or BulkActions(scheduler)
+        self._desk = desk
 
     async def _task_msg(self, task_id: str) -> task_pb2.Task:
         task = await self._scheduler.get_task(task_id)
@@ -406,6 +410,33 @@ class TaskServicer(task_pb2_grpc.TaskServiceServicer):
                         task=convert.task_to_proto(item, live=live))
         finally:
             await stream.aclose()
+
+    @errors.unary
+    async def ResolveHumanTask(self, request: task_pb2.ResolveHumanTaskRequest,
+                               context: Ctx) -> task_pb2.ResolveHumanTaskResponse:
+        """See the proto; the approver is the caller's principal when auth is on."""
+        task_id = convert.resource_id(request.name, "tasks")
+        try:
+            decision = Decision(request.decision)
+        except ValueError:
+            raise InvalidArgumentError.field(
+                "decision", "APPROVE, REJECT or SUPPLY_INPUT") from None
+        if decision is Decision.SUPPLY_INPUT and not request.HasField("input"):
+            raise InvalidArgumentError.field("input", "required with SUPPLY_INPUT")
+        value = (convert.decoded_payload(convert.payload(request.input, "input", self._limits))
+                 if request.HasField("input") else None)
+        comment = convert.text(request.comment, "comment", 1024)
+        who = auth.caller()
+        if who is None:
+            approver, role = convert.text(request.approver, "approver", 128) or "anonymous", ""
+        else:
+            approver, role = who.name, who.role.value
+        task = await self._scheduler.get_task(task_id)
+        auth.require_visible(task.namespace, "task", f"tasks/{task_id}")
+        with auth.audited(f"human.{decision.name.lower()}", f"tasks/{task_id}", task.namespace):
+            done = await self._desk.resolve(task_id, decision, value=value, comment=comment,
+                                            who=approver, role=role)
+        return task_pb2.ResolveHumanTaskResponse(task=convert.task_to_proto(done))
 
     async def _check_leased_to_caller(self, task_id: str) -> None:
         """PERMISSION_DENIED unless the task is leased to an agent of the caller."""

@@ -23,6 +23,7 @@ from server.domain.errors import (
     ResourceExhaustedError,
     UnauthenticatedError,
 )
+from server.domain.human import is_desk
 from server.domain.models import Agent, AgentState
 from server.ports import AgentFilter, AgentRegistry, Bus
 from server.services import events
@@ -155,8 +156,18 @@ class Registry:
         return agent
 
     async def list(self, flt: AgentFilter, *, after_id: str, limit: int) -> list[Agent]:
-        """A page of agents ordered by id."""
-        return await self._agents.list_agents(flt, after_id=after_id, limit=limit)
+        """A page of agents ordered by id (the human desks left out: they are the
+        server's own, see server/services/approvals.py)."""
+        out: list[Agent] = []
+        after = after_id
+        while len(out) < limit:
+            want = limit - len(out)
+            page = await self._agents.list_agents(flt, after_id=after, limit=want)
+            out.extend(a for a in page if not is_desk(a.id))
+            if len(page) < want:
+                break
+            after = page[-1].id
+        return out
 
     async def watch(self, namespace: str, capability: str, *, include_existing: bool,
                     max_pending: int = 1000) -> AsyncIterator[AgentEvent]:

@@ -27,6 +27,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field, replace
 
 from server.aio import cancel_and_wait, raise_if_cancelling
+from server.domain import human
 from server.domain.dag import validate_dag
 from server.domain.errors import (
     FailedPreconditionError,
@@ -207,7 +208,7 @@ class Scheduler:
         """Queue a task (idempotent on request_id; a taken id is ALREADY_EXISTS)."""
         self._accepting()
         now = self._clock.now()
-        task = replace(task, id=task.id or uuid.uuid4().hex, state=TaskState.QUEUED,
+        task = replace(human.prepare(task), id=task.id or uuid.uuid4().hex, state=TaskState.QUEUED,
                        create_time=now, update_time=now)
         stored, created, transition = await self._tasks.create_task(
             task, request_id=request_id, max_queued=self.config.max_queued_per_namespace)
@@ -225,7 +226,8 @@ class Scheduler:
         """
         self._accepting()
         now = self._clock.now()
-        prepared = [(evolve_task(task, id=task.id or uuid.uuid4().hex, state=TaskState.QUEUED,
+        prepared = [(evolve_task(human.prepare(task), id=task.id or uuid.uuid4().hex,
+                                 state=TaskState.QUEUED,
                                  create_time=now, update_time=now), rid) for task, rid in items]
         results, full = await self._tasks.create_tasks(
             prepared, max_queued=self.config.max_queued_per_namespace)
@@ -247,7 +249,7 @@ class Scheduler:
         now = self._clock.now()
         wf_id = workflow.id or uuid.uuid4().hex
         step_tasks = {s.id: f"{wf_id}-{s.id}" for s in workflow.steps}
-        tasks = [
+        tasks = [human.prepare(
             Task(id=step_tasks[s.id], capability=s.capability, namespace=workflow.namespace,
                  input=s.input, priority=s.priority, labels=dict(workflow.labels),
                  retry_policy=s.retry_policy, execution_timeout=s.timeout,
@@ -256,7 +258,7 @@ class Scheduler:
                  schedule_to_start_timeout=s.schedule_to_start_timeout,
                  heartbeat_timeout=s.heartbeat_timeout,
                  state=TaskState.PENDING if s.depends_on else TaskState.QUEUED,
-                 trace_context=dict(workflow.trace_context))
+                 trace_context=dict(workflow.trace_context)))
             for s in workflow.steps
         ]
         wf = replace(workflow, id=wf_id, step_tasks=step_tasks, state=WorkflowState.RUNNING,

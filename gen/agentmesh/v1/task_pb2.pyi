@@ -174,6 +174,34 @@ the ack's `reason` says which.
 """
 Global___TaskReportOutcome: _TypeAlias = TaskReportOutcome  # noqa: Y015
 
+class _HumanDecision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HumanDecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HumanDecision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HUMAN_DECISION_UNSPECIFIED: _HumanDecision.ValueType  # 0
+    """Not used; refused."""
+    HUMAN_DECISION_APPROVE: _HumanDecision.ValueType  # 1
+    """Go on."""
+    HUMAN_DECISION_REJECT: _HumanDecision.ValueType  # 2
+    """Stop: the task fails (error_type REJECTED)."""
+    HUMAN_DECISION_SUPPLY_INPUT: _HumanDecision.ValueType  # 3
+    """Go on with this input as the task's output."""
+
+class HumanDecision(_HumanDecision, metaclass=_HumanDecisionEnumTypeWrapper):
+    """HumanDecision is a person's answer."""
+
+HUMAN_DECISION_UNSPECIFIED: HumanDecision.ValueType  # 0
+"""Not used; refused."""
+HUMAN_DECISION_APPROVE: HumanDecision.ValueType  # 1
+"""Go on."""
+HUMAN_DECISION_REJECT: HumanDecision.ValueType  # 2
+"""Stop: the task fails (error_type REJECTED)."""
+HUMAN_DECISION_SUPPLY_INPUT: HumanDecision.ValueType  # 3
+"""Go on with this input as the task's output."""
+Global___HumanDecision: _TypeAlias = HumanDecision  # noqa: Y015
+
 @_typing.final
 class Task(_message.Message):
     """Task is one unit of work for an agent with a capability."""
@@ -270,6 +298,7 @@ class Task(_message.Message):
     RETRY_TIME_FIELD_NUMBER: _builtins.int
     SCHEDULE_TO_START_TIMEOUT_FIELD_NUMBER: _builtins.int
     HEARTBEAT_TIMEOUT_FIELD_NUMBER: _builtins.int
+    AWAITING_HUMAN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, "tasks/{task}". Output only."""
     capability: _builtins.str
@@ -296,6 +325,10 @@ class Task(_message.Message):
     """True when the fallback capability served it. Output only."""
     human_intervened: _builtins.bool
     """True once a human re-drove it. Output only."""
+    awaiting_human: _builtins.bool
+    """True while the task waits for a person (a "human" task, RUNNING: the
+    A2A state input-required). Output only.
+    """
     @_builtins.property
     def input(self) -> _common_pb2.Payload:
         """Input handed to the handler."""
@@ -397,10 +430,11 @@ class Task(_message.Message):
         retry_time: _timestamp_pb2.Timestamp | None = ...,
         schedule_to_start_timeout: _duration_pb2.Duration | None = ...,
         heartbeat_timeout: _duration_pb2.Duration | None = ...,
+        awaiting_human: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "execution_timeout", b"execution_timeout", "failure", b"failure", "heartbeat_timeout", b"heartbeat_timeout", "input", b"input", "output", b"output", "retry_policy", b"retry_policy", "retry_time", b"retry_time", "schedule_to_start_timeout", b"schedule_to_start_timeout", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "attempt", b"attempt", "attempts", b"attempts", "capability", b"capability", "create_time", b"create_time", "dependency_outputs", b"dependency_outputs", "end_time", b"end_time", "execution_timeout", b"execution_timeout", "failure", b"failure", "fallback_capability", b"fallback_capability", "heartbeat_timeout", b"heartbeat_timeout", "human_intervened", b"human_intervened", "input", b"input", "labels", b"labels", "name", b"name", "namespace", b"namespace", "output", b"output", "priority", b"priority", "retry_policy", b"retry_policy", "retry_time", b"retry_time", "schedule_to_start_timeout", b"schedule_to_start_timeout", "served_by_fallback", b"served_by_fallback", "start_time", b"start_time", "state", b"state", "step_id", b"step_id", "trace_context", b"trace_context", "unschedulable", b"unschedulable", "update_time", b"update_time", "workflow", b"workflow"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "attempt", b"attempt", "attempts", b"attempts", "awaiting_human", b"awaiting_human", "capability", b"capability", "create_time", b"create_time", "dependency_outputs", b"dependency_outputs", "end_time", b"end_time", "execution_timeout", b"execution_timeout", "failure", b"failure", "fallback_capability", b"fallback_capability", "heartbeat_timeout", b"heartbeat_timeout", "human_intervened", b"human_intervened", "input", b"input", "labels", b"labels", "name", b"name", "namespace", b"namespace", "output", b"output", "priority", b"priority", "retry_policy", b"retry_policy", "retry_time", b"retry_time", "schedule_to_start_timeout", b"schedule_to_start_timeout", "served_by_fallback", b"served_by_fallback", "start_time", b"start_time", "state", b"state", "step_id", b"step_id", "trace_context", b"trace_context", "unschedulable", b"unschedulable", "update_time", b"update_time", "workflow", b"workflow"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2403,3 +2437,71 @@ class WatchTaskChunksResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchTaskChunksResponse: _TypeAlias = WatchTaskChunksResponse  # noqa: Y015
+
+@_typing.final
+class ResolveHumanTaskRequest(_message.Message):
+    """ResolveHumanTaskRequest is a person's answer to a task waiting for one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    APPROVER_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"tasks/{task}"."""
+    decision: Global___HumanDecision.ValueType
+    """What the person decided."""
+    comment: _builtins.str
+    """Why; recorded in the audit and the output. At most 1024 bytes."""
+    approver: _builtins.str
+    """Who decided, when auth is off (with auth on the caller's principal is
+    recorded instead). At most 128 bytes.
+    """
+    @_builtins.property
+    def input(self) -> _common_pb2.Payload:
+        """With HUMAN_DECISION_SUPPLY_INPUT: the value the task outputs (required);
+        with APPROVE: optional extra data passed on.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        decision: Global___HumanDecision.ValueType = ...,
+        input: _common_pb2.Payload | None = ...,
+        comment: _builtins.str = ...,
+        approver: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approver", b"approver", "comment", b"comment", "decision", b"decision", "input", b"input", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveHumanTaskRequest: _TypeAlias = ResolveHumanTaskRequest  # noqa: Y015
+
+@_typing.final
+class ResolveHumanTaskResponse(_message.Message):
+    """ResolveHumanTaskResponse returns the task after the decision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task:
+        """The task."""
+
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveHumanTaskResponse: _TypeAlias = ResolveHumanTaskResponse  # noqa: Y015

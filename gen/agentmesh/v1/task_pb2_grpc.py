@@ -133,6 +133,11 @@ class TaskServiceStub:
                 request_serializer=agentmesh_dot_v1_dot_task__pb2.WatchTaskChunksRequest.SerializeToString,
                 response_deserializer=agentmesh_dot_v1_dot_task__pb2.WatchTaskChunksResponse.FromString,
                 _registered_method=True)
+        self.ResolveHumanTask = channel.unary_unary(
+                '/agentmesh.v1.TaskService/ResolveHumanTask',
+                request_serializer=agentmesh_dot_v1_dot_task__pb2.ResolveHumanTaskRequest.SerializeToString,
+                response_deserializer=agentmesh_dot_v1_dot_task__pb2.ResolveHumanTaskResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -319,6 +324,21 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResolveHumanTask(self, request, context):
+        """ResolveHumanTask answers a task that waits for a person (capability
+        "human": an approval or input step): approve it, reject it or supply its
+        output. Approving or supplying input makes it SUCCEEDED (its output
+        records the decision, who and when, and reaches the dependent steps);
+        rejecting makes it FAILED (error_type REJECTED, non-retryable; its
+        workflow fails). Each decision is audited (who, when, what). A task that
+        does not wait for a person is FAILED_PRECONDITION (reason
+        NOT_AWAITING_HUMAN); with auth on, only client and admin principals of the
+        task's namespace may answer (an agent never approves).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -416,6 +436,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.WatchTaskChunks,
                     request_deserializer=agentmesh_dot_v1_dot_task__pb2.WatchTaskChunksRequest.FromString,
                     response_serializer=agentmesh_dot_v1_dot_task__pb2.WatchTaskChunksResponse.SerializeToString,
+            ),
+            'ResolveHumanTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveHumanTask,
+                    request_deserializer=agentmesh_dot_v1_dot_task__pb2.ResolveHumanTaskRequest.FromString,
+                    response_serializer=agentmesh_dot_v1_dot_task__pb2.ResolveHumanTaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -935,6 +960,33 @@ class TaskService:
             '/agentmesh.v1.TaskService/WatchTaskChunks',
             agentmesh_dot_v1_dot_task__pb2.WatchTaskChunksRequest.SerializeToString,
             agentmesh_dot_v1_dot_task__pb2.WatchTaskChunksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveHumanTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentmesh.v1.TaskService/ResolveHumanTask',
+            agentmesh_dot_v1_dot_task__pb2.ResolveHumanTaskRequest.SerializeToString,
+            agentmesh_dot_v1_dot_task__pb2.ResolveHumanTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,

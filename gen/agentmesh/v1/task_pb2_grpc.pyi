@@ -128,6 +128,17 @@ class TaskServiceStub:
     (sent again when chunks came after it). A client that reconnects
     with the last sequence it received misses nothing and sees nothing twice.
     """
+    ResolveHumanTask: _grpc.UnaryUnaryMultiCallable[_task_pb2.ResolveHumanTaskRequest, _task_pb2.ResolveHumanTaskResponse]
+    """ResolveHumanTask answers a task that waits for a person (capability
+    "human": an approval or input step): approve it, reject it or supply its
+    output. Approving or supplying input makes it SUCCEEDED (its output
+    records the decision, who and when, and reaches the dependent steps);
+    rejecting makes it FAILED (error_type REJECTED, non-retryable; its
+    workflow fails). Each decision is audited (who, when, what). A task that
+    does not wait for a person is FAILED_PRECONDITION (reason
+    NOT_AWAITING_HUMAN); with auth on, only client and admin principals of the
+    task's namespace may answer (an agent never approves).
+    """
 
 @_typing.type_check_only
 class TaskServiceAsyncStub(TaskServiceStub):
@@ -228,6 +239,17 @@ class TaskServiceAsyncStub(TaskServiceStub):
     and every chunk kept for it was sent, the stream ends with the ended task
     (sent again when chunks came after it). A client that reconnects
     with the last sequence it received misses nothing and sees nothing twice.
+    """
+    ResolveHumanTask: _aio.UnaryUnaryMultiCallable[_task_pb2.ResolveHumanTaskRequest, _task_pb2.ResolveHumanTaskResponse]  # type: ignore[assignment]
+    """ResolveHumanTask answers a task that waits for a person (capability
+    "human": an approval or input step): approve it, reject it or supply its
+    output. Approving or supplying input makes it SUCCEEDED (its output
+    records the decision, who and when, and reaches the dependent steps);
+    rejecting makes it FAILED (error_type REJECTED, non-retryable; its
+    workflow fails). Each decision is audited (who, when, what). A task that
+    does not wait for a person is FAILED_PRECONDITION (reason
+    NOT_AWAITING_HUMAN); with auth on, only client and admin principals of the
+    task's namespace may answer (an agent never approves).
     """
 
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -440,6 +462,23 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         and every chunk kept for it was sent, the stream ends with the ended task
         (sent again when chunks came after it). A client that reconnects
         with the last sequence it received misses nothing and sees nothing twice.
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveHumanTask(
+        self,
+        request: _task_pb2.ResolveHumanTaskRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_pb2.ResolveHumanTaskResponse, _abc.Awaitable[_task_pb2.ResolveHumanTaskResponse]]:
+        """ResolveHumanTask answers a task that waits for a person (capability
+        "human": an approval or input step): approve it, reject it or supply its
+        output. Approving or supplying input makes it SUCCEEDED (its output
+        records the decision, who and when, and reaches the dependent steps);
+        rejecting makes it FAILED (error_type REJECTED, non-retryable; its
+        workflow fails). Each decision is audited (who, when, what). A task that
+        does not wait for a person is FAILED_PRECONDITION (reason
+        NOT_AWAITING_HUMAN); with auth on, only client and admin principals of the
+        task's namespace may answer (an agent never approves).
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -35,12 +35,16 @@ from server.domain.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
+from server.domain.human import Decision
 from server.domain.models import DEFAULT_NAMESPACE, Task
 from server.ports import TaskFilter
+from server.services.approvals import HumanDesk
 from server.services.chunks import TaskChunks
 from server.services.scheduler import Scheduler
 
 MAX_PAGE = 100
+_DECISIONS = {"approve": Decision.APPROVE, "approved": Decision.APPROVE,
+              "reject": Decision.REJECT, "rejected": Decision.REJECT}
 
 
 @contextlib.contextmanager
@@ -61,10 +65,11 @@ def a2a_errors() -> Iterator[None]:
 class MeshRequestHandler(RequestHandler):
     """A2A requests served by the mesh."""
 
-    def __init__(self, scheduler: Scheduler, chunks: TaskChunks, *,
+    def __init__(self, scheduler: Scheduler, chunks: TaskChunks, desk: HumanDesk, *,
                  card: Callable[[], Awaitable[a2a_pb2.AgentCard]]) -> None:
         self._scheduler = scheduler
         self._chunks = chunks
+        self._desk = desk
         self._card = card
 
     @staticmethod
@@ -94,8 +99,7 @@ class MeshRequestHandler(RequestHandler):
         message = params.message
         namespace = self._namespace(params.tenant)
         if message.task_id:
-            raise UnsupportedOperationError(
-                "a mesh task takes one message: send a new message for a new task")
+            return await self._answer(params)
         skill = await self._skill(params, namespace)
         labels = {}
         if message.context_id:
@@ -107,6 +111,33 @@ class MeshRequestHandler(RequestHandler):
                         input=mapping.message_input(message), labels=labels)
             request_id = f"a2a:{message.message_id}" if message.message_id else ""
             return await self._scheduler.submit(task, request_id=request_id[:128])
+
+    async def _answer(self, params: a2a_pb2.SendMessageRequest) -> Task:
+        """A message to an ``input-required`` task: a person's decision.
+
+        A data part ``{"decision": "approve" | "reject", "comment": ...}`` or a
+        text of just "approve" / "reject" decides; anything else is the input
+        the task outputs (SUPPLY_INPUT). The approver is recorded as ``a2a``
+        (the gateway does not authenticate callers).
+        """
+        message = params.message
+        task = await self._task(message.task_id, params.tenant)
+        if not mapping.awaiting_input(task):
+            raise UnsupportedOperationError(
+                f"task {task.id} is not input-required: a mesh task takes one message; "
+                "send a new message for a new task")
+        with a2a_errors():
+            value = mapping.decode(mapping.message_input(message))
+        decision, comment = Decision.SUPPLY_INPUT, ""
+        if isinstance(value, dict) and str(value.get("decision", "")).lower() in _DECISIONS:
+            decision = _DECISIONS[str(value["decision"]).lower()]
+            comment = str(value.get("comment", ""))[:1024]
+            value = value.get("input")
+        elif isinstance(value, str) and value.strip().lower() in _DECISIONS:
+            decision, value = _DECISIONS[value.strip().lower()], None
+        with a2a_errors():
+            return await self._desk.resolve(task.id, decision, value=value, comment=comment,
+                                            who="a2a", role="")
 
     # -- the A2A methods -------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from google.protobuf.json_format import MessageToDict, ParseDict
 
 from server.domain.chunks import ChunkKind, TaskChunk
 from server.domain.errors import InvalidArgumentError
+from server.domain.human import REJECTED, awaiting_human
 from server.domain.models import Payload, Task, TaskState
 
 S = a2a_pb2.TaskState
@@ -23,10 +24,6 @@ BINARY = b"binary/plain"
 NULL = b"binary/null"
 CONTEXT_LABEL = "a2a-context"
 """Task label holding the A2A context id a client gave (else the workflow or task id)."""
-REJECTED = "REJECTED"
-"""error_type of a task a person rejected (A2A ``rejected``)."""
-INPUT_REQUIRED = "INPUT_REQUIRED"
-"""The ``input-required`` marker: see ``a2a_state``."""
 RESULT_ARTIFACT = "result"
 
 STATE_TO_A2A: Mapping[TaskState, int] = {
@@ -42,8 +39,8 @@ STATE_TO_A2A: Mapping[TaskState, int] = {
 """Each agentmesh state and the A2A state it shows as (exactly docs/a2a.md's table).
 
 Two refinements depend on more than the state: a FAILED task whose failure
-is ``REJECTED`` (a person rejected it) is A2A ``rejected``, and a task that
-waits for a person (``Task.awaiting_input``) is A2A ``input-required``.
+is ``REJECTED`` (a person rejected it) is A2A ``rejected``, and a human task
+that waits for a person (RUNNING at the desk) is A2A ``input-required``.
 """
 
 A2A_TO_STATES: Mapping[int, frozenset[TaskState]] = {
@@ -64,7 +61,7 @@ def a2a_state(task: Task) -> int:
 
 def awaiting_input(task: Task) -> bool:
     """A task paused for a person (approval or input): see server/services/approvals.py."""
-    return task.state is TaskState.RUNNING and task.agent_id.startswith("human-")
+    return awaiting_human(task)
 
 
 def is_final(state: int) -> bool:
