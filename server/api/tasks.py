@@ -26,8 +26,8 @@ from server.domain.human import Decision
 from server.domain.models import AgentState, TaskFailure, TaskState
 from server.ports import AgentFilter, TaskFilter
 from server.services import bulk
-from server.services.bulk import BulkActions
 from server.services.approvals import HumanDesk
+from server.services.bulk import BulkActions
 from server.services.chunks import TaskChunks
 from server.services.registry import Registry
 from server.services.scheduler import Scheduler
