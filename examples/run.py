@@ -97,12 +97,15 @@ async def run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     settings = Settings(port=args.port, log_format="console", metrics_port=0,
-                        console_port=args.console_port)
+                        console_port=args.console_port, a2a_port=args.a2a_port)
     ok: bool | None = None
     async with running_server(settings) as mesh:
         print(f"agentmesh serving on {mesh.address}", flush=True)
         if mesh.console is not None:
             print(f"console: {mesh.console.url}", flush=True)
+        if mesh.a2a_url:
+            print(f"A2A: {mesh.a2a_url} (try .venv/bin/python examples/review_team.py: a "
+                  "writer streams its draft, a person approves it)", flush=True)
         team = build_team(mesh.address, flaky=args.flaky)
         async with asyncio.TaskGroup() as group:
             for agent in team:
@@ -135,6 +138,8 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free one)")
     parser.add_argument("--console-port", type=int, default=8470,
                         help="web console port (0: off)")
+    parser.add_argument("--a2a-port", type=int, default=41241,
+                        help="A2A gateway port (0: off)")
     parser.add_argument("--topic", help="topic of the report (default: from the YAML)")
     parser.add_argument("--once", action="store_true", help="exit after printing the result")
     parser.add_argument("--flaky", action="store_true",

@@ -314,7 +314,7 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
             # through them, never through a store of its own.
             console = ConsoleServer(
                 ConsoleServices(scheduler, registry, state, bulk, clock,
-                                drain_grace=settings.drain_grace),
+                                drain_grace=settings.drain_grace, desk=desk),
                 bus, tokens=tokens, host=settings.console_host, port=console_port,
                 tls_cert=settings.tls_cert, tls_key=settings.tls_key)
             try:

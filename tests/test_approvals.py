@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import httpx
 import pytest
@@ -26,6 +27,7 @@ from agentmesh.v1 import discovery_pb2, discovery_pb2_grpc, task_pb2, task_pb2_g
 from agent_sdk import Agent, MeshClient, TaskContext
 from agent_sdk.errors import FailedPreconditionError, InvalidArgumentError
 from server.app import Mesh, running_server
+from server.console.access import CSRF_HEADER
 from tests._rpcs import bearer
 from tests._services import free_port
 from tests.conftest import embedded_settings
@@ -35,6 +37,7 @@ from tests.test_liveness import reason_of
 from tests.test_sdk_agent import running, until
 
 WAIT = 30.0
+ACT = {CSRF_HEADER: "1"}
 
 
 @pytest.fixture
@@ -236,3 +239,26 @@ async def test_cli_and_a2a_answer_a_waiting_task(
         got = await client.get_task(task_id)
         assert (got.output["decision"], got.output["input"], got.output["by"]) == (
             "supply_input", "Agents at work", "a2a")
+
+
+async def test_the_console_lists_waiting_tasks_and_decides_one() -> None:
+    async with running_server(embedded_settings(console_port=free_port())) as mesh, \
+            MeshClient(mesh.address) as client, aiohttp.ClientSession() as http:
+        assert mesh.console is not None
+        url = mesh.console.url.rstrip("/")
+        task = await client.submit_task("human", {"prompt": "ok?"})
+        await waiting(client, task.name)
+        async with http.get(f"{url}/api/approvals") as r:
+            rows = (await r.json())["tasks"]
+        assert [(t["id"], t["awaiting_human"]) for t in rows] == [(task.id, True)]
+        decide = f"{url}/api/tasks/{task.id}/decide"
+        async with http.post(decide, json={"decision": "maybe"}, headers=ACT) as r:
+            assert r.status == 400
+        async with http.post(decide, json={"decision": "reject", "comment": "no",
+                                           "approver": "fran"}, headers=ACT) as r:
+            assert r.status == 200 and (await r.json())["task"]["state"] == "FAILED"
+        async with http.post(decide, json={"decision": "approve"}, headers=ACT) as r:
+            assert r.status == 412 or r.status == 409 or r.status == 400, r.status
+        audit = await client.get_state(f"_approvals/{task.id}")
+        assert audit is not None and (audit.value["by"], audit.value["decision"]) == (
+            "fran", "reject")

@@ -297,7 +297,7 @@ async def test_example_run_once() -> None:
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(EXAMPLES / "run.py"), "--port", str(free_port()), "--once",
-        "--console-port", "0",
+        "--console-port", "0", "--a2a-port", "0",
         cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     async with asyncio.timeout(30):
         out_bytes, err_bytes = await proc.communicate()

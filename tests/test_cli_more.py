@@ -586,7 +586,7 @@ async def test_make_run_serves_until_stopped(stop_signal: signal.Signals) -> Non
 
 async def _run_and_stop(env: dict[str, str], marker: str, stop_signal: signal.Signals) -> None:
     async with child(Child.start(str(EXAMPLES / "run.py"), "--port", "0", "--console-port", "0",
-                                 env=env)) as run:
+                                 "--a2a-port", "0", env=env)) as run:
         serving = await run.expect(lambda line: line.startswith("agentmesh serving on "))
         address = serving.removeprefix("agentmesh serving on ")
         await run.expect(lambda line: line == "verdict: approved")

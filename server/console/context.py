@@ -10,6 +10,7 @@ from server.api.auth import Principal
 from server.console.access import Access
 from server.console.audit import AuditTrail
 from server.console.feed import Feed
+from server.services.approvals import HumanDesk
 from server.services.bulk import BulkActions
 from server.services.clock import Clock
 from server.services.registry import Registry
@@ -27,6 +28,8 @@ class ConsoleServices:
     bulk: BulkActions
     clock: Clock
     drain_grace: float = 10.0
+    desk: HumanDesk | None = None
+    """Where a person's decisions go (the approvals page)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from server.domain.human import awaiting_human
 from server.domain.models import Agent, AgentState, Payload, StateEntry, Task, Workflow
 from server.ports import LockGrant
 
@@ -66,7 +67,7 @@ def task_row(task: Task) -> dict[str, Any]:
             "create_time": task.create_time, "update_time": task.update_time,
             "end_time": task.end_time, "priority": task.priority,
             "error": f"{task.failure.error_type}: {task.failure.message}" if task.failure
-            else "", "seq": task.seq}
+            else "", "seq": task.seq, "awaiting_human": awaiting_human(task)}
 
 
 def task_detail(task: Task, agent_names: Mapping[str, str]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from server.api.auth import RPC_ROLES
 from server.console import (
     agents,
+    approvals,
     dead_letters,
     events,
     overview,
@@ -74,6 +75,9 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/tasks/{id}", tasks.get_task, _task("GetTask")),
     Route("POST", "/api/tasks/{id}/retry", tasks.retry_task, _task("RetryTask")),
     Route("POST", "/api/tasks/{id}/cancel", tasks.cancel_task, _task("CancelTask")),
+    # people: tasks waiting for a decision
+    Route("GET", "/api/approvals", approvals.list_approvals, _task("ListTasks")),
+    Route("POST", "/api/tasks/{id}/decide", approvals.decide, _task("ResolveHumanTask")),
     # dead letters and the audit trail
     Route("GET", "/api/dead-letters", dead_letters.list_dead_letters, _task("ListTasks")),
     Route("GET", "/api/audit", dead_letters.audit_trail, _task("ListTasks")),

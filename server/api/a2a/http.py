@@ -74,7 +74,12 @@ class A2AServer:
         async def fresh_card(_: a2a_pb2.AgentCard) -> a2a_pb2.AgentCard:
             return await card()  # skills follow the live agents
 
-        app = Starlette(routes=[*create_agent_card_routes(await card(), card_modifier=fresh_card),
+        # The template is never served (``fresh_card`` replaces it on every request); it
+        # carries a skill only so that a2a-sdk's spec check has none to warn about.
+        template = await card()
+        if not template.skills:
+            template.skills.add(id="-", name="-", description="-", tags=["-"])
+        app = Starlette(routes=[*create_agent_card_routes(template, card_modifier=fresh_card),
                                 *create_jsonrpc_routes(self._handler, "/")])
         config = uvicorn.Config(app, log_config=None, access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=1)
