@@ -61,7 +61,7 @@ class TaskChunks:
         NotFoundError for an unknown task.
         """
         check_drafts(list(drafts), self.limits, field)
-        if not self._leases.holds(session, task_id, token):
+        if not await self._leases.holds(session, task_id, token):
             await self._refuse(task_id, token)
         try:
             added = await self._store.append_chunks(task_id, token, drafts,
