@@ -14,41 +14,36 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import grpc
 import orjson
 from aiohttp import web
 
 from server.api import convert
+from server.api.errors import status_code_of
 from server.domain.errors import (
-    AbortedError,
     AgentMeshError,
-    AlreadyExistsError,
-    FailedPreconditionError,
     InvalidArgumentError,
-    NotFoundError,
-    OutOfRangeError,
-    PermissionDeniedError,
-    ResourceExhaustedError,
-    UnauthenticatedError,
-    UnavailableError,
 )
 from server.domain.models import TaskState
 from server.ports import TaskFilter
 
 log = logging.getLogger(__name__)
 
-_STATUS: tuple[tuple[type[AgentMeshError], int, str], ...] = (
-    (InvalidArgumentError, 400, "INVALID_ARGUMENT"),
-    (OutOfRangeError, 400, "OUT_OF_RANGE"),
-    (UnauthenticatedError, 401, "UNAUTHENTICATED"),
-    (PermissionDeniedError, 403, "PERMISSION_DENIED"),
-    (NotFoundError, 404, "NOT_FOUND"),
-    (AlreadyExistsError, 409, "ALREADY_EXISTS"),
-    (AbortedError, 409, "ABORTED"),
-    (FailedPreconditionError, 409, "FAILED_PRECONDITION"),
-    (ResourceExhaustedError, 429, "RESOURCE_EXHAUSTED"),
-    (UnavailableError, 503, "UNAVAILABLE"),
-)
-"""Domain error -> (HTTP status, code); the codes are the gRPC ones, by name."""
+_HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+}
+"""gRPC code -> HTTP status. Which code a domain error is stays with
+``server.api.errors.status_code_of`` (the one owner); this only says how the
+console's HTTP answers it."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -61,9 +56,9 @@ def reply(body: Any, status: int = 200) -> web.Response:
 
 def error_reply(exc: AgentMeshError) -> web.Response:
     """The JSON error of a domain error."""
-    status, code = next(((s, c) for kind, s, c in _STATUS if isinstance(exc, kind)),
-                        (500, "INTERNAL"))
-    body: dict[str, Any] = {"code": code, "message": exc.message, "reason": exc.reason}
+    code = status_code_of(exc)
+    status = _HTTP_STATUS.get(code, 500)
+    body: dict[str, Any] = {"code": code.name, "message": exc.message, "reason": exc.reason}
     if isinstance(exc, InvalidArgumentError) and exc.violations:
         body["field"] = exc.violations[0].field
         body["message"] = f"{exc.violations[0].field}: {exc.violations[0].description}"

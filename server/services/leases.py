@@ -342,15 +342,27 @@ class Leases:
         it is this stream's from now on, so its report counts and returns
         its slot. The store's fencing stays the authority either way.
         """
+        return (await self._held(session, task_id, token))[0]
+
+    async def check(self, session: WorkerSession | None, task_id: str, token: int) -> int:
+        """``holds`` for a report: ACCEPTED, or why it is refused (one store read)."""
+        held, task = await self._held(session, task_id, token)
+        if held:
+            return ReportOutcome.ACCEPTED
+        self._events.observer.stale_result(task_id)
+        return _refusal_of(task)
+
+    async def _held(self, session: WorkerSession | None, task_id: str,
+                    token: int) -> tuple[bool, Task | None]:
+        """Whether the stream holds (or now adopts) the lease, and the task when read."""
         if session is None or session.in_flight.get(task_id) == token:
-            return True
+            return True, None
         task = await self._tasks.get_task(task_id)
-        if (task is None or task.state is not TaskState.RUNNING
-                or task.fencing_token != token or task.agent_id != session.agent_id
-                or session.closed):
-            return False
+        if (session.closed or task is None or task.state is not TaskState.RUNNING
+                or task.fencing_token != token or task.agent_id != session.agent_id):
+            return False, task
         session.in_flight[task_id] = token
-        return True
+        return True, task
 
     async def refusal(self, task_id: str, token: int) -> int:
         """Why a report under ``token`` was refused: STALE_LEASE or NOT_RUNNING.
@@ -360,11 +372,9 @@ class Leases:
         task is still live but this lease ended (it was requeued, or a newer
         attempt holds it).
         """
+        del token  # the task's own state says which
         self._events.observer.stale_result(task_id)
-        task = await self._tasks.get_task(task_id)
-        if task is None or task.state.terminal:
-            return ReportOutcome.NOT_RUNNING
-        return ReportOutcome.STALE_LEASE
+        return _refusal_of(await self._tasks.get_task(task_id))
 
     async def report_results(self, session: WorkerSession | None,
                              items: Sequence[tuple[str, int, Payload]]) -> list[int]:
@@ -373,11 +383,12 @@ class Leases:
         todo: list[tuple[str, int, Payload]] = []
         index: list[int] = []
         for i, (task_id, token, output) in enumerate(items):
-            if await self.holds(session, task_id, token):
+            outcome = await self.check(session, task_id, token)
+            if outcome == ReportOutcome.ACCEPTED:
                 todo.append((task_id, token, output))
                 index.append(i)
             else:
-                outcomes[i] = await self.refusal(task_id, token)
+                outcomes[i] = outcome
         if not todo:
             return outcomes
         now = self._clock.now()
@@ -403,8 +414,9 @@ class Leases:
     async def report_failure(self, session: WorkerSession | None, task_id: str, token: int,
                              failure: TaskFailure) -> int:
         """Record a failed attempt and schedule what the retry policy says."""
-        if not await self.holds(session, task_id, token):
-            return await self.refusal(task_id, token)
+        outcome = await self.check(session, task_id, token)
+        if outcome != ReportOutcome.ACCEPTED:
+            return outcome
         try:
             task = await self._tasks.get_task(task_id)
             if task is None:
@@ -531,3 +543,10 @@ __all__ = [
     "counts_against_agent",
     "served_capability",
 ]
+
+
+def _refusal_of(task: Task | None) -> int:
+    """NOT_RUNNING for an unknown or ended task, else STALE_LEASE (see ``Leases.refusal``)."""
+    if task is None or task.state.terminal:
+        return ReportOutcome.NOT_RUNNING
+    return ReportOutcome.STALE_LEASE

@@ -160,3 +160,21 @@ async def test_redis_down_is_unavailable_not_internal(private_redis: PrivateRedi
         assert got is not None and got.id == "t1"
     finally:
         await stores.aclose()
+
+
+async def test_redis_down_under_wait_durability_is_unavailable(
+        private_redis: PrivateRedis) -> None:
+    """The same through the FCALL + WAIT pipeline of ``durability=replicas:1``."""
+    from server.domain.errors import UnavailableError  # noqa: PLC0415
+
+    stores = await RedisStores.connect(private_redis.url, prefix=unique_prefix("down-wait"),
+                                       retries=1, socket_timeout=0.5, durability="replicas:1")
+    try:
+        await private_redis.kill()
+        with pytest.raises(UnavailableError) as err:
+            await stores.tasks.create_task(Task(id="t1", capability="cap", namespace=NS,
+                                                create_time=T0, update_time=T0))
+        assert err.value.reason == "STORE_UNAVAILABLE"
+    finally:
+        await stores.aclose()
+

@@ -119,7 +119,11 @@ async def fcall_durable(client: RedisClient, durability: Durability, name: str,
         pipe = client.pipeline(transaction=False)
         pipe.execute_command("FCALL", name, len(keys), *keys, *args)
         pipe.execute_command("WAIT", durability.replicas, wait_ms)
-        reply, acked = await pipe.execute(raise_on_error=False)
+        try:
+            reply, acked = await pipe.execute(raise_on_error=False)
+        except FAILOVER_ERRORS as exc:  # as GuardedRedis does for a plain command
+            raise UnavailableError(f"redis: FCALL {name} + WAIT failed: {exc}",
+                                   reason="STORE_UNAVAILABLE") from exc
     if isinstance(reply, BaseException):
         raise reply
     if isinstance(acked, BaseException):

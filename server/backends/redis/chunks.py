@@ -9,9 +9,9 @@ from server.backends.redis import codec
 from server.backends.redis._client import RedisClient
 from server.backends.redis._durability import NONE, Durability
 from server.backends.redis._scripts import Library
+from server.backends.redis.tasks import raise_fenced
 from server.domain.chunks import CHUNK_LIMIT, ChunkDraft, ChunkKind, ChunkLimits, TaskChunk
-from server.domain.errors import NotFoundError, ResourceExhaustedError, StaleLeaseError
-from server.domain.models import TaskState
+from server.domain.errors import ResourceExhaustedError
 
 
 class RedisChunkStore:
@@ -32,16 +32,8 @@ class RedisChunkStore:
             [self._base], ["append", task_id, fencing_token, limits.max_chunks_per_task,
                            codec.fstr(limits.retention), codec.fstr(now),
                            codec.fstr(now + limits.retention), len(docs), *docs])
-        status = reply[0]
-        if status == "notfound":
-            raise NotFoundError("task", f"tasks/{task_id}")
-        if status == "stale":
-            state, current = TaskState(int(reply[1])), int(reply[2])
-            raise StaleLeaseError(
-                f"tasks/{task_id}: fencing token {fencing_token} is stale "
-                f"(task is {state.name}, current token {current})",
-                metadata={"task": f"tasks/{task_id}", "current_token": str(current)})
-        if status == "full":
+        raise_fenced(task_id, fencing_token, reply)
+        if reply[0] == "full":
             raise ResourceExhaustedError(
                 f"tasks/{task_id} has {reply[1]} chunks; at most "
                 f"{limits.max_chunks_per_task} are kept per task", reason=CHUNK_LIMIT)

@@ -97,7 +97,8 @@ local function own_write(key, wid)
     local item = tail[i]
     if string.find(item, needle, 1, true) and item:sub(1, #LOG_PUT_PREFIX) == LOG_PUT_PREFIX then
       local raw = item:sub(#LOG_PUT_PREFIX + 1, -2)
-      if cjson.decode(raw).key == key then return raw end
+      local entry = cjson.decode(raw)
+      if entry.key == key and entry.w == wid then return raw end
     end
   end
   return nil

@@ -65,6 +65,20 @@ def _transition(reply: list[Any], *, parsed: bool = False) -> Transition:
     return Transition(changes, codec.workflow_from_doc(doc(wf)) if wf else None)
 
 
+def raise_fenced(task_id: str, fencing_token: int, reply: list[Any]) -> None:
+    """The errors of a fenced call's reply: ``["notfound"]`` or ``["stale", state,
+    current token]`` (the Lua ``running`` check); any other reply passes."""
+    status = reply[0]
+    if status == "notfound":
+        raise NotFoundError("task", f"tasks/{task_id}")
+    if status == "stale":
+        state, current = TaskState(int(reply[1])), int(reply[2])
+        raise StaleLeaseError(
+            f"tasks/{task_id}: fencing token {fencing_token} is stale "
+            f"(task is {state.name}, current token {current})",
+            metadata={"task": f"tasks/{task_id}", "current_token": str(current)})
+
+
 def _same(value: Any) -> Any:
     return value
 
@@ -100,16 +114,8 @@ class RedisTaskStore:
         return await self.library.call_ro([self._base], args)
 
     def _raise(self, task_id: str, fencing_token: int, reply: list[Any]) -> None:
-        status = reply[0]
-        if status == "notfound":
-            raise NotFoundError("task", f"tasks/{task_id}")
-        if status == "stale":
-            state, current = TaskState(int(reply[1])), int(reply[2])
-            raise StaleLeaseError(
-                f"tasks/{task_id}: fencing token {fencing_token} is stale "
-                f"(task is {state.name}, current token {current})",
-                metadata={"task": f"tasks/{task_id}", "current_token": str(current)})
-        if status != "ok":  # pragma: no cover - a script/contract mismatch
+        raise_fenced(task_id, fencing_token, reply)
+        if reply[0] != "ok":  # pragma: no cover - a script/contract mismatch
             raise RuntimeError(f"unexpected reply from tasks.lua: {reply!r}")
 
     # -- create / read ---------------------------------------------------------------
