@@ -1110,7 +1110,10 @@ class Campaign:
 
     async def _f_client_dup(self, rng: random.Random) -> None:
         i = rng.randrange(len(self.client_proxies))
-        proxy = self.client_proxies[i]
+        # A proxy of its own: the shared client proxy would also mirror any connection
+        # the steady submitter happens to open in this window, duplicating its submits
+        # that carry no request_id (which the server rightly cannot tell apart).
+        proxy = await NemesisProxy("127.0.0.1", self.servers[i].port).start()
         fid = self._fault("client_dup", replica=i)
         proxy.mirror = True
         before = proxy.mirrored_bytes
@@ -1124,7 +1127,9 @@ class Campaign:
                     await self.submit(spec, rid, tid, retries=1, via="mirror", channel=ch)
         finally:
             proxy.mirror = False
-        self._fault_end(fid, mirrored_bytes=proxy.mirrored_bytes - before)
+            mirrored = proxy.mirrored_bytes - before
+            await proxy.aclose()
+        self._fault_end(fid, mirrored_bytes=mirrored)
 
     async def _f_dup_submit(self, rng: random.Random) -> None:
         fid = self._fault("dup_submit")
