@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from server.backends.memory import InMemoryAgentRegistry, InMemoryTaskStore
 from server.bus.memory import InProcessBus
-from server.domain.models import Agent, AgentState, Capability, Task, TaskState
+from server.domain.models import Agent, AgentState, Capability, Lease, Task, TaskState
 from server.services.clock import ManualClock
 from server.services.scheduler import Scheduler
 from server.services.sessions import Assignment, Outbound, WorkerSession
@@ -249,4 +249,110 @@ async def test_the_left_event_is_stamped_after_gone_is_stored() -> None:
         assert body["time"] >= agents.stored_at, "stamped once GONE was stored"
     finally:
         await scheduler.stop()
+        await bus.aclose()
+
+
+class _LeaseCountingStore(InMemoryTaskStore):
+    """Counts lease calls per agent."""
+
+    def __init__(self, agents: InMemoryAgentRegistry) -> None:
+        super().__init__(agents=agents)
+        self.lease_calls: dict[str, int] = {}
+
+    async def lease_batch(self, namespace: str, capabilities: Sequence[str], agent_id: str,
+                          **kwargs: object) -> list[Lease]:
+        self.lease_calls[agent_id] = self.lease_calls.get(agent_id, 0) + 1
+        return await super().lease_batch(namespace, capabilities, agent_id,  # type: ignore[arg-type]
+                                         **kwargs)
+
+
+async def test_another_replicas_work_wakes_only_a_replica_that_could_take_it() -> None:
+    """Replica B's agent serves other work: A's submits cost B no store call.
+
+    On the previous code every replica woke on every submit anywhere and spent a
+    lease call per session with credits (throughput fell from 1 to 3 replicas).
+    A task whose fallback B's agent serves still wakes B, which takes it.
+    """
+    clock = ManualClock()
+    agents, bus = InMemoryAgentRegistry(), InProcessBus()
+    tasks = _LeaseCountingStore(agents)
+    for agent_id, cap in (("a1", "c"), ("b1", "y")):
+        await agents.register(Agent(id=agent_id, display_name=agent_id,
+                                    capabilities=(Capability(cap),), max_concurrency=50,
+                                    heartbeat_time=clock.now(), expire_time=clock.now() + 60))
+    a, b = Scheduler(tasks, agents, bus, clock), Scheduler(tasks, agents, bus, clock)
+    await a.start()
+    await b.start()
+    try:
+        sent_a: list[Outbound] = []
+        sent_b: list[Outbound] = []
+        sa = WorkerSession("a1", "default", ("c",), 50, sent_a.append)
+        sb = WorkerSession("b1", "default", ("y",), 50, sent_b.append)
+        await a.open_session(sa)
+        await b.open_session(sb)
+        a.grant(sa, 50)
+        b.grant(sb, 50)
+        await _until(lambda: "b1" in tasks.lease_calls)  # b's own first round (empty)
+        await asyncio.sleep(0.05)
+        before = tasks.lease_calls["b1"]
+        for i in range(20):
+            await a.submit(Task(id=f"t{i}", capability="c"))
+        await _until(lambda: sum(isinstance(m, Assignment) for m in sent_a) == 20)
+        await asyncio.sleep(0.1)  # time for every bus message to reach b
+        assert tasks.lease_calls["b1"] == before, "b spent store calls on work it cannot take"
+        assert not any(isinstance(m, Assignment) for m in sent_b)
+        # A task b's agent can take as a fallback (nobody offers "x") wakes b.
+        await a.submit(Task(id="fb", capability="x", fallback_capability="y"))
+        await _until(lambda: any(isinstance(m, Assignment) and m.lease.task.id == "fb"
+                                 for m in sent_b))
+    finally:
+        await a.stop()
+        await b.stop()
+        await bus.aclose()
+
+
+async def test_work_a_replica_absorbs_wakes_no_other_and_the_rest_is_offered() -> None:
+    """Both replicas serve "c": A's agent takes what it has slots for, B the rest.
+
+    On the previous code B woke on every one of A's submits and spent a lease
+    call each time. The clock never moves, so no periodic re-check can be what
+    hands B its share: only A's offer of the work its agent could not take.
+    """
+    clock = ManualClock()
+    agents, bus = InMemoryAgentRegistry(), InProcessBus()
+    tasks = _LeaseCountingStore(agents)
+    for agent_id in ("a1", "b1"):
+        await agents.register(Agent(id=agent_id, display_name=agent_id,
+                                    capabilities=(Capability("c"),), max_concurrency=50,
+                                    heartbeat_time=clock.now(), expire_time=clock.now() + 60))
+    a, b = Scheduler(tasks, agents, bus, clock), Scheduler(tasks, agents, bus, clock)
+    await a.start()
+    await b.start()
+    try:
+        sent_a: list[Outbound] = []
+        sent_b: list[Outbound] = []
+        sa = WorkerSession("a1", "default", ("c",), 50, sent_a.append)
+        sb = WorkerSession("b1", "default", ("c",), 50, sent_b.append)
+        await a.open_session(sa)
+        await b.open_session(sb)
+        a.grant(sa, 11)
+        b.grant(sb, 50)
+        await _until(lambda: "b1" in tasks.lease_calls)
+        await asyncio.sleep(0.05)
+        before = tasks.lease_calls["b1"]
+        for i in range(10):
+            await a.submit(Task(id=f"t{i}", capability="c"))
+        await _until(lambda: sum(isinstance(m, Assignment) for m in sent_a) == 10)
+        await asyncio.sleep(0.1)
+        assert tasks.lease_calls["b1"] == before, "b was woken for work a's agent took"
+        # a's agent has one slot left: of what a queues now, b gets the rest.
+        await a.submit_many([(Task(id=f"t{i}", capability="c"), "") for i in range(10, 16)])
+        await _until(lambda: sum(isinstance(m, Assignment) for m in sent_b) == 5)
+        got_a = {m.lease.task.id for m in sent_a if isinstance(m, Assignment)}
+        got_b = {m.lease.task.id for m in sent_b if isinstance(m, Assignment)}
+        assert len(got_a) == 11 and not got_a & got_b
+        assert got_a | got_b == {f"t{i}" for i in range(16)}
+    finally:
+        await a.stop()
+        await b.stop()
         await bus.aclose()

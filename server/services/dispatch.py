@@ -103,7 +103,22 @@ class Dispatcher:
         A queue found short stays marked empty for the rest of the round: work
         queued meanwhile sets the wake-up again, so the next round sees it, and
         no store call is spent re-reading a queue that just came back empty.
+
+        Work queued on this replica since the last round is offered to the
+        other replicas at the end of this one, except the capabilities whose
+        queue this round drained (``TaskEvents.offer``): a replica whose own
+        agents took the work wakes nobody else.
         """
+        ready = self._events.take_ready()
+        drained: set[tuple[str, str]] = set()
+        try:
+            await self._round(drained)
+        finally:
+            await self._events.offer({ns: {c for c in caps if (ns, c) not in drained}
+                                      for ns, caps in ready.items()})
+
+    async def _round(self, drained: set[tuple[str, str]]) -> None:
+        """One dispatch round; adds (namespace, capability) of every queue it drained."""
         if self.draining:
             return
         empty: set[tuple[str, tuple[str, ...], LeaseScope]] = set()
@@ -139,6 +154,7 @@ class Dispatcher:
                     scope=scope, limits=self.config.limits)
                 if len(leases) < want:
                     empty.add(key)
+                    drained.update((session.namespace, c) for c in caps)
                 else:
                     steps[key] = min(2 * step, DISPATCH_BATCH)
                 if not leases:

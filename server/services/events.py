@@ -64,6 +64,13 @@ def ready_subject(namespace: str) -> str:
 
 
 READY_ALL = "_sys.ready.*"
+
+
+def ready_namespace(subject: str) -> str | None:
+    """The namespace of a ``ready_subject`` (None for any other subject)."""
+    prefix = ready_subject("")
+    rest = subject[len(prefix):] if subject.startswith(prefix) else ""
+    return rest or None
 CANCEL_SUBJECT = "_sys.cancel"
 
 

@@ -496,8 +496,30 @@ class Scheduler:
 
     async def _ready_listener(self, sub: Subscription) -> None:
         async for message in sub:
-            if message.headers.get(events.ORIGIN_HEADER) != self._replica:
+            if message.headers.get(events.ORIGIN_HEADER) == self._replica:
+                continue  # the submitting path woke this dispatcher already
+            if self._could_take(message.subject, message.data):
                 self._wake.set()
+
+    def _could_take(self, subject: str, data: bytes) -> bool:
+        """Whether a session here could lease the work another replica announced.
+
+        Only a session with credits that serves one of the announced
+        capabilities (primary or fallback) in that namespace can; waking for
+        anything else costs every replica a store call per submit and takes
+        nothing (throughput fell as replicas were added). A session without
+        credits now gets a wake-up of its own when credits come back
+        (``Dispatcher.grant``), and the reconcile period re-checks lost
+        wake-ups, so skipping one delays nothing that could run here. A
+        message this cannot read wakes, as before.
+        """
+        namespace = events.ready_namespace(subject)
+        caps = events.decode(data).get("caps")
+        if namespace is None or not isinstance(caps, list):
+            return True
+        wanted = {c for c in caps if isinstance(c, str)}
+        return any(s.credits > 0 and s.namespace == namespace and not wanted.isdisjoint(
+            s.capabilities) for s in self.sessions.workers())
 
     async def _agent_listener(self, sub: Subscription) -> None:
         """Agents joining, leaving or draining: sessions here may end; re-poll.

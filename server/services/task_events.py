@@ -3,7 +3,8 @@
 Every change the store reports (a ``Transition``) and every lease handed to
 an agent goes through here once: it is announced on the bus (watchers and
 other replicas), the metrics/tracing observer sees it, the local dispatcher
-is woken when work became ready, and it is logged with ``task_id``,
+is woken when work became ready (other replicas hear of it when the local
+dispatcher could not take it all: ``offer``), and it is logged with ``task_id``,
 ``workflow_id`` and ``agent_id`` as fields. Routine steps (created, leased,
 succeeded) log at DEBUG, everything a person may have to look into (a
 requeue, a failed attempt, a retry, a dead letter, a cancellation) at INFO.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence, Set
 from typing import Protocol
 
 from server.domain.models import Lease, Task, TaskState
@@ -80,6 +81,7 @@ class TaskEvents:
         self.origin = {events.ORIGIN_HEADER: replica}
         self.recent: OrderedDict[str, Task] = OrderedDict()
         self._watchers = 0
+        self._ready: dict[str, set[str]] = {}
 
     # -- watchers' cache ---------------------------------------------------------------
 
@@ -104,7 +106,10 @@ class TaskEvents:
             _log_change(t, change.previous_state)
             await self.announce(t)
             if t.state is TaskState.QUEUED:
-                ready.setdefault(t.namespace, set()).add(t.capability)
+                caps = ready.setdefault(t.namespace, set())
+                caps.add(t.capability)
+                if t.fallback_capability:  # a fallback agent may take it: wake its replica too
+                    caps.add(t.fallback_capability)
         if transition.workflow is not None:
             wf = transition.workflow
             log.info("workflow %s is %s", wf.id, wf.state.name,
@@ -112,13 +117,30 @@ class TaskEvents:
             await events.announce(self._bus, events.workflow_subject(wf.namespace), events.encode(
                 {"id": wf.id, "state": int(wf.state)}))
         if ready:
-            self._work_ready.set()
             for namespace, caps in ready.items():
-                await events.announce(self._bus, events.ready_subject(namespace),
-                                      events.encode({"caps": sorted(caps)}), self.origin)
+                self._ready.setdefault(namespace, set()).update(caps)
+            self._work_ready.set()
             # Let the dispatcher, just woken, lease the new work before this caller
             # goes on (to build and send its response): it reaches an agent sooner.
             await asyncio.sleep(0)
+
+    def take_ready(self) -> dict[str, set[str]]:
+        """Capabilities (by namespace) that got work here since the last call."""
+        ready, self._ready = self._ready, {}
+        return ready
+
+    async def offer(self, ready: Mapping[str, Set[str]]) -> None:
+        """Announce ready work to other replicas (and the human desk).
+
+        The local dispatcher offers only what its own round did not absorb
+        (``Dispatcher.dispatch_round``): with agents on every replica, a
+        submit would otherwise cost every other replica a wake-up and a store
+        call that finds nothing.
+        """
+        for namespace, caps in ready.items():
+            if caps:
+                await events.announce(self._bus, events.ready_subject(namespace),
+                                      events.encode({"caps": sorted(caps)}), self.origin)
 
     async def leased(self, lease: Lease, now: float) -> None:
         """A lease was handed to a local agent."""
