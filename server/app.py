@@ -24,6 +24,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.aio import cancel_and_wait
+from server.api.a2a.access import GatewayAccess
+from server.api.a2a.access import security as a2a_security
 from server.api.a2a.cards import mesh_card
 from server.api.a2a.handler import MeshRequestHandler
 from server.api.a2a.http import A2AServer
@@ -281,14 +283,9 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
         a2a = None
         a2a_url = ""
         if settings.a2a_listen_port:
-            if tokens is not None:
-                if metrics_server is not None:
-                    metrics_server.close()
-                raise ValueError("the A2A gateway does not authenticate callers yet: with "
-                                 "--auth-file, set --a2a-port 0")
             a2a_host = settings.a2a_host or settings.host
             a2a = a2a_gateway(scheduler, chunks, desk, registry, settings=settings,
-                              host=a2a_host)
+                              host=a2a_host, tokens=tokens)
             try:
                 a2a_port = a2a.bind()
             except OSError:
@@ -296,7 +293,7 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
                     metrics_server.close()
                 raise
             shown = "127.0.0.1" if a2a_host in ("0.0.0.0", "::", "") else a2a_host  # noqa: S104
-            a2a_url = settings.a2a_public_url or f"http://{shown}:{a2a_port}/"
+            a2a_url = settings.a2a_public_url or f"{a2a.scheme}://{shown}:{a2a_port}/"
             a2a.url = a2a_url
         _warn_if_exposed(settings, authenticated=tokens is not None,
                          encrypted=credentials is not None)
@@ -355,8 +352,9 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
 
 
 def a2a_gateway(scheduler: Scheduler, chunks: TaskChunks, desk: HumanDesk, registry: Registry,
-                *, settings: Settings, host: str) -> A2AServer:
-    """The A2A gateway over the mesh's services (not yet bound)."""
+                *, settings: Settings, host: str, tokens: TokenTable | None) -> A2AServer:
+    """The A2A gateway over the mesh's services (not yet bound); with ``tokens``, callers
+    are authenticated and authorized as over gRPC and the card declares the scheme."""
     try:
         version = importlib.metadata.version("agentmesh")
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover - a source tree
@@ -367,10 +365,15 @@ def a2a_gateway(scheduler: Scheduler, chunks: TaskChunks, desk: HumanDesk, regis
         agents = await registry.list(AgentFilter(DEFAULT_NAMESPACE,
                                                  states=frozenset({AgentState.ACTIVE})),
                                      after_id="", limit=10_000)
-        return mesh_card(agents, url=gateway.url, version=version)
+        out = mesh_card(agents, url=gateway.url, version=version)
+        if access.enabled:
+            a2a_security(out)
+        return out
 
+    access = GatewayAccess(tokens)
     gateway = A2AServer(MeshRequestHandler(scheduler, chunks, desk, card=card), card,
-                        host=host, port=settings.a2a_listen_port)
+                        host=host, port=settings.a2a_listen_port, access=access,
+                        tls_cert=settings.tls_cert, tls_key=settings.tls_key)
     return gateway
 
 

@@ -876,7 +876,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CLIError(str(exc), EXIT_PORT_IN_USE) from None
     except OSError as exc:
         raise CLIError(f"cannot serve on {settings.host}:{settings.port}: {exc}") from None
-    except ValueError as exc:  # an unknown --store or --bus scheme, a bad auth file, A2A + auth
+    except ValueError as exc:  # an unknown --store or --bus scheme, a bad auth file
         raise CLIError(str(exc), EXIT_USAGE) from None
     return EXIT_OK
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from agentmesh.v1 import task_pb2, task_pb2_grpc
 from cryptography import x509
@@ -19,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from agent_sdk import MeshClient
 from server.api.tls import TLSConfigError, server_credentials
 from server.app import running_server
+from tests._services import free_port
 from tests.conftest import embedded_settings
 
 
@@ -162,3 +165,18 @@ def test_tls_options_are_checked(pki: Pki, tmp_path: Path) -> None:
         server_credentials(str(tmp_path / "junk.pem"), str(pki.server_key))
     with pytest.raises(ValueError, match="go together"):
         MeshClient("127.0.0.1:1", tls_cert=pki.client_cert)
+
+
+async def test_the_a2a_gateway_serves_https_with_the_servers_certificate(pki: Pki) -> None:
+    settings = embedded_settings(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
+                                 a2a_port=free_port())
+    async with running_server(settings) as mesh:
+        assert mesh.a2a_url.startswith("https://127.0.0.1:")
+        trust = ssl.create_default_context(cafile=str(pki.ca))
+        async with httpx.AsyncClient(verify=trust, timeout=10) as http:
+            card = await http.get(f"{mesh.a2a_url}.well-known/agent-card.json")
+        assert card.json()["supportedInterfaces"][0]["url"] == mesh.a2a_url
+        plain = mesh.a2a_url.replace("https://", "http://")
+        async with httpx.AsyncClient(timeout=10) as http:
+            with pytest.raises(httpx.HTTPError):
+                await http.get(f"{plain}.well-known/agent-card.json")

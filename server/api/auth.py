@@ -25,6 +25,9 @@ the servicers read (:func:`caller`) for the checks only they can make
 (resources named by id, agent identity, ownership), and bounds concurrent
 streams (RESOURCE_EXHAUSTED). Audit events go to the ``agentmesh.audit``
 logger with the fields principal, role, action, resource, namespace, outcome.
+The A2A gateway (``server/api/a2a/access.py``) and the console ask the same
+table for the gRPC method each of their requests stands for
+(:func:`authenticate`, :func:`check_role`).
 """
 
 from __future__ import annotations
@@ -292,6 +295,47 @@ class TokenTable:
         return self._by_hash.get(hash_token(token))
 
 
+# -- who may call what: the gRPC interceptor and the A2A gateway ask here ---------------
+
+def authenticate(tokens: TokenTable, token: str | None, *, carrier: str) -> Principal:
+    """The principal of a bearer token; UNAUTHENTICATED (MISSING_TOKEN, UNKNOWN_TOKEN).
+
+    ``carrier`` names where the token travels in the message ("metadata" for
+    gRPC, "header" for HTTP).
+    """
+    if token is None:
+        raise UnauthenticatedError(f"missing `authorization: Bearer <token>` {carrier}",
+                                   reason="MISSING_TOKEN")
+    principal = tokens.authenticate(token)
+    if principal is None:
+        raise UnauthenticatedError("unknown token", reason="UNKNOWN_TOKEN")
+    return principal
+
+
+def check_role(principal: Principal, method: str) -> None:
+    """PERMISSION_DENIED (ROLE_DENIED) unless ``RPC_ROLES`` lets the principal call
+    ``method`` (a full gRPC method name); refusals of admin actions are audited."""
+    roles = RPC_ROLES.get(method)
+    if roles is not None and principal.role in roles:
+        return
+    if method in ADMIN_ACTIONS:
+        with _bound(principal):
+            audit(ADMIN_ACTIONS[method], method, "", "denied")
+    raise PermissionDeniedError(
+        f"role {principal.role} may not call {method}", reason="ROLE_DENIED",
+        metadata={"role": str(principal.role)})
+
+
+def bearer_of(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` value (None when absent)."""
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
 # -- the caller ------------------------------------------------------------------------
 
 _caller: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
@@ -478,11 +522,8 @@ def _same_kind(handler: Handler | None, error: AgentMeshError) -> Handler:
 def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
     for key, value in metadata or ():
         if key == "authorization":
-            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-            scheme, _, token = text.strip().partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            return None
+            return bearer_of(value.decode("utf-8", "replace") if isinstance(value, bytes)
+                             else value)
     return None
 
 
@@ -518,23 +559,13 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             return handler
         principal: Principal | None = None
         if self._tokens is not None:
-            token = _bearer(handler_call_details.invocation_metadata)
-            if token is None:
-                return _same_kind(handler, UnauthenticatedError(
-                    "missing `authorization: Bearer <token>` metadata",
-                    reason="MISSING_TOKEN"))
-            principal = self._tokens.authenticate(token)
-            if principal is None:
-                return _same_kind(handler, UnauthenticatedError(
-                    "unknown token", reason="UNKNOWN_TOKEN"))
-            roles = RPC_ROLES.get(method)
-            if roles is None or principal.role not in roles:
-                if method in ADMIN_ACTIONS:
-                    with _bound(principal):
-                        audit(ADMIN_ACTIONS[method], method, "", "denied")
-                return _same_kind(handler, PermissionDeniedError(
-                    f"role {principal.role} may not call {method}", reason="ROLE_DENIED",
-                    metadata={"role": str(principal.role)}))
+            try:
+                principal = authenticate(
+                    self._tokens, _bearer(handler_call_details.invocation_metadata),
+                    carrier="metadata")
+                check_role(principal, method)
+            except (UnauthenticatedError, PermissionDeniedError) as exc:
+                return _same_kind(handler, exc)
             if method in CROSS_NAMESPACE_METHODS and not principal.can_see(ALL_NAMESPACES):
                 return _same_kind(handler, PermissionDeniedError(
                     f"{method} spans every namespace; the token must be bound to \"*\"",

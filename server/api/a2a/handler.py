@@ -5,6 +5,12 @@ list, cancel and subscribe read and change the mesh directly, on any replica.
 A message names a skill (a capability) in its metadata (``"skill"``; when the
 mesh offers exactly one, it may be left out); its message id is the submit's
 idempotency key, so a client that re-sends a message gets the same task.
+
+With auth on, the gateway (``access.py``) has let the caller through with a
+role that may do what the method does; here each method acts as that
+principal, as a gRPC servicer does: a submitted task is owned by it, only
+its own tasks may it cancel (an admin any), and it is the approver it
+records when its message decides an ``input-required`` task.
 """
 
 from __future__ import annotations
@@ -27,13 +33,16 @@ from a2a.utils.errors import (
 )
 from google.protobuf.json_format import MessageToDict
 
+from server.api import auth
 from server.api.a2a import mapping
+from server.api.a2a.access import Refused, principal_of
 from server.domain.chunks import ChunkKind, TaskChunk
 from server.domain.errors import (
     AgentMeshError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
 )
 from server.domain.human import Decision
 from server.domain.models import DEFAULT_NAMESPACE, Task
@@ -58,6 +67,8 @@ def a2a_errors() -> Iterator[None]:
         raise InvalidParamsError(exc.message) from None
     except FailedPreconditionError as exc:  # cancel of a task that has ended
         raise TaskNotCancelableError(exc.message) from None
+    except PermissionDeniedError as exc:  # another principal's task: 403, as the guard's
+        raise Refused(exc) from None
     except AgentMeshError as exc:
         raise InternalError(f"{exc.reason}: {exc.message}") from None
 
@@ -108,7 +119,8 @@ class MeshRequestHandler(RequestHandler):
             labels[mapping.CONTEXT_LABEL] = message.context_id
         with a2a_errors():
             task = Task(id=uuid.uuid4().hex, capability=skill, namespace=namespace,
-                        input=mapping.message_input(message), labels=labels)
+                        input=mapping.message_input(message),
+                        labels=auth.owner_labels(labels))
             request_id = f"a2a:{message.message_id}" if message.message_id else ""
             return await self._scheduler.submit(task, request_id=request_id[:128])
 
@@ -117,8 +129,8 @@ class MeshRequestHandler(RequestHandler):
 
         A data part ``{"decision": "approve" | "reject", "comment": ...}`` or a
         text of just "approve" / "reject" decides; anything else is the input
-        the task outputs (SUPPLY_INPUT). The approver is recorded as ``a2a``
-        (the gateway does not authenticate callers).
+        the task outputs (SUPPLY_INPUT). The approver is the caller's
+        principal (``a2a`` when auth is off), audited as through gRPC.
         """
         message = params.message
         task = await self._task(message.task_id, params.tenant)
@@ -135,16 +147,20 @@ class MeshRequestHandler(RequestHandler):
             value = value.get("input")
         elif isinstance(value, str) and value.strip().lower() in _DECISIONS:
             decision, value = _DECISIONS[value.strip().lower()], None
-        with a2a_errors():
+        who = auth.caller()
+        with a2a_errors(), auth.audited(f"human.{decision.name.lower()}", f"tasks/{task.id}",
+                                        task.namespace):
             return await self._desk.resolve(task.id, decision, value=value, comment=comment,
-                                            who="a2a", role="")
+                                            who=who.name if who else "a2a",
+                                            role=who.role.value if who else "")
 
     # -- the A2A methods -------------------------------------------------------------
 
     async def on_message_send(self, params: a2a_pb2.SendMessageRequest,
                               context: ServerCallContext) -> a2a_pb2.Task | a2a_pb2.Message:
         """Submit the task; unless ``return_immediately``, wait until it ends or needs input."""
-        task = await self._submit(params)
+        with auth.acting_as(principal_of(context)):
+            task = await self._submit(params)
         if params.configuration.return_immediately:
             return mapping.a2a_task(task)
         chunks: list[TaskChunk] = []
@@ -167,7 +183,8 @@ class MeshRequestHandler(RequestHandler):
                                      ) -> AsyncGenerator[Event, None]:
         """Submit the task, then stream its status and artifact updates (with
         ``return_immediately``, only the submitted task)."""
-        task = await self._submit(params)
+        with auth.acting_as(principal_of(context)):
+            task = await self._submit(params)
         if params.configuration.return_immediately:
             yield mapping.a2a_task(task)
             return
@@ -277,9 +294,11 @@ class MeshRequestHandler(RequestHandler):
 
     async def on_cancel_task(self, params: a2a_pb2.CancelTaskRequest,
                              context: ServerCallContext) -> a2a_pb2.Task | None:
-        """Cancel the task; one that has ended is not cancelable."""
+        """Cancel the task (the caller's own, unless an admin); one that has ended is not
+        cancelable."""
         task = await self._task(params.id, params.tenant)
-        with a2a_errors():
+        with a2a_errors(), auth.acting_as(principal_of(context)):
+            auth.check_owner(task.labels, "cancel", f"tasks/{task.id}", task.namespace)
             task = await self._scheduler.cancel(task.id, "cancelled through A2A")
         return mapping.a2a_task(task)
 

@@ -4,7 +4,11 @@ Routes come from a2a-sdk (``create_jsonrpc_routes``, ``create_agent_card_routes`
 the spec's JSON-RPC binding and SSE streaming, kept by the A2A project);
 uvicorn serves them in the server's own event loop. The socket is bound here,
 before anything serves, so a port in use is the same PortInUseError as the
-gRPC and metrics ports (``server/netutil.py``).
+gRPC and metrics ports (``server/netutil.py``). With auth on, the JSON-RPC
+route sits behind :class:`~server.api.a2a.access.GatewayAccess` (tokens and
+roles as for gRPC); the agent card stays public. With ``serve``'s
+``--tls-cert``/``--tls-key`` it serves HTTPS with the same certificate, so a
+bearer token never crosses the network in clear.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import uvicorn
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
 from a2a.types import a2a_pb2
 from starlette.applications import Starlette
+from starlette.routing import Route
 
+from server.api.a2a.access import GatewayAccess
 from server.api.a2a.handler import MeshRequestHandler
 from server.netutil import PortInUseError, ensure_free
 
@@ -40,8 +46,11 @@ class A2AServer:
 
     def __init__(self, handler: MeshRequestHandler,
                  card: Callable[[], Awaitable[a2a_pb2.AgentCard]], *, host: str,
-                 port: int) -> None:
+                 port: int, access: GatewayAccess | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
         self._handler = handler
+        self._tls = (tls_cert, tls_key) if tls_cert and tls_key else None
+        self._access = access or GatewayAccess(None)
         self._card = card
         self._host = host
         self._port = port
@@ -50,6 +59,11 @@ class A2AServer:
         self._sock: socket.socket | None = None
         self._server: _Uvicorn | None = None
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def scheme(self) -> str:
+        """``https`` with TLS, else ``http``."""
+        return "https" if self._tls else "http"
 
     def bind(self) -> int:
         """Bind the socket (PortInUseError when taken); returns the port."""
@@ -79,10 +93,16 @@ class A2AServer:
         template = await card()
         if not template.skills:
             template.skills.add(id="-", name="-", description="-", tags=["-"])
+        access = self._access
+        rpc = [Route(r.path, access.guard(r.endpoint), methods=list(r.methods or ("POST",)))
+               for r in create_jsonrpc_routes(self._handler, "/",
+                                              context_builder=access.context_builder)]
         app = Starlette(routes=[*create_agent_card_routes(template, card_modifier=fresh_card),
-                                *create_jsonrpc_routes(self._handler, "/")])
+                                *rpc])
+        cert, key = self._tls or (None, None)
         config = uvicorn.Config(app, log_config=None, access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=1)
+                                lifespan="off", timeout_graceful_shutdown=1,
+                                ssl_certfile=cert, ssl_keyfile=key)
         self._server = _Uvicorn(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]),
                                          name="a2a-http")
