@@ -9,6 +9,7 @@ with agentmesh's states mapped as docs/a2a.md's table says.
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator
 
@@ -21,6 +22,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict
 
 from agent_sdk import Agent, TaskContext
+from server.api.a2a.http import A2AServer
 from server.app import Mesh, running_server
 from server.netutil import PortInUseError
 from server.settings import DEFAULT_A2A_PORT, Settings
@@ -225,3 +227,20 @@ async def test_the_gateway_port_defaults_and_port_in_use(monkeypatch: pytest.Mon
         with pytest.raises(PortInUseError, match=rf"{port}.*A2A"):
             async with running_server(embedded_settings(a2a_port=port)):
                 pass
+
+
+
+def test_the_gateway_answers_without_waiting_for_delayed_acks() -> None:
+    """Accepted connections have TCP_NODELAY, so a reply's header and body writes go out
+    at once and not 40 ms apart behind the client's delayed ACK (Nagle): asyncio does
+    not set it on a socket the gateway binds itself."""
+    gateway = A2AServer(None, None, host="127.0.0.1", port=0)  # type: ignore[arg-type]
+    port = gateway.bind()
+    listening = gateway._sock  # the socket under test
+    assert listening is not None
+    listening.setblocking(True)
+    with socket.create_connection(("127.0.0.1", port)):
+        accepted, _ = listening.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    listening.close()

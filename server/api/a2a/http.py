@@ -75,6 +75,11 @@ class A2AServer:
         except OSError as exc:
             sock.close()
             raise PortInUseError(self._port, "A2A", self._host) from exc
+        # asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP, which a
+        # socket made here is not (proto 0): uvicorn's header and body writes then
+        # waited for the client's delayed ACK, 40 ms on every A2A call on Linux
+        # (loadtests/chunks_bench.py). Accepted sockets inherit it from this one.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.listen(128)
         sock.setblocking(False)
         self._sock = sock
