@@ -1,15 +1,19 @@
 """A writer streams its draft, a person approves it, and an A2A client asked for it.
 
-Starts the embedded agentmesh server with its A2A gateway and one writer
-agent, then plays an external A2A client (the a2a-sdk client only, as any A2A
-agent would): it sends "write an article about TOPIC" to the mesh's ``write``
-skill and prints the draft as its tokens stream in (A2A artifact updates).
+Starts the embedded agentmesh server with its A2A gateway and a team of two
+agents, then plays an external A2A client (the a2a-sdk client only, as any
+A2A agent would): it sends "write an article about TOPIC" to the mesh's
+``write`` skill and prints the draft as its tokens stream in (A2A artifact
+updates).
 
-The writer streams its draft, then asks for a review: it submits a task of the
-reserved capability ``human``, which waits for a person (``agentmesh approvals
-list``), and the A2A client sees a status update saying so. Approve it from
-another terminal with the command it prints, or reject it (the A2A task then
-fails); ``--auto`` approves it itself after a moment (what the test does).
+The editor's ``write`` skill runs the job as a workflow ``draft -> review``:
+the writer's ``draft`` step streams the draft (the editor passes the chunks
+on to the A2A task), and the ``review`` step, of the reserved capability
+``human``, waits for a person (``agentmesh approvals list``) once the draft
+has succeeded; the A2A client sees a status update saying so. Approve it from
+another terminal with the command it prints, or reject it (the workflow, and
+so the A2A task, then fails); ``--auto`` approves it itself after a moment
+(what the test does). The approved article is the A2A result.
 
     python examples/review_team.py [--topic "tide pools"] [--auto] [--a2a-port 41241]
 """
@@ -27,7 +31,7 @@ from a2a.client import ClientConfig, create_client
 from a2a.types import a2a_pb2
 from google.protobuf.json_format import MessageToDict
 
-from agent_sdk import Agent, MeshClient, TaskContext
+from agent_sdk import Agent, MeshClient, NonRetryableError, TaskChunk, TaskContext
 from server.app import running_server
 from server.settings import Settings
 
@@ -36,37 +40,70 @@ DRAFT = ("{topic} are a small world of their own. Every tide rearranges them, an
 
 
 def writer(target: str) -> Agent:
-    """The writer: streams a draft word by word, then waits for a person's review."""
-    agent = Agent("writer", target=target, description="Writes short articles",
-                  max_concurrency=2)
+    """The writer: streams a draft word by word (the workflow's ``draft`` step)."""
+    agent = Agent("writer", target=target, description="Writes short articles")
+
+    @agent.handler("draft", description="Stream a first draft of a short article about a "
+                   "topic", tags=["writing"], examples=["tide pools"])
+    async def draft(task: TaskContext) -> str:
+        text = DRAFT.format(topic=str(task.input).capitalize())
+        for word in text.split(" "):
+            await task.emit(word + " ")
+            await asyncio.sleep(0.02)
+        await task.emit("", last=True)
+        return text
+
+    return agent
+
+
+def editor(target: str) -> Agent:
+    """The editor: the A2A-facing ``write`` skill, run as a workflow draft -> review."""
+    agent = Agent("editor", target=target, description="Has articles written and reviewed",
+                  max_concurrency=8)
 
     @agent.handler("write", description="Write a short article about a topic, reviewed by "
                    "a person before it is final", tags=["writing", "review"],
                    examples=["write an article about tide pools"])
     async def write(task: TaskContext) -> dict[str, Any]:
         topic = str(task.input).removeprefix("write an article about ").strip() or "agents"
-        draft = DRAFT.format(topic=topic.capitalize())
-        for word in draft.split(" "):
-            await task.emit(word + " ", artifact="draft")
-            await asyncio.sleep(0.02)
-        await task.emit("", artifact="draft", last=True)
         async with MeshClient(target) as mesh:
-            review = await mesh.submit_task("human", {"prompt": "Publish this draft?",
-                                                      "draft": draft})
-            await task.emit_progress(f"waiting for a person to review {review.name}")
-            while True:
-                try:
-                    done = await mesh.wait_task(review.name, timeout=5.0)
-                    break
-                except TimeoutError:
-                    await task.progress()  # keeps this attempt's lease while the person thinks
-        if done.state != "SUCCEEDED":
-            raise RuntimeError(f"the review ended {done.state}: "
-                               f"{done.failure.message if done.failure else ''}")
-        return {"article": draft, "approved_by": done.output["by"],
-                "comment": done.output["comment"]}
+            # One workflow per A2A task: a retried attempt finds the same one.
+            flow = await mesh.submit_workflow({"name": f"article: {topic}", "steps": [
+                {"id": "draft", "capability": "draft", "input": topic},
+                {"id": "review", "capability": "human", "depends_on": ["draft"],
+                 "input": {"prompt": f"Publish the draft about {topic}?"}}]},
+                request_id=f"write:{task.name}")
+            try:
+                return await _follow(task, mesh, flow.name)
+            except asyncio.CancelledError:  # the A2A task was cancelled: so is the job
+                await asyncio.shield(mesh.cancel_workflow(flow.name, "the A2A task ended"))
+                raise
 
     return agent
+
+
+async def _follow(task: TaskContext, mesh: MeshClient, flow: str) -> dict[str, Any]:
+    """Pass the draft step's chunks on to the A2A task, then wait for the review."""
+    async for item in mesh.watch_chunks((await mesh.get_workflow(flow)).step("draft").task):
+        if isinstance(item, TaskChunk):
+            await task.emit(item.text, artifact="draft", last=item.last)
+    review = (await mesh.get_workflow(flow)).step("review").task
+    if review:
+        await task.emit_progress(f"waiting for a person to review {review}")
+    while True:
+        try:
+            done = await mesh.wait_workflow(flow, timeout=5.0)
+            break
+        except TimeoutError:
+            await task.progress()  # keeps this attempt's lease while the person thinks
+    if done.state != "SUCCEEDED":  # retrying cannot help; a person's no stays a no
+        failure = done.step("review").failure
+        rejected = failure is not None and failure.error_type == "REJECTED"
+        raise NonRetryableError(f"{flow} ended {done.state}: {done.failure_reason}",
+                                error_type="REJECTED" if rejected else None)
+    decision = done.step("review").output
+    return {"article": done.step("draft").output, "approved_by": decision["by"],
+            "comment": decision["comment"], "workflow": flow}
 
 
 async def approve_when_asked(target: str) -> None:
@@ -104,7 +141,8 @@ async def a2a_client(url: str, topic: str, grpc_address: str) -> bool:
                 elif art.artifact_id == "result":
                     result = MessageToDict(art.parts[0].data)
                     print(f"\n\nfinal article (approved by {result['approved_by']}: "
-                          f"{result['comment']!r}):\n{result['article']}", flush=True)
+                          f"{result['comment']!r}; {result['workflow']}):\n"
+                          f"{result['article']}", flush=True)
             elif kind == "status_update":
                 status = event.status_update.status
                 final = status.state
@@ -130,11 +168,11 @@ async def main(args: argparse.Namespace) -> int:
         return 2
     async with running_server(settings) as mesh:
         print(f"agentmesh on {mesh.address}, A2A gateway on {mesh.a2a_url}", flush=True)
-        agent = writer(mesh.address)
+        team = [writer(mesh.address), editor(mesh.address)]
         async with asyncio.TaskGroup() as group:
-            run = group.create_task(agent.run())
+            runs = [group.create_task(agent.run()) for agent in team]
             async with MeshClient(mesh.address) as client:
-                while not await client.list_agents():  # noqa: ASYNC110 - registration
+                while len(await client.list_agents()) < len(team):  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
             helper = group.create_task(approve_when_asked(mesh.address)) if args.auto else None
             try:
@@ -142,8 +180,10 @@ async def main(args: argparse.Namespace) -> int:
             finally:
                 if helper is not None:
                     helper.cancel()
-                await agent.stop(grace=2.0)
-                await run
+                for agent in team:
+                    await agent.stop(grace=2.0)
+                for run in runs:
+                    await run
     print("done" if ok else "the job did not complete", flush=True)
     return 0 if ok else 1
 

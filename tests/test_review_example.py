@@ -1,5 +1,6 @@
-"""examples/review_team.py end to end: an A2A client submits, the writer streams, a person
-(played by ``--auto``) approves, the final article comes back as the A2A result."""
+"""examples/review_team.py end to end: an A2A client submits, the editor runs the job as a
+workflow draft -> review, the writer's draft streams back, a person (played by ``--auto``)
+approves the review step, the final article comes back as the A2A result."""
 
 from __future__ import annotations
 
@@ -25,9 +26,12 @@ async def test_review_team_example_runs_end_to_end() -> None:
     text = out.decode()
     assert proc.returncode == 0, (text, err.decode())
     lines = text.splitlines()
-    assert "A2A card: agentmesh, skills: write" in lines
+    assert "A2A card: agentmesh, skills: draft, write" in lines
     assert any(line.startswith("Tide pools are a small world") for line in lines)  # streamed
-    assert any(line.startswith("waiting for a person to review tasks/") for line in lines)
+    # the review is the workflow's step after the draft, and the result names that workflow
+    waiting = next(line for line in lines if line.startswith("waiting for a person to review"))
+    flow = waiting.rsplit("tasks/", 1)[1].removesuffix("-review")
     assert any("approvals approve" in line for line in lines)
-    assert "final article (approved by auto-reviewer: 'looks good'):" in lines
+    assert (f"final article (approved by auto-reviewer: 'looks good'; workflows/{flow}):"
+            in lines)
     assert lines[-1] == "done"
