@@ -378,16 +378,21 @@ def a2a_gateway(scheduler: Scheduler, chunks: TaskChunks, desk: HumanDesk, regis
 
 
 def _warn_if_exposed(settings: Settings, *, authenticated: bool, encrypted: bool) -> None:
-    """Say loudly when a non-loopback listener lacks auth (or sends tokens in clear)."""
-    if settings.host in ("127.0.0.1", "::1", "localhost") or settings.host.startswith("127."):
-        return
-    if not authenticated:
-        log.warning("SECURITY: listening on %s without authentication: anyone who can reach "
-                    "this address controls the mesh; use --auth-file (and --tls-cert/--tls-key)",
-                    settings.host)
-    elif not encrypted:
-        log.warning("SECURITY: listening on %s with tokens but without TLS: bearer tokens "
-                    "travel in clear; use --tls-cert/--tls-key", settings.host)
+    """Say loudly when a non-loopback listener (gRPC, or the A2A gateway, which takes the
+    same tokens and TLS) lacks auth (or sends tokens in clear)."""
+    listeners = [("", settings.host)]
+    if settings.a2a_listen_port:
+        listeners.append(("the A2A gateway ", settings.a2a_host or settings.host))
+    for what, host in listeners:
+        if host in ("127.0.0.1", "::1", "localhost") or host.startswith("127."):
+            continue
+        if not authenticated:
+            log.warning("SECURITY: %slistening on %s without authentication: anyone who can "
+                        "reach this address controls the mesh; use --auth-file (and "
+                        "--tls-cert/--tls-key)", what, host)
+        elif not encrypted:
+            log.warning("SECURITY: %slistening on %s with tokens but without TLS: bearer "
+                        "tokens travel in clear; use --tls-cert/--tls-key", what, host)
 
 
 async def serve(settings: Settings) -> None:

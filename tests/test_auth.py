@@ -36,6 +36,7 @@ from server.api.auth import (
 from server.app import Mesh, running_server
 from server.cli import main
 from tests._rpcs import ALL_RPCS, bearer, call_raw
+from tests._services import free_port
 from tests.conftest import embedded_settings
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
@@ -375,6 +376,11 @@ async def test_warns_when_exposed_without_auth(caplog: pytest.LogCaptureFixture)
     async with running_server(embedded_settings(host="0.0.0.0")):
         pass
     assert any("without authentication" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    async with running_server(embedded_settings(a2a_port=free_port(), a2a_host="0.0.0.0")):
+        pass  # gRPC on loopback, the A2A gateway exposed
+    assert any("the A2A gateway listening on 0.0.0.0 without authentication" in r.getMessage()
+               for r in caplog.records)
     caplog.clear()
     async with running_server(embedded_settings()):
         pass
