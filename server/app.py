@@ -29,7 +29,7 @@ from server.api.a2a.access import security as a2a_security
 from server.api.a2a.cards import mesh_card
 from server.api.a2a.handler import MeshRequestHandler
 from server.api.a2a.http import A2AServer
-from server.api.auth import AccessInterceptor, StreamLimits, TokenTable
+from server.api.auth import AccessInterceptor, StreamLimits, StreamQuota, TokenTable
 from server.api.bus import BusServicer
 from server.api.convert import Limits
 from server.api.discovery import DiscoveryServicer
@@ -233,9 +233,11 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
         tokens = TokenTable.load(settings.auth_file) if settings.auth_file else None
         credentials = server_credentials(settings.tls_cert, settings.tls_key,
                                          settings.tls_client_ca)
-        interceptors.append(AccessInterceptor(tokens, StreamLimits(
+        # One count of open streams for gRPC watches and A2A streams alike.
+        quota = StreamQuota(StreamLimits(
             max_watch_streams=settings.max_watch_streams,
-            max_streams_per_principal=settings.max_streams_per_principal)))
+            max_streams_per_principal=settings.max_streams_per_principal))
+        interceptors.append(AccessInterceptor(tokens, quota=quota))
         server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -285,7 +287,7 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
         if settings.a2a_listen_port:
             a2a_host = settings.a2a_host or settings.host
             a2a = a2a_gateway(scheduler, chunks, desk, registry, settings=settings,
-                              host=a2a_host, tokens=tokens)
+                              host=a2a_host, tokens=tokens, quota=quota)
             try:
                 a2a_port = a2a.bind()
             except OSError:
@@ -352,7 +354,8 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
 
 
 def a2a_gateway(scheduler: Scheduler, chunks: TaskChunks, desk: HumanDesk, registry: Registry,
-                *, settings: Settings, host: str, tokens: TokenTable | None) -> A2AServer:
+                *, settings: Settings, host: str, tokens: TokenTable | None,
+                quota: StreamQuota | None = None) -> A2AServer:
     """The A2A gateway over the mesh's services (not yet bound); with ``tokens``, callers
     are authenticated and authorized as over gRPC and the card declares the scheme."""
     try:
@@ -371,9 +374,9 @@ def a2a_gateway(scheduler: Scheduler, chunks: TaskChunks, desk: HumanDesk, regis
         return out
 
     access = GatewayAccess(tokens)
-    gateway = A2AServer(MeshRequestHandler(scheduler, chunks, desk, card=card), card,
-                        host=host, port=settings.a2a_listen_port, access=access,
-                        tls_cert=settings.tls_cert, tls_key=settings.tls_key)
+    handler = MeshRequestHandler(scheduler, chunks, desk, card=card, quota=quota)
+    gateway = A2AServer(handler, card, host=host, port=settings.a2a_listen_port,
+                        access=access, tls_cert=settings.tls_cert, tls_key=settings.tls_key)
     return gateway
 
 

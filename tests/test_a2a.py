@@ -17,11 +17,12 @@ import httpx
 import pytest
 from a2a.client import ClientConfig, create_client
 from a2a.client.client import Client
+from a2a.client.errors import A2AClientError
 from a2a.types import a2a_pb2
 from google.protobuf import struct_pb2
 from google.protobuf.json_format import MessageToDict
 
-from agent_sdk import Agent, TaskContext
+from agent_sdk import Agent, MeshClient, RPCError, TaskContext
 from server.api.a2a.http import A2AServer
 from server.app import Mesh, running_server
 from server.netutil import PortInUseError
@@ -244,3 +245,45 @@ def test_the_gateway_answers_without_waiting_for_delayed_acks() -> None:
         with accepted:
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
     listening.close()
+
+
+async def test_a2a_streams_count_against_the_servers_stream_bounds() -> None:
+    """A2A streams and gRPC watches share max_watch_streams: past it, an A2A stream is
+    HTTP 429 (STREAM_LIMIT) and a gRPC watch RESOURCE_EXHAUSTED; a closed one frees it."""
+    settings = embedded_settings(heartbeat_interval=1.0, a2a_port=free_port(),
+                                 max_watch_streams=1)
+    gate = asyncio.Event()
+    async with running_server(settings) as mesh, running(summarizer(mesh, gate)), \
+            httpx.AsyncClient(timeout=WAIT) as http, MeshClient(mesh.address) as grpc_client:
+        client = await create_client(mesh.a2a_url, client_config=ClientConfig(
+            streaming=True, httpx_client=http))
+        await until(lambda: _live(mesh), "the agent registered")
+        req = message("wait", "slow")
+        req.configuration.return_immediately = True
+        submitted = [e async for e in client.send_message(req)]
+        slow_id = submitted[0].task.id
+        held = client.subscribe(a2a_pb2.SubscribeToTaskRequest(id=slow_id))
+        assert (await anext(held)).task.id == slow_id  # the one stream allowed is open
+        with pytest.raises(A2AClientError) as refused:
+            await anext(client.subscribe(a2a_pb2.SubscribeToTaskRequest(id=slow_id)))
+        cause = refused.value.__cause__
+        assert isinstance(cause, httpx.HTTPStatusError)
+        assert cause.response.status_code == 429
+        assert cause.response.json()["error"]["data"][0]["reason"] == "STREAM_LIMIT"
+        with pytest.raises(RPCError) as watch_refused:
+            await anext(grpc_client.watch_chunks(slow_id))
+        assert watch_refused.value.code.name == "RESOURCE_EXHAUSTED"
+        await held.aclose()
+
+        async def freed() -> bool:
+            sub = client.subscribe(a2a_pb2.SubscribeToTaskRequest(id=slow_id))
+            try:
+                return (await anext(sub)).task.id == slow_id
+            except A2AClientError:
+                return False
+            finally:
+                await sub.aclose()
+
+        await until(freed, "the closed stream's place is free again")
+        await client.cancel_task(a2a_pb2.CancelTaskRequest(id=slow_id))
+        await client.close()

@@ -23,7 +23,8 @@ The interceptor also checks every ``namespace`` field of a request against the
 token's namespaces (PERMISSION_DENIED), binds the caller to a contextvar that
 the servicers read (:func:`caller`) for the checks only they can make
 (resources named by id, agent identity, ownership), and bounds concurrent
-streams (RESOURCE_EXHAUSTED). Audit events go to the ``agentmesh.audit``
+streams (RESOURCE_EXHAUSTED; :class:`StreamQuota`, which the A2A gateway's
+streams count against too). Audit events go to the ``agentmesh.audit``
 logger with the fields principal, role, action, resource, namespace, outcome.
 The A2A gateway (``server/api/a2a/access.py``) and the console ask the same
 table for the gRPC method each of their requests stands for
@@ -494,6 +495,62 @@ class StreamLimits:
     """Streaming calls of any kind open at once per principal (auth on only)."""
 
 
+class StreamQuota:
+    """Streams open now, bounded by :class:`StreamLimits`: the gRPC interceptor and the
+    A2A gateway count against the same bounds (one count per process)."""
+
+    def __init__(self, limits: StreamLimits | None = None) -> None:
+        self._limits = limits or StreamLimits()
+        self._watch_streams = 0
+        self._by_principal: dict[str, int] = {}
+
+    @property
+    def open_watch_streams(self) -> int:
+        """Server-streaming calls (watches, subscriptions) open now."""
+        return self._watch_streams
+
+    def open(self, principal: Principal | None, *, watch: bool) -> AgentMeshError | None:
+        """Count a stream opening; the error (RESOURCE_EXHAUSTED) when a bound is reached
+        (then nothing was counted)."""
+        limits = self._limits
+        if watch and self._watch_streams >= limits.max_watch_streams:
+            return ResourceExhaustedError(
+                f"at most {limits.max_watch_streams} watch streams are open at once",
+                reason="STREAM_LIMIT")
+        if principal is not None:
+            n = self._by_principal.get(principal.name, 0)
+            if n >= limits.max_streams_per_principal:
+                return ResourceExhaustedError(
+                    f"at most {limits.max_streams_per_principal} streams per principal",
+                    reason="STREAM_LIMIT")
+            self._by_principal[principal.name] = n + 1
+        if watch:
+            self._watch_streams += 1
+        return None
+
+    def close(self, principal: Principal | None, *, watch: bool) -> None:
+        """Count a stream :meth:`open` let through closing."""
+        if watch:
+            self._watch_streams -= 1
+        if principal is not None:
+            n = self._by_principal.get(principal.name, 1) - 1
+            if n <= 0:
+                self._by_principal.pop(principal.name, None)
+            else:
+                self._by_principal[principal.name] = n
+
+    @contextlib.contextmanager
+    def held(self, principal: Principal | None, *, watch: bool = True) -> Iterator[None]:
+        """One stream for the block; raises the RESOURCE_EXHAUSTED error past a bound."""
+        error = self.open(principal, watch=watch)
+        if error is not None:
+            raise error
+        try:
+            yield
+        finally:
+            self.close(principal, watch=watch)
+
+
 if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
     Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -537,16 +594,16 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
     (RESOURCE_EXHAUSTED).
     """
 
-    def __init__(self, tokens: TokenTable | None, limits: StreamLimits | None = None) -> None:
+    def __init__(self, tokens: TokenTable | None, limits: StreamLimits | None = None, *,
+                 quota: StreamQuota | None = None) -> None:
         self._tokens = tokens
-        self._limits = limits or StreamLimits()
-        self._watch_streams = 0
-        self._by_principal: dict[str, int] = {}
+        self._quota = quota or StreamQuota(limits)
 
     @property
     def open_watch_streams(self) -> int:
-        """Server-streaming calls open now."""
-        return self._watch_streams
+        """Server-streaming calls open now (the A2A gateway's streams included when it
+        shares the quota)."""
+        return self._quota.open_watch_streams
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
@@ -587,31 +644,10 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         return None
 
     def _open(self, principal: Principal | None, watch: bool) -> AgentMeshError | None:
-        limits = self._limits
-        if watch and self._watch_streams >= limits.max_watch_streams:
-            return ResourceExhaustedError(
-                f"at most {limits.max_watch_streams} watch streams are open at once",
-                reason="STREAM_LIMIT")
-        if principal is not None:
-            n = self._by_principal.get(principal.name, 0)
-            if n >= limits.max_streams_per_principal:
-                return ResourceExhaustedError(
-                    f"at most {limits.max_streams_per_principal} streams per principal",
-                    reason="STREAM_LIMIT")
-            self._by_principal[principal.name] = n + 1
-        if watch:
-            self._watch_streams += 1
-        return None
+        return self._quota.open(principal, watch=watch)
 
     def _close(self, principal: Principal | None, watch: bool) -> None:
-        if watch:
-            self._watch_streams -= 1
-        if principal is not None:
-            n = self._by_principal.get(principal.name, 1) - 1
-            if n <= 0:
-                self._by_principal.pop(principal.name, None)
-            else:
-                self._by_principal[principal.name] = n
+        self._quota.close(principal, watch=watch)
 
     def _wrap(self, handler: Handler, method: str, principal: Principal | None) -> Handler:
         kw = {"request_deserializer": handler.request_deserializer,

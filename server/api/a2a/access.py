@@ -20,8 +20,10 @@ scheme.
 A request let through carries its principal to the request handler in the
 call context (:func:`principal_of`); the handler acts as it (owner labels,
 owner checks on cancel, the approver of a decision), as a servicer does. A
-refusal only the handler can find (cancelling another principal's task) is
-raised as :class:`Refused` and answered here the same way (403).
+refusal only the handler can find (cancelling another principal's task: 403;
+a stream past the server's stream bounds, which gRPC watches count against
+too: 429) is raised as :class:`Refused` and answered here the same way, with
+or without auth.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from starlette.responses import JSONResponse, Response
 
 from server.api import auth
 from server.api.errors import ERROR_DOMAIN
-from server.domain.errors import AgentMeshError, PermissionDeniedError, UnauthenticatedError
+from server.domain.errors import AgentMeshError, UnauthenticatedError
 from server.domain.models import DEFAULT_NAMESPACE
 
 _TASKS = task_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name
@@ -80,14 +82,14 @@ def security(card: a2a_pb2.AgentCard) -> None:
 
 
 class Refused(HTTPException):
-    """A refusal the request handler found (PERMISSION_DENIED), answered by the guard.
+    """A refusal the request handler found, answered by the guard with ``status``.
 
     An HTTP exception because a2a-sdk's dispatcher lets those through to the
     HTTP layer; every other error it turns into a JSON-RPC error of its own.
     """
 
-    def __init__(self, error: PermissionDeniedError) -> None:
-        super().__init__(status_code=403, detail=error.message)
+    def __init__(self, error: AgentMeshError, status: int) -> None:
+        super().__init__(status_code=status, detail=error.message)
         self.error = error
 
 
@@ -161,42 +163,54 @@ class GatewayAccess:
         return self._tokens is not None
 
     def guard(self, endpoint: Endpoint) -> Endpoint:
-        """``endpoint`` behind the token and role checks."""
+        """``endpoint`` behind the token and role checks (with tokens), answering the
+        handler's :class:`Refused` (always)."""
         tokens = self._tokens
-        if tokens is None:
-            return endpoint
 
         async def guarded(request: Request) -> Response:
-            try:
-                principal = auth.authenticate(
-                    tokens, auth.bearer_of(request.headers.get("authorization")),
-                    carrier="header")
-            except UnauthenticatedError as exc:
-                return _refusal(exc, None, 401)
-            try:
-                body = await request.json()
-            except ValueError:
-                body = None  # the dispatcher answers the parse error
-            method, params, request_id = _method_of(body)
-            try:
-                rpc = _rpc(method, params)
-                if rpc is not None:
-                    auth.check_role(principal, rpc)
-                tenant = params.get("tenant")
-                error = auth.namespace_denied(
-                    principal, tenant if isinstance(tenant, str) and tenant
-                    else DEFAULT_NAMESPACE)
-                if error is not None:
-                    raise error
-            except AgentMeshError as exc:
-                return _refusal(exc, request_id, 403)
-            request.scope[_PRINCIPAL] = principal
+            if tokens is not None:
+                refusal = await self._check(tokens, request)
+                if refusal is not None:
+                    return refusal
             try:
                 return await endpoint(request)
             except Refused as exc:
+                try:
+                    request_id = _method_of(await request.json())[2]  # parsed: cached
+                except ValueError:
+                    request_id = None
                 return _refusal(exc.error, request_id, exc.status_code)
 
         return guarded
+
+    @staticmethod
+    async def _check(tokens: auth.TokenTable, request: Request) -> Response | None:
+        """The refusal of a request (None: let through, its principal in the scope)."""
+        try:
+            principal = auth.authenticate(
+                tokens, auth.bearer_of(request.headers.get("authorization")),
+                carrier="header")
+        except UnauthenticatedError as exc:
+            return _refusal(exc, None, 401)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None  # the dispatcher answers the parse error
+        method, params, request_id = _method_of(body)
+        try:
+            rpc = _rpc(method, params)
+            if rpc is not None:
+                auth.check_role(principal, rpc)
+            tenant = params.get("tenant")
+            error = auth.namespace_denied(
+                principal, tenant if isinstance(tenant, str) and tenant
+                else DEFAULT_NAMESPACE)
+            if error is not None:
+                raise error
+        except AgentMeshError as exc:
+            return _refusal(exc, request_id, 403)
+        request.scope[_PRINCIPAL] = principal
+        return None
 
 
 def _refusal(error: AgentMeshError, request_id: object, status: int) -> Response:

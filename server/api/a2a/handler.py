@@ -68,7 +68,7 @@ def a2a_errors() -> Iterator[None]:
     except FailedPreconditionError as exc:  # cancel of a task that has ended
         raise TaskNotCancelableError(exc.message) from None
     except PermissionDeniedError as exc:  # another principal's task: 403, as the guard's
-        raise Refused(exc) from None
+        raise Refused(exc, 403) from None
     except AgentMeshError as exc:
         raise InternalError(f"{exc.reason}: {exc.message}") from None
 
@@ -77,11 +77,26 @@ class MeshRequestHandler(RequestHandler):
     """A2A requests served by the mesh."""
 
     def __init__(self, scheduler: Scheduler, chunks: TaskChunks, desk: HumanDesk, *,
-                 card: Callable[[], Awaitable[a2a_pb2.AgentCard]]) -> None:
+                 card: Callable[[], Awaitable[a2a_pb2.AgentCard]],
+                 quota: auth.StreamQuota | None = None) -> None:
         self._scheduler = scheduler
         self._chunks = chunks
         self._desk = desk
         self._card = card
+        self._quota = quota or auth.StreamQuota()
+
+    @contextlib.contextmanager
+    def _stream(self, context: ServerCallContext) -> Iterator[None]:
+        """One watch stream for the block, counted as gRPC watches are (429 past the
+        server's bounds: ``max_watch_streams``, ``max_streams_per_principal``)."""
+        principal = principal_of(context)
+        error = self._quota.open(principal, watch=True)
+        if error is not None:
+            raise Refused(error, 429)
+        try:
+            yield
+        finally:
+            self._quota.close(principal, watch=True)
 
     @staticmethod
     def _namespace(tenant: str) -> str:
@@ -163,6 +178,11 @@ class MeshRequestHandler(RequestHandler):
             task = await self._submit(params)
         if params.configuration.return_immediately:
             return mapping.a2a_task(task)
+        with self._stream(context):
+            return await self._until_settled(task)
+
+    async def _until_settled(self, task: Task) -> a2a_pb2.Task:
+        """The task once it has ended or needs input, with its chunks."""
         chunks: list[TaskChunk] = []
         stream = self._chunks.watch(task.id)
         try:
@@ -188,16 +208,18 @@ class MeshRequestHandler(RequestHandler):
         if params.configuration.return_immediately:
             yield mapping.a2a_task(task)
             return
-        async for event in self._events(task, snapshot=False):
-            yield event
+        with self._stream(context):
+            async for event in self._events(task, snapshot=False):
+                yield event
 
     async def on_subscribe_to_task(self, params: a2a_pb2.SubscribeToTaskRequest,
                                    context: ServerCallContext,
                                    ) -> AsyncGenerator[Event, None]:
         """The task as it is (artifacts streamed so far included), then what follows."""
         task = await self._task(params.id, params.tenant)
-        async for event in self._events(task, snapshot=True):
-            yield event
+        with self._stream(context):
+            async for event in self._events(task, snapshot=True):
+                yield event
 
     async def _events(self, task: Task, *, snapshot: bool,
                       ) -> AsyncGenerator[Event, None]:
