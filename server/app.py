@@ -287,7 +287,7 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
         if settings.a2a_listen_port:
             a2a_host = settings.a2a_host or settings.host
             a2a = a2a_gateway(scheduler, chunks, desk, registry, settings=settings,
-                              host=a2a_host, tokens=tokens, quota=quota)
+                              host=a2a_host, tokens=tokens, quota=quota, limits=limits)
             try:
                 a2a_port = a2a.bind()
             except OSError:
@@ -355,7 +355,8 @@ async def running_server(settings: Settings, *, clock: Clock | None = None,
 
 def a2a_gateway(scheduler: Scheduler, chunks: TaskChunks, desk: HumanDesk, registry: Registry,
                 *, settings: Settings, host: str, tokens: TokenTable | None,
-                quota: StreamQuota | None = None) -> A2AServer:
+                quota: StreamQuota | None = None,
+                limits: Limits | None = None) -> A2AServer:
     """The A2A gateway over the mesh's services (not yet bound); with ``tokens``, callers
     are authenticated and authorized as over gRPC and the card declares the scheme."""
     try:
@@ -374,9 +375,11 @@ def a2a_gateway(scheduler: Scheduler, chunks: TaskChunks, desk: HumanDesk, regis
         return out
 
     access = GatewayAccess(tokens)
-    handler = MeshRequestHandler(scheduler, chunks, desk, card=card, quota=quota)
+    handler = MeshRequestHandler(scheduler, chunks, desk, card=card, quota=quota,
+                                 limits=limits)
     gateway = A2AServer(handler, card, host=host, port=settings.a2a_listen_port,
-                        access=access, tls_cert=settings.tls_cert, tls_key=settings.tls_key)
+                        access=access, tls_cert=settings.tls_cert, tls_key=settings.tls_key,
+                        max_body_bytes=settings.max_message_bytes)
     return gateway
 
 

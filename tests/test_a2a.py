@@ -287,3 +287,41 @@ async def test_a2a_streams_count_against_the_servers_stream_bounds() -> None:
         await until(freed, "the closed stream's place is free again")
         await client.cancel_task(a2a_pb2.CancelTaskRequest(id=slow_id))
         await client.close()
+
+
+async def test_inputs_and_bodies_are_bounded_as_over_grpc() -> None:
+    """A message's input is within max_payload_bytes (InvalidParams past it), a request
+    body within max_message_bytes (HTTP 413, or the JSON-RPC error for a chunked body)."""
+    settings = embedded_settings(heartbeat_interval=1.0, a2a_port=free_port(),
+                                 max_payload_bytes=1024, max_chunk_bytes=1024,
+                                 max_message_bytes=1024 + (64 << 10))
+    gate = asyncio.Event()
+    gate.set()
+    async with running_server(settings) as mesh, running(summarizer(mesh, gate)), \
+            httpx.AsyncClient(timeout=WAIT) as http:
+        client = await create_client(mesh.a2a_url, client_config=ClientConfig(
+            streaming=False, httpx_client=http))
+        await until(lambda: _live(mesh), "the agent registered")
+        with pytest.raises(Exception, match=r"message\.parts is \d+ bytes; the limit is 1024"):
+            async for _ in client.send_message(message("word " * 400, "summarize")):
+                pass
+        with pytest.raises(A2AClientError) as too_big:
+            async for _ in client.send_message(message("x" * (100 << 10), "summarize")):
+                pass
+        cause = too_big.value.__cause__
+        assert isinstance(cause, httpx.HTTPStatusError)
+        assert cause.response.status_code == 413
+
+        async def chunked() -> AsyncIterator[bytes]:  # no Content-Length
+            yield b'{"jsonrpc": "2.0", "id": 1, "method": "GetTask", "params": {"id": "'
+            for _ in range(100):
+                yield b"x" * 1024
+            yield b'"}}'
+
+        reply = await http.post(mesh.a2a_url, content=chunked(),
+                                headers={"Content-Type": "application/json"})
+        assert "too large" in reply.json()["error"]["message"].lower()
+        # within the bounds, the same client still works
+        done = [e async for e in client.send_message(message("small enough", "summarize"))]
+        assert done[-1].task.status.state == a2a_pb2.TASK_STATE_COMPLETED
+        await client.close()

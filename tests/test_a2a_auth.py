@@ -240,3 +240,17 @@ async def test_an_answer_is_decided_by_the_callers_principal(mesh: Mesh) -> None
 
 async def _live(mesh: Mesh) -> bool:
     return "echo" in await mesh.scheduler.live_capabilities("default")
+
+
+async def test_a_body_over_the_limit_is_refused_before_it_is_read_whole(mesh: Mesh) -> None:
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted as it comes
+        yield b'{"jsonrpc": "2.0", "id": 7, "method": "GetTask", "params": {"id": "'
+        for _ in range(5 << 4):  # 5 MiB, over the default max_message_bytes (4 MiB)
+            yield b"x" * (64 << 10)
+        yield b'"}}'
+
+    async with httpx.AsyncClient(timeout=WAIT) as http:
+        reply = await http.post(mesh.a2a_url, content=chunked(), headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {token('vic')}"})
+    assert reply.status_code == 413
+    assert "over" in reply.json()["error"]["message"]

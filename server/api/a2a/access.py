@@ -196,6 +196,9 @@ class GatewayAccess:
             body = await request.json()
         except ValueError:
             body = None  # the dispatcher answers the parse error
+        except HTTPException as exc:  # over the body limit
+            return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {
+                "code": -32600, "message": str(exc.detail)}}, status_code=exc.status_code)
         method, params, request_id = _method_of(body)
         try:
             rpc = _rpc(method, params)

@@ -33,7 +33,7 @@ from a2a.utils.errors import (
 )
 from google.protobuf.json_format import MessageToDict
 
-from server.api import auth
+from server.api import auth, convert
 from server.api.a2a import mapping
 from server.api.a2a.access import Refused, principal_of
 from server.domain.chunks import ChunkKind, TaskChunk
@@ -43,9 +43,10 @@ from server.domain.errors import (
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
 )
 from server.domain.human import Decision
-from server.domain.models import DEFAULT_NAMESPACE, Task
+from server.domain.models import DEFAULT_NAMESPACE, Payload, Task
 from server.ports import TaskFilter
 from server.services.approvals import HumanDesk
 from server.services.chunks import TaskChunks
@@ -69,6 +70,10 @@ def a2a_errors() -> Iterator[None]:
         raise TaskNotCancelableError(exc.message) from None
     except PermissionDeniedError as exc:  # another principal's task: 403, as the guard's
         raise Refused(exc, 403) from None
+    except ResourceExhaustedError as exc:
+        if exc.reason == "PAYLOAD_TOO_LARGE":  # the request's fault, not the server's load
+            raise InvalidParamsError(exc.message) from None
+        raise Refused(exc, 429) from None
     except AgentMeshError as exc:
         raise InternalError(f"{exc.reason}: {exc.message}") from None
 
@@ -78,8 +83,10 @@ class MeshRequestHandler(RequestHandler):
 
     def __init__(self, scheduler: Scheduler, chunks: TaskChunks, desk: HumanDesk, *,
                  card: Callable[[], Awaitable[a2a_pb2.AgentCard]],
-                 quota: auth.StreamQuota | None = None) -> None:
+                 quota: auth.StreamQuota | None = None,
+                 limits: convert.Limits | None = None) -> None:
         self._scheduler = scheduler
+        self._limits = limits or convert.Limits()
         self._chunks = chunks
         self._desk = desk
         self._card = card
@@ -109,6 +116,12 @@ class MeshRequestHandler(RequestHandler):
             raise TaskNotFoundError(f"task {task_id!r} not found")
         return task
 
+    def _input(self, message: a2a_pb2.Message) -> Payload:
+        """The message's input, within ``max_payload_bytes`` as a gRPC payload is (the
+        same check); InvalidParamsError past it."""
+        value = mapping.message_input(message)
+        return convert.payload(convert.payload_msg(value), "message.parts", self._limits)
+
     async def _skill(self, params: a2a_pb2.SendMessageRequest, namespace: str) -> str:
         meta = {**MessageToDict(params.message.metadata), **MessageToDict(params.metadata)}
         skill = meta.get("skill")
@@ -134,7 +147,7 @@ class MeshRequestHandler(RequestHandler):
             labels[mapping.CONTEXT_LABEL] = message.context_id
         with a2a_errors():
             task = Task(id=uuid.uuid4().hex, capability=skill, namespace=namespace,
-                        input=mapping.message_input(message),
+                        input=self._input(message),
                         labels=auth.owner_labels(labels))
             request_id = f"a2a:{message.message_id}" if message.message_id else ""
             return await self._scheduler.submit(task, request_id=request_id[:128])
@@ -154,7 +167,7 @@ class MeshRequestHandler(RequestHandler):
                 f"task {task.id} is not input-required: a mesh task takes one message; "
                 "send a new message for a new task")
         with a2a_errors():
-            value = mapping.decode(mapping.message_input(message))
+            value = mapping.decode(self._input(message))
         decision, comment = Decision.SUPPLY_INPUT, ""
         if isinstance(value, dict) and str(value.get("decision", "")).lower() in _DECISIONS:
             decision = _DECISIONS[str(value["decision"]).lower()]

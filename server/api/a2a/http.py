@@ -8,7 +8,8 @@ gRPC and metrics ports (``server/netutil.py``). With auth on, the JSON-RPC
 route sits behind :class:`~server.api.a2a.access.GatewayAccess` (tokens and
 roles as for gRPC); the agent card stays public. With ``serve``'s
 ``--tls-cert``/``--tls-key`` it serves HTTPS with the same certificate, so a
-bearer token never crosses the network in clear.
+bearer token never crosses the network in clear. A request body is bounded
+by ``max_message_bytes``, as a gRPC message is (413 past it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import uvicorn
 from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
 from a2a.types import a2a_pb2
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.a2a.access import GatewayAccess
 from server.api.a2a.handler import MeshRequestHandler
@@ -41,14 +44,55 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
+class _BodyLimit:
+    """ASGI middleware: at most ``limit`` bytes of request body.
+
+    A declared ``Content-Length`` past it is answered 413 at once; a body that
+    grows past it while read raises Starlette's 413, which a2a-sdk's
+    dispatcher answers as a JSON-RPC "Payload too large" (and the auth guard
+    as 413).
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self._app = app
+        self._limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        limit = self._limit
+        for key, value in scope.get("headers", ()):
+            if key == b"content-length" and value.isdigit() and int(value) > limit:
+                await send({"type": "http.response.start", "status": 413,
+                            "headers": [(b"content-type", b"text/plain")]})
+                await send({"type": "http.response.body",
+                            "body": f"the body is over {limit} bytes".encode()})
+                return
+        seen = 0
+
+        async def bounded() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise HTTPException(413, f"the body is over {limit} bytes")
+            return message
+
+        await self._app(scope, bounded, send)
+
+
 class A2AServer:
     """The A2A HTTP endpoint of one replica."""
 
     def __init__(self, handler: MeshRequestHandler,
                  card: Callable[[], Awaitable[a2a_pb2.AgentCard]], *, host: str,
                  port: int, access: GatewayAccess | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None) -> None:
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 max_body_bytes: int = 4 << 20) -> None:
         self._handler = handler
+        self._max_body = max_body_bytes
         self._tls = (tls_cert, tls_key) if tls_cert and tls_key else None
         self._access = access or GatewayAccess(None)
         self._card = card
@@ -105,7 +149,7 @@ class A2AServer:
         app = Starlette(routes=[*create_agent_card_routes(template, card_modifier=fresh_card),
                                 *rpc])
         cert, key = self._tls or (None, None)
-        config = uvicorn.Config(app, log_config=None, access_log=False,
+        config = uvicorn.Config(_BodyLimit(app, self._max_body), log_config=None, access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=1,
                                 ssl_certfile=cert, ssl_keyfile=key)
         self._server = _Uvicorn(config)
