@@ -8,8 +8,11 @@ latency percentiles) for each configuration, interleaved over ``--rounds``:
 
     .venv/bin/python loadtests/scaleout_bench.py                      # 1, 2, 3 replicas
     .venv/bin/python loadtests/scaleout_bench.py --replicas 1 --durability none,replicas:1
+    .venv/bin/python loadtests/scaleout_bench.py --code /tmp/before,.   # two commits, interleaved
 
-A configuration is (replicas, durability). Each run starts its servers
+A configuration is (code, replicas, durability); ``--code`` names source trees
+(e.g. ``git archive REV | tar -x -C /tmp/before``) whose servers and agents are
+run (the submitter's SDK stays this tree's). Each run starts its servers
 (``agentmesh serve`` processes) and agents (``noop_agent.py``, spread round
 robin over the replicas), submits through every replica in turn, and stops
 them. Printed: one JSON line per run, then the medians per configuration with
@@ -62,7 +65,8 @@ def redis_calls(rc: RedisCluster) -> dict[str, int]:
 
 
 def start_servers(rc: RedisCluster, nc: NatsCluster, replicas: int, durability: str,
-                  prefix: str) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+                  prefix: str, code: Path = ROOT
+                  ) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     """``replicas`` server processes on the clusters under one key prefix."""
     procs, targets = [], []
     env = {**os.environ, "AGENTMESH_KEY_PREFIX": prefix, "AGENTMESH_LOG_LEVEL": "WARNING"}
@@ -71,7 +75,7 @@ def start_servers(rc: RedisCluster, nc: NatsCluster, replicas: int, durability: 
         procs.append(subprocess.Popen(
             [PY, "-m", "server.cli", "serve", "--port", str(port), "--metrics-port", "0",
              "--store", rc.url, "--bus", nc.url, "--durability", durability],
-            cwd=ROOT, env=env))
+            cwd=code, env=env))
         targets.append(f"127.0.0.1:{port}")
     return procs, targets
 
@@ -114,15 +118,15 @@ async def w1_spread(clients: list[MeshClient], n: int, inflight: int) -> dict[st
     return {"tasks": n, "seconds": round(total, 3), "tasks_per_s": round(n / total, 1)}
 
 
-async def one_run(rc: RedisCluster, nc: NatsCluster, replicas: int, durability: str,
-                  args: argparse.Namespace) -> dict[str, Any]:
+async def one_run(rc: RedisCluster, nc: NatsCluster, code: Path, replicas: int,
+                  durability: str, args: argparse.Namespace) -> dict[str, Any]:
     prefix = f"scale-{uuid.uuid4().hex[:8]}"
-    servers, targets = start_servers(rc, nc, replicas, durability, prefix)
+    servers, targets = start_servers(rc, nc, replicas, durability, prefix, code)
     agents: list[subprocess.Popen[bytes]] = []
     try:
         for t in targets:
             await wait_port(int(t.rsplit(":", 1)[1]), limit=60)
-        agents = start_agents(targets, args.agents, args.concurrency)
+        agents = start_agents(targets, args.agents, args.concurrency, code=code)
         async with contextlib.AsyncExitStack() as stack:
             clients = [await stack.enter_async_context(MeshClient(t)) for t in targets]
             await wait_agents(clients[0], args.agents, limit=60)
@@ -138,7 +142,8 @@ async def one_run(rc: RedisCluster, nc: NatsCluster, replicas: int, durability: 
             calls_after = await asyncio.to_thread(redis_calls, rc)
             calls = {k: v - calls_before.get(k, 0) for k, v in calls_after.items()}
             out: dict[str, Any] = {
-                "replicas": replicas, "durability": durability, "agents": args.agents,
+                "code": str(code), "replicas": replicas, "durability": durability,
+                "agents": args.agents,
                 **result,
                 "cpu_us_per_task": round(sum(cpu.values()) / args.tasks * 1e6),
                 "cpu_us_per_task_by_kind": {
@@ -165,15 +170,16 @@ async def one_run(rc: RedisCluster, nc: NatsCluster, replicas: int, durability: 
 
 def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Medians per configuration, with ratios to the first configuration."""
-    keys: list[tuple[int, str]] = []
+    keys: list[tuple[str, int, str]] = []
     for r in runs:
-        if (r["replicas"], r["durability"]) not in keys:
-            keys.append((r["replicas"], r["durability"]))
+        if (r["code"], r["replicas"], r["durability"]) not in keys:
+            keys.append((r["code"], r["replicas"], r["durability"]))
     rows = []
-    for replicas, durability in keys:
-        mine = [r for r in runs if (r["replicas"], r["durability"]) == (replicas, durability)]
+    for code, replicas, durability in keys:
+        mine = [r for r in runs
+                if (r["code"], r["replicas"], r["durability"]) == (code, replicas, durability)]
         row: dict[str, Any] = {
-            "replicas": replicas, "durability": durability, "runs": len(mine),
+            "code": code, "replicas": replicas, "durability": durability, "runs": len(mine),
             "w1_tasks_per_s": statistics.median(r["tasks_per_s"] for r in mine),
             "cpu_us_per_task": statistics.median(r["cpu_us_per_task"] for r in mine),
             "fcalls_per_task": statistics.median(
@@ -193,7 +199,8 @@ def summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-async def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line, with ``configs`` (code, replicas, durability) in run order."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replicas", default="1,2,3",
@@ -208,18 +215,25 @@ async def main() -> None:
     parser.add_argument("--w2", action="store_true", help="also run W2 (open loop) each run")
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--code", default=str(ROOT),
+                        help="comma-separated source trees to run servers and agents from")
     args = parser.parse_args()
-    configs = [(int(r), d.strip()) for r in args.replicas.split(",")
-               for d in args.durability.split(",")]
+    args.configs = [(Path(c).resolve(), int(r), d.strip()) for c in args.code.split(",")
+                    for r in args.replicas.split(",") for d in args.durability.split(",")]
+    return args
+
+
+async def main(args: argparse.Namespace) -> None:
+    configs = args.configs
     runs = []
     with redis_cluster() as rc, nats_cluster() as nc:
         for _ in range(args.rounds):
-            for replicas, durability in configs:  # interleaved: drift hits every config
-                run = await one_run(rc, nc, replicas, durability, args)
+            for code, replicas, durability in configs:  # interleaved: drift hits all
+                run = await one_run(rc, nc, code, replicas, durability, args)
                 print(json.dumps(run), flush=True)
                 runs.append(run)
     print(json.dumps({"summary": summary(runs)}), flush=True)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    asyncio.run(main(parse_args()))
