@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agentmesh.v1 import (
@@ -61,11 +61,20 @@ def agent_state_value(name: str) -> int:
     return _enum_value(_AGENT_STATES, name, "agent state")
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _time(msg: Any, name: str) -> datetime | None:
+    """A Timestamp field as an aware UTC datetime (microseconds), None when unset.
+
+    The same value as ``Timestamp.ToDatetime(tzinfo=UTC)`` at half its cost (a
+    task carries up to five timestamps and the SDK converts every one it
+    receives).
+    """
     if not msg.HasField(name):
         return None
     ts: timestamp_pb2.Timestamp = getattr(msg, name)
-    return ts.ToDatetime(tzinfo=UTC)
+    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
 def to_duration(seconds: float) -> duration_pb2.Duration:

@@ -33,6 +33,7 @@ from agent_sdk import (
     encode_payload,
     load_workflow_file,
 )
+from agent_sdk._types import _time as sdk_time
 from agent_sdk._types import (
     agent_from_proto,
     entry_from_proto,
@@ -474,3 +475,13 @@ def test_duplicate_handler_is_refused() -> None:
 
     with pytest.raises(ValueError, match="already registered"):
         agent.handler("c")(first)
+
+
+def test_timestamps_convert_exactly_as_protobuf_does() -> None:
+    """The SDK's own Timestamp conversion equals ToDatetime (UTC, microseconds)."""
+    for seconds, nanos in ((0, 0), (1, 999_999_999), (1_765_000_000, 123_456_789),
+                           (-1, 500_000_000), (-62_135_596_800, 0), (253_402_300_799, 999_999_999)):
+        msg = task_pb2.TaskAttempt(start_time=timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos))
+        want = msg.start_time.ToDatetime(tzinfo=UTC)
+        assert sdk_time(msg, "start_time") == want, (seconds, nanos)
+    assert sdk_time(task_pb2.TaskAttempt(), "start_time") is None
