@@ -39,6 +39,9 @@ every kind once in a seeded order, then weighted draws. The kinds:
   fencing token (fenced Put), renews and releases;
 - with --store redis --bus nats --replicas 2: replica_kill (SIGKILL, restart
   on the same port), replica_term (SIGTERM: graceful drain, restart),
+  replica_pause (SIGSTOP for less or more than the session TTL, then SIGCONT:
+  a hung replica whose agents the other one declares GONE, which then wakes
+  up with sessions, leases and a dispatcher from before),
   redis_restart (SIGKILL, restart on the same AOF), redis_reply_loss (Redis
   runs the replicas' commands but the answers are lost, then the connections
   reset) and nats_restart; CAS Puts are hammered across the Redis faults.
@@ -548,8 +551,8 @@ FAULT_WEIGHTS = {
     "net_reset": 2, "net_delay": 2, "client_dup": 1, "dup_submit": 2, "cancel_race": 2,
     "lock_pause": 1, "probe": 1,
 }
-SERVICE_WEIGHTS = {"replica_kill": 2, "replica_term": 1, "redis_restart": 1, "nats_restart": 1,
-                   "redis_reply_loss": 1}
+SERVICE_WEIGHTS = {"replica_kill": 2, "replica_term": 1, "replica_pause": 1, "redis_restart": 1,
+                   "nats_restart": 1, "redis_reply_loss": 1}
 
 
 class Campaign:
@@ -993,6 +996,7 @@ class Campaign:
         if self.cfg.replicas >= 2 and self.cfg.store == "redis":
             kinds["replica_kill"] = SERVICE_WEIGHTS["replica_kill"]
             kinds["replica_term"] = SERVICE_WEIGHTS["replica_term"]
+            kinds["replica_pause"] = SERVICE_WEIGHTS["replica_pause"]
         if self.redis is not None:
             kinds["redis_restart"] = SERVICE_WEIGHTS["redis_restart"]
             kinds["redis_reply_loss"] = SERVICE_WEIGHTS["redis_reply_loss"]
@@ -1180,6 +1184,22 @@ class Campaign:
             await asyncio.to_thread(server.proc.wait, 10)
         await asyncio.sleep(secs)
         await server.start()
+        self._fault_end(fid)
+
+    async def _f_replica_pause(self, rng: random.Random) -> None:
+        i = rng.randrange(len(self.servers))
+        secs = rng.uniform(0.5, TTL + 1.5)
+        fid = self._fault("replica_pause", replica=i, secs=secs)
+        proc = self.servers[i].proc
+        if proc is None or proc.poll() is not None:
+            self._fault_end(fid, done=False)
+            return
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(secs)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)
         self._fault_end(fid)
 
     async def _f_replica_term(self, rng: random.Random) -> None:

@@ -64,13 +64,13 @@ async def test_nemesis_memory_one_replica(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(240)
 async def test_nemesis_redis_nats_two_replicas(tmp_path: Path) -> None:
-    """Private Redis and NATS, two replicas: adds replica kill/drain and service restarts."""
+    """Private Redis and NATS, two replicas: adds replica kill/pause/drain, service restarts."""
     if shutil.which("redis-server") is None:
         skip_or_fail("redis-server not found")
     result, history = await run_campaign(Config(
         seed=20240602, seconds=30.0, store="redis", bus="nats", replicas=2, workdir=tmp_path,
         settle=30.0, quiet=True, service_faults_first=True, min_faults=12))
-    wanted = {"replica_kill", "redis_restart", "redis_reply_loss", "nats_restart"}
+    wanted = {"replica_kill", "replica_pause", "redis_restart", "redis_reply_loss", "nats_restart"}
     if not wanted <= set(result.faults):
         raise CampaignError(f"service faults missing: {wanted - set(result.faults)}")
     _assert_campaign(result, history, kinds=8, succeeded=120)

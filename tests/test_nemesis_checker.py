@@ -507,3 +507,26 @@ def test_submit_accepted_while_draining() -> None:
                        input_="{}"))
     msgs = only(h, "drain_refuses_submits")
     assert len(msgs) == 1 and "tasks/late" in msgs[0]
+
+
+def test_stalled_raw_agent_stream_closed_when_gone_late() -> None:
+    """A frozen machine delays GONE past the stall's end: the stream closes at GONE."""
+    h = [r(0.0, "meta", ttl=0.75), r(0.1, "agent", "raw0.1", ev="registered", agent=A),
+         *fault("1", "hb_stall", "raw0.1", 2.0, 4.0),
+         r(4.45, "agent_event", replica=0, agent=A, event="LEFT", state="GONE", event_time=4.4),
+         r(4.8, "agent", "raw0.1", ev="work_end", agent=A, code="FAILED_PRECONDITION",
+           by="server")]
+    assert not violations(h)
+    h[-1]["t"] = 5.0  # 0.6 s after GONE: the session outlived the agent
+    assert "not closed with FAILED_PRECONDITION" in only(h, "hung_agent_gone")[0]
+
+
+def test_status_masked_by_grpc_python_counts_only_with_its_own_text() -> None:
+    h = [r(0.0, "meta", ttl=0.75), r(0.1, "agent", "raw0.1", ev="registered", agent=A),
+         *fault("1", "hb_stall", "raw0.1", 2.0, 4.0),
+         r(2.9, "agent_event", replica=0, agent=A, event="LEFT", state="GONE", event_time=2.8),
+         r(2.85, "agent", "raw0.1", ev="work_end", agent=A, code="INTERNAL", by="server",
+           detail="Internal error from Core")]
+    assert not violations(h)
+    h[-1]["detail"] = "internal error; see the server log"  # the server's own INTERNAL
+    assert "not closed with FAILED_PRECONDITION" in only(h, "hung_agent_gone")[0]
