@@ -7,14 +7,25 @@ These start processes (agentmesh serve, agents, k6) and take about 40 s.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from loadtests.k6.run import K6_DIR, PROFILES, ROOT, _bin, agents, embedded_mesh, run_scenario
+from loadtests.k6.run import (
+    K6_DIR,
+    PROFILES,
+    ROOT,
+    _bin,
+    agents,
+    embedded_mesh,
+    k6_run,
+    run_scenario,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -80,12 +91,37 @@ export default function () {{
   eq(peakOverlap([[0, 10], [10, 20]]), 1, 'touching');
 }}
 """)
-    out = subprocess.run([_bin("k6"), "run", "--quiet", "--no-summary",
-                          "-e", f"PROTO_DIR={ROOT / 'protos'}", str(script)],
+    out = subprocess.run(k6_run("--quiet", "--no-summary",
+                                "-e", f"PROTO_DIR={ROOT / 'protos'}", str(script)),
                          cwd=ROOT, env=K6_ENV, capture_output=True, text=True, timeout=60,
                          check=False)
     assert out.returncode == 0, out.stderr + out.stdout
     assert "Error" not in out.stderr, out.stderr
+
+
+def test_runs_at_once_and_with_6565_taken(tmp_path: Path) -> None:
+    """k6 runs as run.py starts them open no REST API server: two at once, with
+    k6's default API port (6565) held by something else, both run clean. (k6 1.x
+    listens on localhost:6565 by default and logs "Error from API server" when it
+    cannot, and a second run's API would be the first one's.)"""
+    script = tmp_path / "pause.js"
+    script.write_text("import { sleep } from 'k6';\n"
+                      "export const options = { iterations: 1, vus: 1 };\n"
+                      "export default function () { sleep(1); }\n")
+    with contextlib.ExitStack() as stack:
+        for host in ("127.0.0.1", "::1"):
+            sock = stack.enter_context(socket.socket(
+                socket.AF_INET6 if ":" in host else socket.AF_INET))
+            with contextlib.suppress(OSError):  # already taken (or no IPv6): as good
+                sock.bind((host, 6565))
+                sock.listen()
+        runs = [subprocess.Popen(k6_run("--quiet", "--no-summary", str(script)), cwd=ROOT,
+                                 env=K6_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=60) for p in runs]
+    for proc, (stdout, stderr) in zip(runs, outs, strict=True):
+        assert proc.returncode == 0, stdout + stderr
+        assert "API server" not in stderr, stderr
 
 
 def test_short_steady_passes_and_stuck_tasks_fail_it(tmp_path: Path) -> None:
@@ -105,10 +141,10 @@ def test_short_steady_passes_and_stuck_tasks_fail_it(tmp_path: Path) -> None:
         ns = "k6-stuck"
         with agents([target], ns, PROFILES["steady"], 0.0, tmp_path / "agents.log"):
             out = subprocess.run(
-                [_bin("k6"), "run", "--quiet", "--summary-export", str(tmp_path / "stuck.json"),
-                 "-e", f"MESH_TARGET={target}", "-e", f"MESH_NAMESPACE={ns}",
-                 "-e", "MESH_CAPABILITY=nobody-offers-this", "-e", "DURATION=2s",
-                 "-e", "DRAIN=2s", str(K6_DIR / "steady.js")],
+                k6_run("--quiet", "--summary-export", str(tmp_path / "stuck.json"),
+                       "-e", f"MESH_TARGET={target}", "-e", f"MESH_NAMESPACE={ns}",
+                       "-e", "MESH_CAPABILITY=nobody-offers-this", "-e", "DURATION=2s",
+                       "-e", "DRAIN=2s", str(K6_DIR / "steady.js")),
                 cwd=ROOT, env=K6_ENV, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 99, out.stdout + out.stderr
     metrics = json.loads((tmp_path / "stuck.json").read_text())["metrics"]

