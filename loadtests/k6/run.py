@@ -159,16 +159,16 @@ def agents(targets: list[str], namespace: str, profile: Profile, delay: float,
            log: Path) -> Iterator[None]:
     """``profile.agents`` noop agent processes in ``namespace``, live before this yields."""
     procs: list[subprocess.Popen[bytes]] = []
-    with log.open("ab") as out:
-        for i in range(profile.agents):
-            rotated = targets[i % len(targets):] + targets[:i % len(targets)]
-            procs.append(subprocess.Popen(
-                [sys.executable, str(AGENT), "--target", ",".join(rotated),
-                 "--name", f"{namespace}-{i}", "--namespace", namespace,
-                 "--capability", "noop", "--concurrency", str(profile.concurrency),
-                 "--delay", f"{delay:g}"],
-                cwd=ROOT, stdout=out, stderr=out))
     try:
+        with log.open("ab") as out:
+            for i in range(profile.agents):
+                rotated = targets[i % len(targets):] + targets[:i % len(targets)]
+                procs.append(subprocess.Popen(
+                    [sys.executable, str(AGENT), "--target", ",".join(rotated),
+                     "--name", f"{namespace}-{i}", "--namespace", namespace,
+                     "--capability", "noop", "--concurrency", str(profile.concurrency),
+                     "--delay", f"{delay:g}"],
+                    cwd=ROOT, stdout=out, stderr=out))
         deadline = time.monotonic() + 60
         while _live_agents(targets[0], namespace) < profile.agents:
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):

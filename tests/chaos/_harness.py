@@ -30,8 +30,13 @@ FAST = {"AGENTMESH_HEARTBEAT_INTERVAL": "0.2", "AGENTMESH_HEARTBEAT_MISSES": "3"
 class Server:
     """One ``agentmesh serve`` process."""
 
-    def __init__(self, env: dict[str, str], port: int = 0, log: Path | None = None) -> None:
+    startup_timeout = 60.0
+    """Longest wait for the port to answer (a loaded 2-core box imports slowly)."""
+
+    def __init__(self, env: dict[str, str], port: int = 0, log: Path | None = None,
+                 argv: list[str] | None = None) -> None:
         self.port = port or free_port()
+        self.argv = argv or [sys.executable, "-c", SERVE]
         self.env = {**os.environ, **FAST, **env, "AGENTMESH_PORT": str(self.port),
                     "AGENTMESH_METRICS_PORT": "0", "AGENTMESH_CONSOLE_PORT": "0",
                     "AGENTMESH_LOG_LEVEL": "WARNING",
@@ -45,13 +50,45 @@ class Server:
         return f"127.0.0.1:{self.port}"
 
     async def start(self) -> Server:
-        """Spawn and wait until the gRPC port answers."""
-        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: ASYNC230
-        self.proc = subprocess.Popen(  # noqa: ASYNC220 - spawning is instant
-            [sys.executable, "-c", SERVE], cwd=ROOT, env=self.env, stdout=out, stderr=out)
-        async with grpc.aio.insecure_channel(self.address) as ch:
-            await asyncio.wait_for(ch.channel_ready(), 60)  # loaded 2-core box: slow imports
+        """Spawn and wait until the gRPC port answers.
+
+        When it does not (the process exits first, ``startup_timeout`` passes, or
+        the wait is cancelled), the process is killed and reaped before the error
+        propagates: callers register a server for clean-up only once this returns,
+        so a process left running here would outlive the test.
+        """
+        out = open(self.log, "ab") if self.log else None  # noqa: ASYNC230
+        try:
+            self.proc = subprocess.Popen(  # noqa: ASYNC220 - spawning is instant
+                self.argv, cwd=ROOT, env=self.env,
+                stdout=out or subprocess.DEVNULL, stderr=out or subprocess.DEVNULL)
+        finally:
+            if out is not None:
+                out.close()  # the child has its own copy
+        try:
+            await self._wait_ready(self.proc)
+        except BaseException:
+            self.stop()
+            raise
         return self
+
+    async def _wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.startup_timeout
+        async with grpc.aio.insecure_channel(self.address) as ch:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server on {self.address} exited with "
+                                       f"{proc.returncode} before answering (log: {self.log})")
+                left = end - loop.time()
+                if left <= 0:
+                    raise TimeoutError(f"server on {self.address} did not answer within "
+                                       f"{self.startup_timeout:g} s (log: {self.log})")
+                try:
+                    await asyncio.wait_for(ch.channel_ready(), min(left, 0.5))
+                    return
+                except TimeoutError:
+                    continue
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send a signal."""
