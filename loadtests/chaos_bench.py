@@ -11,11 +11,13 @@ Each round has its own capability and ends only when its task SUCCEEDED (see
 next round's agent).
 
 (b) ``--workflows`` workflows of 3-5 steps (chains with a fan-in) on one
-server; 10 % of the agent processes are SIGKILLed while they have a task in
-flight (each replaced by a fresh one, as an orchestrator would) and 5 % of
-handler calls fail with a retryable error. Reports: share of workflows
-SUCCEEDED with no human action, lost tasks (not ended), duplicate accepted
-results.
+server; ``--kill-share`` (10 %) of the agent processes, rounded up and at
+least 1, are SIGKILLed at moments spread over the run (when 1/(n+1), 2/(n+1),
+... of all tasks have ended), each while it has a task in flight and each
+replaced by a fresh one, as an orchestrator would; ``--fail-rate`` (5 %) of
+handler calls fail with a retryable error. Reports: what was killed and when,
+share of workflows SUCCEEDED with no human action, the server's task
+autonomy, lost tasks (not ended), duplicate accepted results.
 
 Agents are ``tests/chaos/agent.py`` processes (raw gRPC stubs).
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import random
 import signal
 import statistics
@@ -32,6 +35,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
@@ -124,56 +128,100 @@ def _workflow(i: int, rnd: random.Random) -> task_pb2.Workflow:
     return task_pb2.Workflow(display_name=f"bench-{i}", steps=steps)
 
 
-def _in_flight(agent: AgentProc) -> bool:
-    """The agent logged a start it has not reported yet."""
+def _in_flight(agent: AgentProc) -> int:
+    """How many starts the agent logged and has not reported yet."""
     events = agent.events()
     done = {(e["task"], e.get("token")) for e in events
             if e["ev"] in ("accepted", "failed", "refused", "report_error")}
-    return any(e["ev"] == "start" and (e["task"], e["token"]) not in done for e in events)
+    return sum(1 for e in events if e["ev"] == "start" and (e["task"], e["token"]) not in done)
+
+
+def kill_count(n_agents: int, kill_share: float) -> int:
+    """Agents to kill: ``kill_share`` of ``n_agents`` rounded up, at least 1."""
+    return max(1, math.ceil(round(n_agents * kill_share, 9)))
+
+
+def kill_points(kills: int) -> list[float]:
+    """When to kill, as shares of all tasks ended: spread evenly over the run
+    (1 kill at 1/2, 2 at 1/3 and 2/3, ...), so no kill lands before the work
+    starts or after it ends."""
+    return [(k + 1) / (kills + 1) for k in range(kills)]
+
+
+async def _tasks_ended(stub: task_pb2_grpc.TaskServiceStub) -> int:
+    stats = await stub.GetStats(task_pb2.GetStatsRequest(), timeout=5)
+    return int(stats.tasks_ended)
 
 
 async def workload(tmp: Path, workflows: int, n_agents: int, kill_share: float,
-                   fail_rate: float) -> dict[str, float]:
-    """(b): workflows under agent kills and transient handler failures."""
+                   fail_rate: float) -> dict[str, Any]:
+    """(b): workflows under agent kills and transient handler failures.
+
+    ``kill_count`` of the original agents are SIGKILLed, each when the share of
+    all tasks ended first passes its ``kill_points`` mark and only while it has
+    a task in flight (each replaced by a fresh process); every handler call
+    fails with a retryable error with probability ``fail_rate``. The result
+    says what was killed (``kills``: agent, seconds into the run, tasks ended,
+    tasks it had in flight) next to what was planned (``kills_planned``).
+    """
     server = await Server({"AGENTMESH_HEARTBEAT_INTERVAL": f"{HEARTBEAT:g}",
                            "AGENTMESH_TICK": "0.05", "AGENTMESH_LOG_LEVEL": "ERROR"}).start()
     rnd = random.Random(7)
     agents = [AgentProc(tmp, f"a{i}", [server.address], "step", work=0.02,
                         fail_rate=fail_rate, concurrency=8) for i in range(n_agents)]
     all_agents = list(agents)
+    planned = kill_count(n_agents, kill_share)
+    kills: list[dict[str, Any]] = []
     try:
         for a in agents:
-            await until(lambda a=a: a.events("connected"))
+            await until(lambda a=a: a.events("connected"), UP, f"{a.name} up")
+        specs = [_workflow(i, rnd) for i in range(workflows)]
+        total = sum(len(w.steps) for w in specs)
         async with grpc.aio.insecure_channel(server.address) as ch:
             stub = task_pb2_grpc.TaskServiceStub(ch)
             start = time.time()
-            names = []
-            for i in range(workflows):
-                wf = await stub.SubmitWorkflow(task_pb2.SubmitWorkflowRequest(
-                    workflow=_workflow(i, rnd)))
-                names.append(wf.workflow.name)
-            # Kill agents while they work and replace each one. A victim is picked
-            # when it has a task in flight, among the original agents not killed yet:
-            # waiting for a victim fixed in advance to start N tasks could wait for
-            # something that never comes (a short run, or one it got few tasks of).
-            kills = max(1, round(n_agents * kill_share))
-            alive = list(range(n_agents))
-            killed = 0
-            for k in range(kills):
-                try:
-                    # Retry backoffs are <= 50 ms: 15 s with nothing in flight means
-                    # the work is over.
-                    busy = await until(lambda: [v for v in alive if _in_flight(agents[v])],
-                                       timeout=15, what="an agent with a task in flight")
-                except TimeoutError:
-                    break  # the work ended first: report the kills that happened
-                v = rnd.choice(busy)
-                alive.remove(v)
-                agents[v].signal(signal.SIGKILL)
-                killed += 1
-                fresh = AgentProc(tmp, f"r{k}", [server.address], "step", work=0.02,
-                                  fail_rate=fail_rate, concurrency=8)
-                all_agents.append(fresh)
+            names: list[str] = []
+
+            async def submit() -> None:
+                for wf in specs:
+                    got = await stub.SubmitWorkflow(task_pb2.SubmitWorkflowRequest(
+                        workflow=wf), timeout=30)
+                    names.append(got.workflow.name)
+
+            async def kill() -> None:
+                # A victim is picked, once its mark is passed, among the original
+                # agents not killed yet that have a task in flight: a victim fixed
+                # in advance might have nothing in flight at its moment.
+                alive = list(range(n_agents))
+                for k, mark in enumerate(kill_points(planned)):
+                    try:
+                        ended = await until(
+                            lambda m=mark: _at_least(stub, math.ceil(m * total)),
+                            timeout=600, what=f"{mark:.0%} of {total} tasks ended")
+                        # Retry backoffs are <= 50 ms: 15 s with nothing in flight
+                        # means the work is over.
+                        busy = await until(lambda: [v for v in alive
+                                                    if _in_flight(agents[v])],
+                                           timeout=15, what="an agent with a task in flight")
+                    except TimeoutError:
+                        return  # the work ended first: kills reports what happened
+                    # The busiest of them (ties at random): its kill strands the most work.
+                    load = {v: _in_flight(agents[v]) for v in busy}
+                    top = max(load.values())
+                    v = rnd.choice([u for u in busy if load[u] == top])
+                    alive.remove(v)
+                    in_flight = load[v]
+                    at = agents[v].signal(signal.SIGKILL) - start
+                    kills.append({"agent": agents[v].name, "at_s": round(at, 2),
+                                  "tasks_ended": ended, "of_tasks": total,
+                                  "in_flight": in_flight})
+                    all_agents.append(AgentProc(tmp, f"r{k}", [server.address], "step",
+                                                work=0.02, fail_rate=fail_rate,
+                                                concurrency=8))
+
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(submit())
+                tg.create_task(kill())
             deadline = time.time() + 600
             states: Counter[int] = Counter()
             while time.time() < deadline:
@@ -193,17 +241,39 @@ async def workload(tmp: Path, workflows: int, n_agents: int, kill_share: float,
         dupes = sum(1 for v in accepted.values() if v > 1)
         lost = states[task_pb2.WORKFLOW_STATE_RUNNING]
         ok = states[task_pb2.WORKFLOW_STATE_SUCCEEDED]
-        return {"workflows": workflows, "succeeded": ok, "lost_or_unfinished": lost,
-                "failed": states[task_pb2.WORKFLOW_STATE_FAILED],
+        calls = sum(len(a.events("start")) for a in all_agents)
+        failed = sum(len(a.events("failed")) for a in all_agents)
+        return {"workflows": workflows, "tasks": total, "succeeded": ok,
+                "lost_or_unfinished": lost, "failed": states[task_pb2.WORKFLOW_STATE_FAILED],
                 "share_finished_no_human": ok / workflows, "duplicate_accepted": dupes,
-                "agents_killed": killed, "seconds": round(elapsed, 1),
-                "task_autonomy": round(stats.autonomy, 5),
+                "agents": n_agents, "kill_share": kill_share, "kills_planned": planned,
+                "agents_killed": len(kills), "kills": kills, "seconds": round(elapsed, 1),
+                "task_autonomy": round(stats.autonomy, 5), "tasks_ended": stats.tasks_ended,
                 "refused_stale": sum(len(a.events("refused")) for a in all_agents),
-                "failed_attempts": sum(len(a.events("failed")) for a in all_agents)}
+                "fail_rate": fail_rate, "handler_calls": calls, "failed_attempts": failed,
+                "failed_share": failed / calls if calls else 0.0}
     finally:
         for a in all_agents:
             a.stop()
         server.stop()
+
+
+async def _at_least(stub: task_pb2_grpc.TaskServiceStub, count: int) -> int:
+    """Tasks ended so far when at least ``count``, else 0 (for ``until``)."""
+    ended = await _tasks_ended(stub)
+    return ended if ended >= count else 0
+
+
+def describe_kills(res: dict[str, Any]) -> str:
+    """What was killed, in one phrase: "2 of 20 agents SIGKILLed (a7 at 3.1 s, ...)"."""
+    parts = [f"{k['agent']} at {k['at_s']:.1f} s with {k['in_flight']} in flight, "
+             f"{k['tasks_ended'] / k['of_tasks']:.0%} of tasks ended" for k in res["kills"]]
+    text = f"{res['agents_killed']} of {res['agents']} agents SIGKILLed"
+    if parts:
+        text += f" ({'; '.join(parts)})"
+    if res["agents_killed"] < res["kills_planned"]:
+        text += f", {res['kills_planned']} planned: the work ended first"
+    return text
 
 
 async def main() -> None:
@@ -224,6 +294,8 @@ async def main() -> None:
         res = await workload(Path(tmp), args.workflows, args.agents, args.kill_share,
                              args.fail_rate)
         print(f"(b) {res}")
+        print(f"    {describe_kills(res)}; {res['failed_attempts']} of "
+              f"{res['handler_calls']} handler calls failed ({res['failed_share']:.2%})")
         print(f"    share finished with no human: {res['share_finished_no_human']:.4%} "
               f"(bar >= 99.9 %); lost {res['lost_or_unfinished']}; "
               f"duplicate accepted {res['duplicate_accepted']}")
