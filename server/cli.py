@@ -843,6 +843,22 @@ _SERVE_FLAGS: tuple[tuple[str, str, type[Any], str], ...] = (
 )
 
 
+def _with_default(text: str, dest: str) -> str:
+    """A serve flag's help with the setting's default, "(AGENTMESH_PORT; default 50051)".
+
+    The flags default to None (unset: the environment or the setting's default
+    applies), so argparse cannot show the default itself. Texts that already say
+    what their default depends on, and settings with no default, stay as written.
+    """
+    default = Settings.model_fields[dest].default
+    if default is None or default == "" or "default" in text:
+        return text
+    shown = default.get_secret_value() if hasattr(default, "get_secret_value") else default
+    if text.endswith(")"):
+        return f"{text[:-1]}; default {shown})"
+    return f"{text} (default {shown})"
+
+
 def build_settings(args: argparse.Namespace) -> Settings:
     """`Settings` from the environment, overridden by the flags that were given."""
     overrides: dict[str, Any] = {dest: getattr(args, dest)
@@ -951,9 +967,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the control plane",
                                 epilog=EXIT_STATUS_HELP)
     for flag, dest, kind, text in _SERVE_FLAGS:
-        serve.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+        serve.add_argument(flag, dest=dest, type=kind, default=None,
+                           help=_with_default(text, dest))
     serve.add_argument("--log-format", choices=["json", "console"], default=None,
-                       help="log format (AGENTMESH_LOG_FORMAT)")
+                       help=_with_default("log format (AGENTMESH_LOG_FORMAT)", "log_format"))
 
     auth = _group(commands, "auth", "manage tokens of the auth file (offline)")
     p = auth.add_parser("hash-token", help="hash a token read from stdin (or --generate one)")

@@ -315,3 +315,18 @@ def test_backend_shorthands_expand_to_local_defaults(monkeypatch: pytest.MonkeyP
     assert (settings.store, settings.bus) == ("redis://127.0.0.1:6379/0", "nats://127.0.0.1:4222")
     assert Settings(store="redis://10.0.0.1:6380/2").store == "redis://10.0.0.1:6380/2"  # type: ignore[call-arg]
     assert Settings(bus="amqp").bus == "amqp://guest:guest@127.0.0.1:5672/"  # type: ignore[call-arg]
+
+
+def test_serve_help_shows_each_settings_default(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for env, default in [("AGENTMESH_HOST", "127.0.0.1"), ("AGENTMESH_PORT", "50051"),
+                         ("AGENTMESH_STORE", "memory://"), ("AGENTMESH_BUS", "memory://"),
+                         ("AGENTMESH_BLOB", ".agentmesh/snapshots"),
+                         ("AGENTMESH_METRICS_PORT", "9464"), ("AGENTMESH_LOG_LEVEL", "INFO"),
+                         ("AGENTMESH_HEARTBEAT_INTERVAL", "1.0"),
+                         ("AGENTMESH_DRAIN_GRACE", "10.0"), ("AGENTMESH_LOG_FORMAT", "json")]:
+        assert f"({env}; default {default})" in text, env
+    # Defaults that depend on the store keep their own wording.
+    assert "default 8470 with the memory store, off with a shared store" in text
+    assert "default 41241 in embedded mode" in text
