@@ -45,7 +45,7 @@ def _walk(parser: argparse.ArgumentParser, path: list[str],
 
 
 def render() -> str:
-    from server.cli import build_parser  # noqa: PLC0415 - after clean_environment()
+    from server.cli import EXIT_STATUSES, build_parser  # noqa: PLC0415 - after clean_environment()
 
     rows: list[tuple[list[str], str, argparse.ArgumentParser]] = []
     _walk(build_parser(), ["agentmesh"], rows, "")
@@ -59,7 +59,11 @@ def render() -> str:
         "plane, the other commands are clients of a running one (`--server`, several "
         "addresses comma-separated, env `AGENTMESH_SERVER`). After `make install` it is "
         "`.venv/bin/agentmesh`. Errors print one line on stderr, never a traceback, and "
-        "exit with the status listed under each command's help.",
+        "exit with one of these statuses:",
+        "",
+        "| exit status | meaning |",
+        "|---|---|",
+        *(f"| {code} | {meaning} |" for code, meaning in EXIT_STATUSES),
         "",
         "| command | what it does |",
         "|---|---|",

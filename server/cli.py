@@ -68,6 +68,20 @@ EXIT_PORT_IN_USE = 3
 EXIT_INTERRUPTED = 130
 EXIT_STATUS_HELP = ("exit status: 0 success, 1 failure, 2 bad usage or input, 3 serve: a port "
                     "(gRPC, metrics, console or A2A) is already in use, 130 interrupted")
+EXIT_STATUSES: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "success; with `--wait`, the task or workflow SUCCEEDED"),
+    (EXIT_FAILURE, "failure: a task or workflow ended otherwise, `--wait` ran past "
+                   "`--timeout`, an unknown id (NOT_FOUND), a server that cannot be reached "
+                   "or refuses the call for any other reason"),
+    (EXIT_USAGE, "bad usage or input: unknown command or flag, bad JSON or workflow file, "
+                 "invalid settings, and input the server refuses as invalid "
+                 "(INVALID_ARGUMENT: a workflow cycle, `--priority 5000`)"),
+    (EXIT_PORT_IN_USE, "`serve`: a port (gRPC, metrics, console or A2A) is already in use"),
+    (EXIT_INTERRUPTED, "interrupted (Ctrl-C)"),
+)
+"""Every exit status of ``agentmesh`` (docs/reference/cli.md renders this table)."""
+DEFAULT_TIMEOUT = 10.0
+"""Deadline of each call when ``--timeout`` is not given."""
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 PROG = "agentmesh"
@@ -368,13 +382,21 @@ def print_task(task: TaskInfo, names: Mapping[str, str]) -> None:
     print_fields(pairs)
 
 
+_FAILURE_STATES = frozenset({"RETRYING", "FAILED", "DEAD_LETTERED", "CANCELLED"})
+"""States whose failure column is their own (the attempt that just failed, or the end)."""
+UNSCHEDULABLE_LEGEND = "* unschedulable: no live agent offers the capability"
+
+
 def print_tasks(tasks: Sequence[TaskInfo], names: Mapping[str, str]) -> None:
-    """Tasks as a table (an unschedulable state is starred)."""
+    """Tasks as a table (an unschedulable state is starred, with a legend under it)."""
+    starred = [not t.done and t.unschedulable for t in tasks]
     print_table(["id", "capability", "state", "attempt", "agent", "step", "updated", "failure"],
-                [[t.id, t.capability, t.state + ("*" if t.unschedulable else ""), t.attempt,
+                [[t.id, t.capability, t.state + ("*" if star else ""), t.attempt,
                   _agent_label(t.agent, names), t.step_id, fmt_time(t.update_time),
-                  "" if t.state == "SUCCEEDED" else compact(_failure(t.failure), 50)]
-                 for t in tasks])
+                  compact(_current_failure(t), 50)]
+                 for t, star in zip(tasks, starred, strict=True)])
+    if any(starred):
+        print(f"\n{UNSCHEDULABLE_LEGEND}")
 
 
 async def _show_task(client: MeshClient, task: TaskInfo, args: argparse.Namespace) -> None:
@@ -397,18 +419,44 @@ async def cmd_tasks_submit(client: MeshClient, args: argparse.Namespace) -> int:
     value = parse_json_arg(args.input, "--input") if args.input is not None else None
     task = await client.submit_task(args.capability, value, priority=args.priority,
                                     request_id=args.request_id or "")
+    if not args.json:
+        # SubmitTask answers before any agent is asked; a read says whether one can take it.
+        task = await client.get_task(task.name)
     if not args.wait:
         if args.json:
             print_json(task)
         else:
-            print(f"task {task.id} {task.state}")
+            print(f"task {task.id} {task.state}{_unschedulable_note(task)}")
         return EXIT_OK
-    task = await client.wait_task(task.name)
+    if not args.json:  # the id at once, so a wait that never ends still names its task
+        print(f"task {task.id} {task.state}{_unschedulable_note(task)}; waiting for the "
+              f"result{f' (up to {args.timeout:g} s)' if args.timeout else ''}", flush=True)
+    try:
+        task = await client.wait_task(task.name, timeout=args.timeout)
+    except TimeoutError:
+        task = await client.get_task(task.name)
+        raise CLIError(f"task {task.id} still {task.state} after {args.timeout:g} s"
+                       f"{_unschedulable_note(task)}") from None
     await _show_task(client, task, args)
     if task.state != "SUCCEEDED":
         raise CLIError(f"task {task.id} ended {task.state}: {_failure(task.failure)}".rstrip(
             ": "))
     return EXIT_OK
+
+
+def _unschedulable_note(task: TaskInfo) -> str:
+    """" (unschedulable: ...)" for a task no live agent can take, else ""."""
+    if task.unschedulable and not task.done:
+        return f" (unschedulable: no live agent offers {task.capability!r})"
+    return ""
+
+
+def _current_failure(task: TaskInfo) -> str:
+    """The failure a task's state is about: a RUNNING or QUEUED attempt has none
+    of its own (the failure of an earlier attempt is not this one's)."""
+    if task.failure is None or task.state not in _FAILURE_STATES:
+        return ""
+    return _failure(task.failure)
 
 
 async def cmd_tasks_get(client: MeshClient, args: argparse.Namespace) -> int:
@@ -520,7 +568,15 @@ async def cmd_tasks_watch(client: MeshClient, args: argparse.Namespace) -> int:
         for task in await asyncio.gather(*(client.get_task(i) for i in args.ids)):
             show(task)
         # wait_task subscribes before it reads, so an end is never missed.
-        ended = await asyncio.gather(*(client.wait_task(i) for i in args.ids))
+        try:
+            ended = await asyncio.gather(*(client.wait_task(i, timeout=args.timeout)
+                                           for i in args.ids))
+        except TimeoutError:
+            printer.cancel()
+            still = [t for t in await asyncio.gather(*(client.get_task(i) for i in args.ids))
+                     if not t.done]
+            raise CLIError(f"{', '.join(f'{t.id} still {t.state}' for t in still)} after "
+                           f"{args.timeout:g} s") from None
         printer.cancel()
     for task in ended:
         show(task)
@@ -579,11 +635,12 @@ def _print_task_change(task: TaskInfo, args: argparse.Namespace,
         print_json_line(task)
         return
     agent = f" on {_agent_label(task.agent, names)}" if task.agent else ""
-    tail = f"  {_failure(task.failure)}" if task.failure is not None else ""
+    failure = _current_failure(task)
+    tail = f"  {failure}" if failure else ""
     if task.state == "SUCCEEDED":
         tail = f"  -> {compact(task.output)}"
     print(f"{fmt_time(task.update_time)}  {task.id}  {task.capability}  {task.state}"
-          f"  attempt {task.attempt}{agent}{tail}", flush=True)
+          f"{_unschedulable_note(task)}  attempt {task.attempt}{agent}{tail}", flush=True)
 
 
 # ---------------------------------------------------------------- workflows
@@ -667,7 +724,13 @@ async def cmd_workflow_run(client: MeshClient, args: argparse.Namespace) -> int:
     if not args.json:
         print(f"workflow {short_name(workflow.name)} ({workflow.display_name}) started",
               flush=True)
-    workflow = await follow_workflow(client, workflow.name, quiet=args.json)
+    try:
+        async with asyncio.timeout(args.timeout):
+            workflow = await follow_workflow(client, workflow.name, quiet=args.json)
+    except TimeoutError:
+        workflow = await client.get_workflow(workflow.name)
+        raise CLIError(f"workflow {short_name(workflow.name)} still {workflow.state} after "
+                       f"{args.timeout:g} s") from None
     if args.json:
         print_json(workflow)
     else:
@@ -790,7 +853,8 @@ async def cmd_stats(client: MeshClient, args: argparse.Namespace) -> int:
     print()
     print_fields([
         ("autonomy", f"{stats.autonomy * 100:.1f}% ({stats.tasks_succeeded_autonomously} of "
-                     f"{stats.tasks_ended} ended tasks succeeded with no human action)"),
+                     f"{stats.tasks_ended} ended tasks succeeded with no human action)"
+         if stats.tasks_ended else "n/a (no task has ended yet)"),
         ("live agents", stats.agents_live)])
     return EXIT_OK
 
@@ -948,8 +1012,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--namespace", default=os.environ.get("AGENTMESH_NAMESPACE", "default"),
                         help="namespace (env AGENTMESH_NAMESPACE, default 'default')")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
-    parser.add_argument("--timeout", type=float, default=10.0,
-                        help="deadline of each call in seconds (default 10)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="deadline of each call in seconds (default 10); with --wait or "
+                             "watch IDs, also the longest wait for the end")
     parser.add_argument("--token", default=os.environ.get("AGENTMESH_TOKEN"),
                         help="bearer token of the caller (env AGENTMESH_TOKEN)")
     parser.add_argument("--tls-ca", dest="client_tls_ca",
@@ -991,6 +1056,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _wait_timeout_flag(p: argparse.ArgumentParser) -> None:
+    """``--timeout`` after a waiting command too (``tasks submit X --wait --timeout 2``):
+    the same setting as the global flag, which it overrides when given."""
+    p.add_argument("--timeout", type=float, default=argparse.SUPPRESS,
+                   help="longest wait for the end in seconds, and the deadline of each call "
+                        "(the global --timeout)")
+
+
 def _group(commands: _Commands, name: str, text: str) -> _Commands:
     group = commands.add_parser(name, help=text)
     return group.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
@@ -1028,6 +1101,7 @@ def _add_tasks(commands: _Commands) -> None:
     p.add_argument("--priority", type=int, default=0, help="-1000..1000, higher runs first")
     p.add_argument("--request-id", help="idempotency key: a repeat returns the first task")
     p.add_argument("--wait", action="store_true", help="wait for the result and print it")
+    _wait_timeout_flag(p)
     p.set_defaults(handler=cmd_tasks_submit)
     p = sub.add_parser("get", help="show one task")
     p.add_argument("id")
@@ -1050,6 +1124,7 @@ def _add_tasks(commands: _Commands) -> None:
                    help="one ID: also print its streamed chunks (text inline) until it ends")
     p.add_argument("--after", type=int, default=0, metavar="SEQ",
                    help="with --chunks: resume after this chunk sequence number")
+    _wait_timeout_flag(p)
     p.set_defaults(handler=cmd_tasks_watch)
     p = sub.add_parser("dead-letters", help="list dead-lettered tasks")
     p.add_argument("--limit", type=int, default=100)
@@ -1140,6 +1215,7 @@ def _add_workflow(commands: _Commands) -> None:
     p.add_argument("--wait", action="store_true",
                    help="follow the steps; exit 0 only when the workflow succeeds")
     p.add_argument("--request-id", help="idempotency key")
+    _wait_timeout_flag(p)
     p.set_defaults(handler=cmd_workflow_run)
     p = sub.add_parser("get", help="show a workflow and its steps")
     p.add_argument("name")
@@ -1192,6 +1268,11 @@ def describe_rpc_error(code: grpc.StatusCode, message: str, server: str) -> str:
     return f"{code.name}: {message}"
 
 
+def _rpc_status(code: grpc.StatusCode) -> int:
+    """Input the server refuses as invalid is bad input (2); any other refusal fails (1)."""
+    return EXIT_USAGE if code == grpc.StatusCode.INVALID_ARGUMENT else EXIT_FAILURE
+
+
 def describe_error(exc: BaseException, server: str) -> tuple[str, int]:
     """The one-line message and exit status of an exception that ended a command."""
     if isinstance(exc, BaseExceptionGroup):  # from a TaskGroup: report the first failure
@@ -1199,9 +1280,10 @@ def describe_error(exc: BaseException, server: str) -> tuple[str, int]:
     if isinstance(exc, CLIError):
         return exc.message, exc.status
     if isinstance(exc, RPCError):
-        return describe_rpc_error(exc.code, exc.message, server), EXIT_FAILURE
+        return describe_rpc_error(exc.code, exc.message, server), _rpc_status(exc.code)
     if isinstance(exc, grpc.aio.AioRpcError):
-        return describe_rpc_error(exc.code(), exc.details() or "", server), EXIT_FAILURE
+        return (describe_rpc_error(exc.code(), exc.details() or "", server),
+                _rpc_status(exc.code()))
     if isinstance(exc, TaskFailedError | WorkflowFailedError):
         return str(exc), EXIT_FAILURE
     if isinstance(exc, TimeoutError):
@@ -1219,10 +1301,11 @@ def report_error(exc: BaseException, server: str) -> int:
 async def run_command(args: argparse.Namespace) -> int:
     """Run a parsed client command on the running loop; errors become one stderr line."""
     try:
-        if args.timeout <= 0:
+        if args.timeout is not None and args.timeout <= 0:
             raise CLIError("--timeout must be positive", EXIT_USAGE)
         handler: Command = args.handler
-        async with MeshClient(args.server, namespace=args.namespace, timeout=args.timeout,
+        async with MeshClient(args.server, namespace=args.namespace,
+                              timeout=args.timeout or DEFAULT_TIMEOUT,
                               token=args.token or None, tls_ca=args.client_tls_ca,
                               tls_cert=args.client_tls_cert,
                               tls_key=args.client_tls_key) as client:

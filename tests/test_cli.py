@@ -191,8 +191,11 @@ async def test_tables_and_state_round_trip(mesh: Mesh, echo_agent: Agent,
 
     status, out, _ = await cli(capsys, *server, "stats")
     assert status == 0
-    assert "autonomy:" in out
-    assert "100.0%" in out
+    # An empty mesh has no autonomy figure yet (not "100.0% (0 of 0)").
+    assert "autonomy:    n/a (no task has ended yet)" in out
+    assert (await cli(capsys, *server, "tasks", "submit", "echo", "--wait"))[0] == 0
+    status, out, _ = await cli(capsys, *server, "stats")
+    assert "autonomy:    100.0% (1 of 1 ended tasks succeeded with no human action)" in out
 
 
 async def test_workflow_run_with_the_example_team(mesh: Mesh, team: list[Agent],
@@ -330,3 +333,115 @@ def test_serve_help_shows_each_settings_default(capsys: pytest.CaptureFixture[st
     # Defaults that depend on the store keep their own wording.
     assert "default 8470 with the memory store, off with a shared store" in text
     assert "default 41241 in embedded mode" in text
+
+
+# ------------------------------------------------------------------ the first hour
+
+
+async def test_submit_wait_for_an_unschedulable_task_names_it_and_honours_the_timeout(
+        mesh: Mesh) -> None:
+    started = asyncio.get_running_loop().time()
+    status, out, err = await cli_process("--server", mesh.address, "tasks", "submit",
+                                         "nosuchcap", "--wait", "--timeout", "2")
+    elapsed = asyncio.get_running_loop().time() - started
+    assert status == 1, (out, err)
+    line = out.strip()
+    assert line.startswith("task "), out
+    task_id = line.split()[1]
+    assert "QUEUED (unschedulable: no live agent offers 'nosuchcap')" in line
+    assert "waiting for the result (up to 2 s)" in line
+    assert_one_error_line(err, f"task {task_id} still QUEUED after 2 s", "unschedulable")
+    assert elapsed < 12  # 2 s of waiting, plus a process start on a loaded machine
+    # The global flag bounds the wait the same way.
+    status, out, err = await cli_process("--server", mesh.address, "--timeout", "1", "tasks",
+                                         "submit", "nosuchcap", "--wait")
+    assert status == 1
+    assert_one_error_line(err, "still QUEUED after 1 s")
+
+
+async def test_watch_says_unschedulable_and_honours_the_timeout(
+        mesh: Mesh, capsys: pytest.CaptureFixture[str]) -> None:
+    async with MeshClient(mesh.address) as client:
+        task = await client.submit_task("nosuchcap")
+    status, out, err = await cli(capsys, "--server", mesh.address, "tasks", "watch", task.id,
+                                 "--timeout", "1")
+    assert status == 1
+    assert f"{task.id}  nosuchcap  QUEUED (unschedulable: no live agent offers 'nosuchcap')" \
+        in out
+    assert_one_error_line(err, f"{task.id} still QUEUED after 1 s")
+
+
+async def test_tables_star_unschedulable_tasks_with_a_legend(
+        mesh: Mesh, echo_agent: Agent, capsys: pytest.CaptureFixture[str]) -> None:
+    server = ("--server", mesh.address)
+    assert (await cli(capsys, *server, "tasks", "submit", "echo", "--wait"))[0] == 0
+    status, out, _ = await cli(capsys, *server, "tasks", "list")
+    assert status == 0
+    assert "*" not in out  # nothing starred, no legend
+    assert (await cli(capsys, *server, "tasks", "submit", "nosuchcap"))[0] == 0
+    status, out, _ = await cli(capsys, *server, "tasks", "list")
+    assert "QUEUED*" in out
+    assert out.rstrip().endswith("* unschedulable: no live agent offers the capability")
+
+
+async def test_refused_input_exits_2_and_other_refusals_exit_1(mesh: Mesh,
+                                                               tmp_path: Path) -> None:
+    server = ("--server", mesh.address)
+    status, out, err = await cli_process(*server, "tasks", "submit", "x", "--priority", "5000")
+    assert (status, out) == (2, "")
+    assert_one_error_line(err, "INVALID_ARGUMENT", "priority")
+    cycle = tmp_path / "cycle.yaml"
+    cycle.write_text("name: loop\nsteps:\n"
+                     "  - {id: a, capability: x, depends_on: [b]}\n"
+                     "  - {id: b, capability: x, depends_on: [a]}\n")
+    status, out, err = await cli_process(*server, "workflow", "run", str(cycle))
+    assert (status, out) == (2, "")
+    assert_one_error_line(err, "cycle")
+    status, _, err = await cli_process(*server, "tasks", "get", "no-such-task")
+    assert status == 1
+    assert_one_error_line(err, "NOT_FOUND")
+
+
+def test_every_exit_status_is_in_the_one_table() -> None:
+    from server import cli as cli_module  # noqa: PLC0415
+
+    codes = [code for code, _ in cli_module.EXIT_STATUSES]
+    assert codes == [0, 1, 2, 3, 130]
+    page = (ROOT / "docs" / "reference" / "cli.md").read_text()
+    for code, meaning in cli_module.EXIT_STATUSES:
+        assert f"| {code} | {meaning} |" in page
+
+
+async def test_a_running_line_does_not_repeat_the_previous_attempts_error(
+        mesh: Mesh, capsys: pytest.CaptureFixture[str]) -> None:
+    import dataclasses  # noqa: PLC0415
+
+    from server.cli import _print_task_change, build_parser, print_tasks  # noqa: PLC0415
+
+    agent = Agent("flaky", target=mesh.address)
+    attempts: list[int] = []
+
+    @agent.handler("flaky")
+    async def flaky(task: TaskContext) -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("first attempt breaks")
+        return "ok"
+
+    runs = await _run_agents(mesh, [agent], ["flaky"])
+    try:
+        async with MeshClient(mesh.address) as client:
+            done = await client.wait_task((await client.submit_task("flaky")).id, timeout=20)
+    finally:
+        await _stop_agents([agent], runs)
+    assert done.state == "SUCCEEDED"
+    assert done.failure is not None  # the first attempt's, kept on the record
+    args = build_parser().parse_args(["tasks", "watch"])
+    running = dataclasses.replace(done, state="RUNNING", attempt=2, output=None)
+    capsys.readouterr()
+    _print_task_change(running, args, {})
+    print_tasks([running], {})
+    out = capsys.readouterr().out
+    assert "first attempt breaks" not in out
+    _print_task_change(dataclasses.replace(done, state="RETRYING"), args, {})
+    assert "first attempt breaks" in capsys.readouterr().out

@@ -247,9 +247,11 @@ def assert_one_error_line(err: str, *fragments: str) -> None:
 
 
 async def assert_bad_input(argv: Iterable[str], *fragments: str) -> None:
-    """The command fails with exit 1, nothing on stdout, one line on stderr."""
+    """The command fails, nothing on stdout, one line on stderr; the exit status is
+    2 for input the server refuses as invalid, 1 for any other refusal."""
     status, out, err = await cli_process(*argv)
-    assert (status, out) == (1, ""), (status, out, err)
+    expected = 2 if "INVALID_ARGUMENT" in fragments else 1
+    assert (status, out) == (expected, ""), (status, out, err)
     assert_one_error_line(err, *fragments)
 
 
