@@ -14,7 +14,7 @@ import pytest
 
 from agent_sdk import Agent, MeshClient, RetryPolicy, TaskContext
 from server.app import Mesh, running_server
-from server.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main_async, parse_time
+from server.cli import EXIT_OK, EXIT_USAGE, main_async, parse_time
 from tests.conftest import embedded_settings
 from tests.test_cli import assert_one_error_line, cli
 
@@ -113,14 +113,14 @@ async def _live_agents(client: MeshClient) -> bool:
 async def test_bulk_and_filter_bad_input_is_one_line(
         mesh: Mesh, capsys: pytest.CaptureFixture[str]) -> None:
     server = ("--server", mesh.address)
-    # Refused by the server (INVALID_ARGUMENT naming the field): exit status 1.
+    # Refused by the server (INVALID_ARGUMENT naming the field): bad input, exit status 2.
     for argv, fragment in (
             (["tasks", "retry-all", "--yes", "--state", "running"], "state: RUNNING tasks "
              "cannot be re-driven"),
             (["tasks", "cancel-all", "--yes", "--state", "succeeded"], "have ended"),
             (["tasks", "retry-all", "--yes", "--max", "20000"], "max_tasks")):
         status, _, err = await cli(capsys, *server, *argv)
-        assert status == EXIT_FAILURE, (argv, status, err)
+        assert status == EXIT_USAGE, (argv, status, err)
         assert_one_error_line(err, "INVALID_ARGUMENT", fragment)
     # Refused before any call (bad flags): exit status 2.
     for argv, fragment in (
