@@ -70,8 +70,10 @@ console: $(NODE_STAMP)
 system-deps:
 	bash scripts/install-system-deps.sh
 
+## -rs: the summary lists every skipped test with its reason (the reason names the
+## set-up step that enables it, e.g. a service .ci/run starts).
 test: $(STAMP) $(NODE_STAMP) system-deps lint typecheck buf-lint buf-breaking actionlint k8s-validate
-	$(VENV)/bin/pytest -q -p no:cacheprovider $(COV)
+	$(VENV)/bin/pytest -q -rs -p no:cacheprovider $(COV)
 
 ## Regenerate the reference pages (gRPC API from the protos, CLI from its parser, settings).
 docs-gen: $(STAMP)

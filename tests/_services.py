@@ -59,8 +59,8 @@ def skip_or_fail(message: str) -> NoReturn:
 def require_service(name: str, url: str, default_port: int) -> None:
     """Skip (or fail under CI=true) when the service does not answer."""
     if not _reachable(url, default_port):
-        skip_or_fail(f"{name} is not reachable at {url}; "
-                     "start it (see docs/dependencies.md, 'System')")
+        skip_or_fail(f"{name} is not reachable at {url}; start it: `.ci/run` starts "
+                     "Redis, NATS and RabbitMQ (or see docs/dependencies.md, 'System')")
 
 
 def require_redis() -> str:
