@@ -119,7 +119,7 @@ async def run(args: argparse.Namespace) -> int:
                     ok = await until_stopped(report(mesh.address, args.topic), stop)
                 if ok is not None and not args.once:
                     print(f"\nstill serving on {mesh.address}; try "
-                          f"`agentmesh --server {mesh.address} stats`. Ctrl-C to stop.",
+                          f"`.venv/bin/agentmesh --server {mesh.address} stats`. Ctrl-C to stop.",
                           flush=True)
                     await stop.wait()
             finally:

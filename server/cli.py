@@ -197,6 +197,28 @@ def pretty(value: Any) -> str:
     return json.dumps(to_jsonable(value), indent=2, ensure_ascii=False)
 
 
+class _ReadableDumper(yaml.SafeDumper):
+    """YAML for people: multi-line strings as literal blocks, not "...\\n..."."""
+
+
+def _str_block(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_ReadableDumper.add_representer(str, _str_block)
+
+
+def readable(value: Any) -> str:
+    """A result for reading (``workflow run --wait``): a string as it is, anything
+    else as block YAML whose multi-line strings keep their lines."""
+    if isinstance(value, str):
+        return value
+    text: str = yaml.dump(to_jsonable(value), Dumper=_ReadableDumper, sort_keys=False,
+                          allow_unicode=True, default_flow_style=False, width=1_000_000)
+    return text.rstrip("\n")
+
+
 def parse_json_arg(text: str, option: str) -> Any:
     """Parse a JSON argument or raise a usage error naming ``option``."""
     try:
@@ -738,7 +760,7 @@ async def cmd_workflow_run(client: MeshClient, args: argparse.Namespace) -> int:
         if workflow.state == "SUCCEEDED":
             for step in _leaf_steps(workflow):
                 print(f"\n== {step.id} ==")
-                print(pretty(step.output))
+                print(readable(step.output))
     if workflow.state != "SUCCEEDED":
         reason = workflow.failure_reason or "no reason given"
         raise CLIError(f"workflow {short_name(workflow.name)} ended {workflow.state}: {reason}")

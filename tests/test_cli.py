@@ -208,7 +208,19 @@ async def test_workflow_run_with_the_example_team(mesh: Mesh, team: list[Agent],
     workflow_id = out.splitlines()[0].split()[1]
     assert f"workflow {workflow_id} SUCCEEDED" in out
     assert "== review ==" in out
-    assert '"verdict": "approved"' in out
+    # Readable like make run's report: the text keeps its lines, no "\n" escapes.
+    result = out.split("== review ==\n", 1)[1]
+    assert "verdict: approved\n" in result
+    assert "text: |-\n  # multi-agent systems: a short report\n\n  ## History\n" in result
+    assert "\\n" not in result
+    assert "Reviewed: approved for publication." in result
+    # JSON only with --json: the whole workflow, its outputs as values.
+    status, out, _ = await cli(capsys, "--server", mesh.address, "--json", "workflow", "run",
+                               str(WORKFLOW), "--wait")
+    assert status == 0
+    final = json.loads(out)
+    [review] = [s for s in final["steps"] if s["id"] == "review"]
+    assert review["output"]["verdict"] == "approved"
 
     status, out, _ = await cli(capsys, "--server", mesh.address, "workflow", "get", workflow_id)
     assert status == 0

@@ -593,7 +593,10 @@ async def _run_and_stop(env: dict[str, str], marker: str, stop_signal: signal.Si
         address = serving.removeprefix("agentmesh serving on ")
         await run.expect(lambda line: line == "verdict: approved")
         await run.expect(lambda line: line == "Reviewed: approved for publication.")
-        await run.expect(lambda line: line.startswith(f"still serving on {address}"))
+        still = await run.expect(lambda line: line.startswith(f"still serving on {address}"))
+        # The command it suggests works as written from the checkout (agentmesh is
+        # not on PATH after make: it is the virtualenv's).
+        assert f"try `.venv/bin/agentmesh --server {address} stats`" in still
 
         # Still serving: healthy, the team is there, the workflow's tasks are listed.
         assert await _health(address) == health_pb2.HealthCheckResponse.SERVING
