@@ -111,9 +111,10 @@ def start_servers(args: argparse.Namespace) -> tuple[list[subprocess.Popen[bytes
 
 
 def start_agents(targets: list[str], n: int, concurrency: int,
-                 token: str | None = None, code: Path = ROOT) -> list[subprocess.Popen[bytes]]:
+                 token: str | None = None, code: Path = ROOT,
+                 extra_env: dict[str, str] | None = None) -> list[subprocess.Popen[bytes]]:
     """Start n agent processes, spread over the replicas (with AGENTMESH_TOKEN when given)."""
-    env = {**os.environ, "AGENTMESH_TOKEN": token} if token else None
+    env = {**os.environ, **({"AGENTMESH_TOKEN": token} if token else {}), **(extra_env or {})}
     return [subprocess.Popen(
         [PY, str(code / "loadtests" / "noop_agent.py"), "--target", targets[i % len(targets)],
          "--name", f"noop-{i}", "--concurrency", str(concurrency)], cwd=code, env=env)

@@ -64,12 +64,18 @@ def redis_calls(rc: RedisCluster) -> dict[str, int]:
     return total
 
 
+def code_path(code: Path) -> dict[str, str]:
+    """PYTHONPATH that makes a process import server/, agent_sdk/ and gen/ from ``code``."""
+    return {"PYTHONPATH": f"{code}{os.pathsep}{code / 'gen'}"}
+
+
 def start_servers(rc: RedisCluster, nc: NatsCluster, replicas: int, durability: str,
                   prefix: str, code: Path = ROOT
                   ) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     """``replicas`` server processes on the clusters under one key prefix."""
     procs, targets = [], []
-    env = {**os.environ, "AGENTMESH_KEY_PREFIX": prefix, "AGENTMESH_LOG_LEVEL": "WARNING"}
+    env = {**os.environ, "AGENTMESH_KEY_PREFIX": prefix, "AGENTMESH_LOG_LEVEL": "WARNING",
+           **code_path(code)}
     for _ in range(replicas):
         port = free_port()
         procs.append(subprocess.Popen(
@@ -126,7 +132,8 @@ async def one_run(rc: RedisCluster, nc: NatsCluster, code: Path, replicas: int,
     try:
         for t in targets:
             await wait_port(int(t.rsplit(":", 1)[1]), limit=60)
-        agents = start_agents(targets, args.agents, args.concurrency, code=code)
+        agents = start_agents(targets, args.agents, args.concurrency, code=code,
+                              extra_env=code_path(code))
         async with contextlib.AsyncExitStack() as stack:
             clients = [await stack.enter_async_context(MeshClient(t)) for t in targets]
             await wait_agents(clients[0], args.agents, limit=60)
