@@ -62,7 +62,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -369,25 +368,15 @@ class NemesisServer(Server):
     """The chaos harness's ``agentmesh serve`` process, tied to the driver's life,
     run from the source tree ``code``."""
 
+    startup_timeout = 90.0
+    """Generous: on a machine loaded far past its cores a restart takes seconds."""
+
     def __init__(self, env: dict[str, str], code: Path, log: Path | None = None) -> None:
-        super().__init__(env, log=log)
+        # Server.start spawns it, waits for the port and, when start-up fails, kills
+        # and reaps it before the error propagates.
+        super().__init__(env, log=log, argv=tied(sys.executable, "-c", SERVE), cwd=code)
         self.code = code
         self.env["PYTHONPATH"] = f"{code}:{code / 'gen'}"
-
-    async def start(self) -> NemesisServer:
-        """Spawn and wait until the gRPC port answers."""
-        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115, ASYNC230
-        try:
-            self.proc = subprocess.Popen(  # noqa: ASYNC220 - spawning is instant
-                tied(sys.executable, "-c", SERVE), cwd=self.code, env=self.env, stdout=out,
-                stderr=out)
-        finally:
-            if self.log:
-                out.close()  # type: ignore[union-attr]
-        # Generous: on a machine loaded far past its cores a restart takes seconds.
-        async with grpc.aio.insecure_channel(self.address) as ch:
-            await asyncio.wait_for(ch.channel_ready(), 90)
-        return self
 
 
 async def _spawn(*args: str, log: Path | None = None, stdin: int | None = None,

@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import grpc
 from agentmesh.v1 import common_pb2, task_pb2, task_pb2_grpc
@@ -34,9 +34,10 @@ class Server:
     """Longest wait for the port to answer (a loaded 2-core box imports slowly)."""
 
     def __init__(self, env: dict[str, str], port: int = 0, log: Path | None = None,
-                 argv: list[str] | None = None) -> None:
+                 argv: list[str] | None = None, cwd: Path = ROOT) -> None:
         self.port = port or free_port()
         self.argv = argv or [sys.executable, "-c", SERVE]
+        self.cwd = cwd
         self.env = {**os.environ, **FAST, **env, "AGENTMESH_PORT": str(self.port),
                     "AGENTMESH_METRICS_PORT": "0", "AGENTMESH_CONSOLE_PORT": "0",
                     "AGENTMESH_LOG_LEVEL": "WARNING",
@@ -49,7 +50,7 @@ class Server:
         """host:port."""
         return f"127.0.0.1:{self.port}"
 
-    async def start(self) -> Server:
+    async def start(self) -> Self:
         """Spawn and wait until the gRPC port answers.
 
         When it does not (the process exits first, ``startup_timeout`` passes, or
@@ -60,7 +61,7 @@ class Server:
         out = open(self.log, "ab") if self.log else None  # noqa: ASYNC230
         try:
             self.proc = subprocess.Popen(  # noqa: ASYNC220 - spawning is instant
-                self.argv, cwd=ROOT, env=self.env,
+                self.argv, cwd=self.cwd, env=self.env,
                 stdout=out or subprocess.DEVNULL, stderr=out or subprocess.DEVNULL)
         finally:
             if out is not None:

@@ -10,10 +10,11 @@ import asyncio
 import os
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.chaos._harness import Server
+from tests.chaos._harness import ROOT, Server
 
 pytestmark = pytest.mark.slow
 
@@ -61,4 +62,17 @@ async def test_cancelled_start_kills_and_reaps_the_child() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert server.proc.returncode is not None
+    assert _gone(server.proc.pid)
+
+
+async def test_nemesis_server_start_up_failure_is_reaped_too(tmp_path: Path) -> None:
+    from loadtests.nemesis import NemesisServer, tied  # noqa: PLC0415
+
+    server = NemesisServer({}, ROOT, log=tmp_path / "server.log")
+    assert server.startup_timeout == 90.0
+    server.argv = tied(*SILENT)  # through the campaign's launcher, as its servers are
+    server.startup_timeout = 0.5
+    with pytest.raises(TimeoutError):
+        await server.start()
+    assert server.proc is not None
     assert _gone(server.proc.pid)
