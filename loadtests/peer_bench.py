@@ -1,37 +1,51 @@
-"""Peer mode: agentmesh and Dramatiq on the same private Redis, interleaved.
+"""Peer mode: agentmesh, Dramatiq, RQ and Celery on the same private Redis, interleaved.
 
     .venv/bin/python loadtests/peer_bench.py                 # 3 rounds, AOF everysec
+    .venv/bin/python loadtests/peer_bench.py --systems mesh,rq,celery --rounds 2
     .venv/bin/python loadtests/peer_bench.py --code /tmp/base --rounds 3
         # also agentmesh from another tree (A/B against an older commit)
 
-Each round runs, in an order that alternates between rounds, every system on
-the same W1 (5,000 no-op tasks, 2 worker processes) and W2 (100 tasks/s open
-loop for 10 s, submit -> result seen at the submitter):
+Each round runs, in an order that alternates between rounds, every system
+named by ``--systems`` (default: all five below) on the same W1 (5,000 no-op
+tasks, 2 worker processes) and W2 (100 tasks/s open loop for 10 s, submit ->
+result seen at the submitter):
 
 - ``mesh``: agentmesh on Redis + NATS, one replica (``bench.py --store redis
   --bus nats``), the production path;
 - ``embedded``: agentmesh with the memory store and in-process bus;
 - ``base`` (with ``--code``): ``mesh`` run from another source tree;
 - ``dramatiq``: Dramatiq 2.x, RedisBroker plus the Results middleware on the
-  same Redis (``dramatiq_peer.py``), 2 worker processes, its default threads.
+  same Redis (``dramatiq_peer.py``), 2 worker processes, its default threads;
+- ``rq``: RQ, two ``rq worker`` processes with ``SimpleWorker`` (no fork per
+  job), results awaited with ``job.latest_result(timeout=)`` (``rq_peer.py``);
+- ``celery``: Celery 5, Redis broker and Redis result backend, one prefork
+  worker with concurrency 2, ``acks_late``, results awaited with
+  ``AsyncResult.get`` (``celery_peer.py``).
 
-Persistence on means, for both: a private ``redis-server`` started here with
-``appendonly yes``, ``appendfsync everysec`` (``--appendfsync always`` to fsync
-every write) and no RDB snapshots; every queued task, lease and result of
-either system is in its AOF. NATS (a private ``nats-server -js`` started here)
-carries agentmesh's wake-ups and watch events only, never the source of truth.
+Each peer module's docstring says how that system is configured and why;
+their W1 and W2 are one piece of code (``peer_workload.py``), measuring what
+bench.py measures for agentmesh.
+
+Persistence on means, for every system: a private ``redis-server`` started
+here with ``appendonly yes``, ``appendfsync everysec`` (``--appendfsync
+always`` to fsync every write) and no RDB snapshots; every queued task, lease
+and result of each system is in its AOF. NATS (a private ``nats-server -js``
+started here) carries agentmesh's wake-ups and watch events only, never the
+source of truth.
 
 CPU per task (W1) is summed over every process of the system: for agentmesh
-the server, both agents, the submitter, redis-server and nats-server; for
-Dramatiq the worker processes (the whole ``dramatiq`` process tree), the
-submitter and redis-server. The submitter, server and agents report their CPU
-over the W1 interval itself; redis-server, nats-server and the Dramatiq
-workers are read from /proc around the submitter's run, so they include its
-start-up (a conservative count for both systems).
+the server, both agents, the submitter, redis-server and nats-server; for a
+peer its worker process trees (Dramatiq's ``dramatiq`` tree, both RQ
+workers, Celery's main and pool processes), the submitter and redis-server.
+The submitter, server and agents report their CPU over the W1 interval
+itself; redis-server, nats-server and the peers' workers are read from /proc
+around the submitter's run, so they include its start-up (a conservative
+count for every system).
 
-Output: one JSON line per run, then a summary with medians and the ratios
-agentmesh / Dramatiq (W1 throughput: higher is better; W2 p99 and CPU per
-task: lower is better).
+Output: one JSON line per run, then a summary with medians, the ratios of
+each agentmesh system to each peer (W1 throughput: higher is better; W2 p99
+and CPU per task: lower is better) and issue 12's targets that this run's
+systems can judge, each with its value, bar and whether it is met.
 """
 
 from __future__ import annotations
@@ -55,6 +69,8 @@ from bench import cpu_seconds, free_port  # loadtests/ is on sys.path (run as a 
 
 PY = sys.executable
 HERE = Path(__file__).resolve().parent
+PEERS = ("dramatiq", "rq", "celery")  # each is loadtests/<name>_peer.py
+MESH = ("mesh", "embedded")
 
 
 def wait_tcp(port: int, limit: float = 20.0) -> None:
@@ -150,61 +166,126 @@ def run_mesh(svc: Services, args: argparse.Namespace, workload: str, *, embedded
     return result
 
 
-def run_dramatiq(svc: Services, args: argparse.Namespace, workload: str) -> dict[str, Any]:
-    """Dramatiq workers (2 processes) and one submitter run of one workload."""
-    env = {**os.environ, "DRAMATIQ_PEER_REDIS": svc.redis_url,
-           "DRAMATIQ_PEER_NS": f"peer-{uuid.uuid4().hex[:8]}"}
-    workers = subprocess.Popen(
-        [PY, "-m", "dramatiq", "dramatiq_peer", "--path", str(HERE), "--processes", "2"],
-        cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
+def peer_workers(name: str, ns: str, redis_url: str) -> list[list[str]]:
+    """The commands that start a peer's two worker processes (each its own tree)."""
+    if name == "dramatiq":
+        return [[PY, "-m", "dramatiq", "dramatiq_peer", "--path", str(HERE),
+                 "--processes", "2"]]
+    if name == "rq":
+        # two RQ workers, each one process: SimpleWorker runs jobs in-process
+        one = [PY, "-m", "rq.cli", "worker", "--worker-class", "rq.SimpleWorker",
+               "--path", str(HERE), "--url", redis_url, "--logging_level", "WARNING", ns]
+        return [one, one]
+    if name == "celery":
+        return [[PY, "-m", "celery", "-A", "celery_peer", "worker", "--pool", "prefork",
+                 "--concurrency", "2", "--without-gossip", "--without-mingle",
+                 "--without-heartbeat", "--loglevel", "WARNING"]]
+    raise ValueError(f"unknown peer {name!r}")
+
+
+def tree_cpus(roots: list[int]) -> dict[int, float]:
+    """CPU seconds of every live process in these trees, by pid."""
+    return {p: cpu_seconds(p) for root in roots for p in children(root)}
+
+
+def run_peer(svc: Services, args: argparse.Namespace, name: str,
+             workload: str) -> dict[str, Any]:
+    """A peer's workers (2 processes) and one submitter run of one workload.
+
+    The workers' CPU is every process of their trees read before and after the
+    submitter's run; a process that appeared in between counts from zero.
+    """
+    ns = f"peer-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, f"{name.upper()}_PEER_REDIS": svc.redis_url,
+           f"{name.upper()}_PEER_NS": ns}
+    workers = [subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+               for cmd in peer_workers(name, ns, svc.redis_url)]
+    roots = [w.pid for w in workers]
     try:
         time.sleep(2.0)  # the worker processes fork and connect
-        pids = children(workers.pid)
-        before = {"redis": cpu_seconds(svc.redis.pid), "workers": sum(map(cpu_seconds, pids))}
+        before = {"redis": cpu_seconds(svc.redis.pid), "workers": tree_cpus(roots)}
         out = subprocess.run(
-            [PY, str(HERE / "dramatiq_peer.py"), "--only", workload, "--tasks", str(args.tasks),
+            [PY, str(HERE / f"{name}_peer.py"), "--only", workload, "--tasks", str(args.tasks),
              "--rate", str(args.rate), "--duration", str(args.duration)],
             env=env, capture_output=True, text=True, timeout=600, check=False)
-        after = {"redis": cpu_seconds(svc.redis.pid), "workers": sum(map(cpu_seconds, pids))}
+        after_workers = tree_cpus(roots)
+        redis_s = cpu_seconds(svc.redis.pid) - before["redis"]
         if out.returncode != 0:
-            raise RuntimeError(f"dramatiq_peer.py failed: {out.stderr[-2000:]}")
+            raise RuntimeError(f"{name}_peer.py failed: {out.stderr[-2000:]}")
         result = last_json(out.stdout)[-1]
         if workload == "w1":
             cpu = result["cpu_s"]
-            cpu.update({k: round(after[k] - before[k], 3) for k in after})
+            cpu["workers"] = round(sum(t - before["workers"].get(p, 0.0)
+                                       for p, t in after_workers.items()), 3)
+            cpu["redis"] = round(redis_s, 3)
             result["cpu_us_per_task"] = round(sum(cpu.values()) / args.tasks * 1e6)
         return result
     finally:
-        os.killpg(workers.pid, signal.SIGTERM)
-        try:
-            workers.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(workers.pid, signal.SIGKILL)
-            workers.wait()
+        for w in workers:
+            os.killpg(w.pid, signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(w.pid, signal.SIGKILL)
+                w.wait()
 
 
-def summary(runs: dict[str, list[dict[str, Any]]], versus: str) -> dict[str, Any]:
-    """Medians per system and the ratios to ``versus``."""
-    med: dict[str, dict[str, float]] = {}
-    for name, rows in runs.items():
-        w1 = [r for r in rows if r["workload"] == "W1"]
-        w2 = [r for r in rows if r["workload"] == "W2"]
-        med[name] = {
-            "w1_tasks_per_s": statistics.median(r["tasks_per_s"] for r in w1),
-            "w1_cpu_us_per_task": statistics.median(r["cpu_us_per_task"] for r in w1),
-            "w2_p50_ms": statistics.median(r["p50_ms"] for r in w2),
-            "w2_p99_ms": statistics.median(r["p99_ms"] for r in w2),
-        }
+def medians(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """One system's medians over its rounds."""
+    w1 = [r for r in rows if r["workload"] == "W1"]
+    w2 = [r for r in rows if r["workload"] == "W2"]
+    return {
+        "w1_tasks_per_s": statistics.median(r["tasks_per_s"] for r in w1),
+        "w1_cpu_us_per_task": statistics.median(r["cpu_us_per_task"] for r in w1),
+        "w2_p50_ms": statistics.median(r["p50_ms"] for r in w2),
+        "w2_p99_ms": statistics.median(r["p99_ms"] for r in w2),
+    }
+
+
+def targets(med: dict[str, dict[str, float]]) -> dict[str, dict[str, Any]]:
+    """Issue 12's targets that the systems in this run can judge, on the medians.
+
+    mesh (Redis + NATS, 1 replica): W1 >= 1.5x Dramatiq, W2 p99 <= RQ's and
+    Celery's, CPU per task <= 500 us; embedded: W1 >= 2.5x Dramatiq, CPU per
+    task <= 250 us (its W2 bar is the AutoGen runtime's p99, not run here).
+    """
+    out: dict[str, dict[str, Any]] = {}
+
+    def judge(name: str, value: float, bar: float, *, at_least: bool) -> None:
+        out[name] = {"value": value, "bar": round(bar, 2),
+                     "met": value >= bar if at_least else value <= bar}
+
+    for system, w1_times, cpu_bar in (("mesh", 1.5, 500), ("embedded", 2.5, 250)):
+        m = med.get(system)
+        if m is None:
+            continue
+        if "dramatiq" in med:
+            judge(f"{system} W1 >= {w1_times}x dramatiq", m["w1_tasks_per_s"],
+                  w1_times * med["dramatiq"]["w1_tasks_per_s"], at_least=True)
+        judge(f"{system} CPU per task <= {cpu_bar} us", m["w1_cpu_us_per_task"], cpu_bar,
+              at_least=False)
+    durable = [p for p in ("rq", "celery") if p in med]
+    if "mesh" in med and durable:
+        judge(f"mesh W2 p99 <= {' and '.join(durable)}", med["mesh"]["w2_p99_ms"],
+              min(med[p]["w2_p99_ms"] for p in durable), at_least=False)
+    return out
+
+
+def summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Medians per system, the ratios of each agentmesh system to each peer, the targets."""
+    med = {name: medians(rows) for name, rows in runs.items() if rows}
     ratios = {}
-    ref = med.get(versus)
-    if ref:
-        for name, m in med.items():
-            if name == versus:
-                continue
-            ratios[f"{name}/{versus}"] = {k: round(m[k] / ref[k], 2) if ref[k] else None
-                                          for k in m}
-    return {"medians": med, "ratios": ratios}
+    for name, m in med.items():
+        if name in PEERS:
+            continue
+        for peer in PEERS:
+            ref = med.get(peer)
+            if ref:
+                ratios[f"{name}/{peer}"] = {k: round(m[k] / ref[k], 2) if ref[k] else None
+                                            for k in m}
+    return {"medians": med, "ratios": ratios, "targets": targets(med)}
 
 
 def main() -> None:
@@ -215,14 +296,17 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=5000)
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--systems", default="mesh,embedded,dramatiq",
-                        help="comma-separated: mesh, embedded, dramatiq (base is added by "
-                             "--code)")
+    parser.add_argument("--systems", default=",".join(MESH + PEERS),
+                        help=f"comma-separated, from: {', '.join(MESH + PEERS)} (base is "
+                             "added by --code)")
     parser.add_argument("--code", type=Path, default=None,
                         help="another source tree to run as 'base' (agentmesh on Redis + NATS)")
     parser.add_argument("--appendfsync", choices=["everysec", "always"], default="everysec")
     args = parser.parse_args()
     systems = [s for s in args.systems.split(",") if s]
+    unknown = sorted(set(systems) - set(MESH + PEERS))
+    if unknown:
+        parser.error(f"unknown systems: {', '.join(unknown)}")
     if args.code is not None:
         args.code = args.code.resolve()
         systems.append("base")
@@ -233,8 +317,8 @@ def main() -> None:
             order = systems if rnd % 2 == 0 else systems[::-1]
             for name in order:
                 for workload in ("w1", "w2"):
-                    if name == "dramatiq":
-                        row = run_dramatiq(svc, args, workload)
+                    if name in PEERS:
+                        row = run_peer(svc, args, name, workload)
                     else:
                         row = run_mesh(svc, args, workload, embedded=name == "embedded",
                                        code=args.code if name == "base" else None)
@@ -244,7 +328,7 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
     finally:
         svc.close()
-    print(json.dumps({"summary": summary(runs, "dramatiq"),
+    print(json.dumps({"summary": summary(runs),
                       "persistence": f"redis appendonly yes, appendfsync {args.appendfsync}"},
                      indent=1), flush=True)
 
