@@ -51,6 +51,7 @@ systems can judge, each with its value, bar and whether it is met.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -198,9 +199,12 @@ def run_peer(svc: Services, args: argparse.Namespace, name: str,
     ns = f"peer-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, f"{name.upper()}_PEER_REDIS": svc.redis_url,
            f"{name.upper()}_PEER_NS": ns}
-    workers = [subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
-               for cmd in peer_workers(name, ns, svc.redis_url)]
+    logs = [svc.dir / f"{ns}-{name}-{i}.log" for i in range(2)]
+    workers = []
+    for cmd, log in zip(peer_workers(name, ns, svc.redis_url), logs, strict=False):
+        with log.open("wb") as err:
+            workers.append(subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.DEVNULL,
+                                            stderr=err, start_new_session=True))
     roots = [w.pid for w in workers]
     try:
         time.sleep(2.0)  # the worker processes fork and connect
@@ -212,7 +216,10 @@ def run_peer(svc: Services, args: argparse.Namespace, name: str,
         after_workers = tree_cpus(roots)
         redis_s = cpu_seconds(svc.redis.pid) - before["redis"]
         if out.returncode != 0:
-            raise RuntimeError(f"{name}_peer.py failed: {out.stderr[-2000:]}")
+            worker_log = "".join(log.read_text(errors="replace")[-1500:]
+                                 for log in logs if log.exists())
+            raise RuntimeError(f"{name}_peer.py failed: {out.stderr[-2000:]}\n"
+                               f"{name} workers' log: {worker_log}")
         result = last_json(out.stdout)[-1]
         if workload == "w1":
             cpu = result["cpu_s"]
@@ -223,7 +230,8 @@ def run_peer(svc: Services, args: argparse.Namespace, name: str,
         return result
     finally:
         for w in workers:
-            os.killpg(w.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):  # it may have died on its own
+                os.killpg(w.pid, signal.SIGTERM)
         for w in workers:
             try:
                 w.wait(timeout=20)
