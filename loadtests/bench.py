@@ -98,7 +98,10 @@ def start_servers(args: argparse.Namespace) -> tuple[list[subprocess.Popen[bytes
     prefix = args.key_prefix = f"bench-{uuid.uuid4().hex[:8]}"
     for _ in range(args.replicas):
         port = free_port()
-        env = {**os.environ, "AGENTMESH_KEY_PREFIX": prefix, "AGENTMESH_LOG_LEVEL": "WARNING"}
+        # no A2A gateway: its embedded-mode default port is fixed, so a bench server
+        # would fail to start while any other agentmesh on the machine holds it
+        env = {**os.environ, "AGENTMESH_KEY_PREFIX": prefix, "AGENTMESH_LOG_LEVEL": "WARNING",
+               "AGENTMESH_A2A_PORT": "0"}
         if args.auth_file:
             env["AGENTMESH_AUTH_FILE"] = args.auth_file
         metrics_port = str(free_port()) if args.observability else "0"
