@@ -396,7 +396,8 @@ def print_task(task: TaskInfo, names: Mapping[str, str]) -> None:
     if task.end_time is not None:
         pairs.append(("ended", fmt_time(task.end_time)))
     if task.failure is not None:
-        label = "last failure" if task.state == "SUCCEEDED" else "failure"
+        # A RUNNING, QUEUED or SUCCEEDED task's failure is an earlier attempt's.
+        label = "failure" if _current_failure(task) else "last failure"
         pairs.append((label, _failure(task.failure)))
     pairs += [("input", pretty(task.input))]
     if task.state == "SUCCEEDED":
@@ -473,10 +474,10 @@ def _unschedulable_note(task: TaskInfo) -> str:
     return ""
 
 
-def _current_failure(task: TaskInfo) -> str:
-    """The failure a task's state is about: a RUNNING or QUEUED attempt has none
-    of its own (the failure of an earlier attempt is not this one's)."""
-    if task.failure is None or task.state not in _FAILURE_STATES:
+def _current_failure(task: TaskInfo | StepInfo) -> str:
+    """The failure a task's (or step's) state is about: a RUNNING or QUEUED attempt
+    has none of its own (the failure of an earlier attempt is not this one's)."""
+    if task.failure is None or not task.state.endswith(tuple(_FAILURE_STATES)):
         return ""
     return _failure(task.failure)
 
@@ -702,15 +703,16 @@ def print_workflow(workflow: WorkflowInfo) -> None:
                   s.state + (" (unschedulable)" if s.unschedulable else ""),
                   short_name(s.task) if s.task else "",
                   compact(s.output, 50) if s.state == "SUCCEEDED"
-                  else compact(_failure(s.failure), 50)] for s in workflow.steps])
+                  else compact(_current_failure(s), 50)] for s in workflow.steps])
 
 
 def _step_line(step: StepInfo) -> str:
     line = f"  [{step.id}] {step.capability}: {step.state}"
     if step.unschedulable and not step.state.endswith(("SUCCEEDED", "FAILED", "CANCELLED")):
         line += " (unschedulable: no live agent offers it)"
-    if step.failure is not None and step.state != "SUCCEEDED":
-        line += f" - {_failure(step.failure)}"
+    failure = _current_failure(step)
+    if failure:
+        line += f" - {failure}"
     return line
 
 

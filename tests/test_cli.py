@@ -428,7 +428,13 @@ async def test_a_running_line_does_not_repeat_the_previous_attempts_error(
         mesh: Mesh, capsys: pytest.CaptureFixture[str]) -> None:
     import dataclasses  # noqa: PLC0415
 
-    from server.cli import _print_task_change, build_parser, print_tasks  # noqa: PLC0415
+    from server.cli import (  # noqa: PLC0415
+        _print_task_change,
+        build_parser,
+        print_task,
+        print_tasks,
+    )
+    from tests.test_cli_more import fields  # noqa: PLC0415
 
     agent = Agent("flaky", target=mesh.address)
     attempts: list[int] = []
@@ -457,3 +463,10 @@ async def test_a_running_line_does_not_repeat_the_previous_attempts_error(
     assert "first attempt breaks" not in out
     _print_task_change(dataclasses.replace(done, state="RETRYING"), args, {})
     assert "first attempt breaks" in capsys.readouterr().out
+    # The detail view keeps it, labelled as the earlier attempt's.
+    print_task(running, {})
+    detail = fields(capsys.readouterr().out)
+    assert "failure" not in detail
+    assert "first attempt breaks" in detail["last failure"]
+    print_task(dataclasses.replace(done, state="DEAD_LETTERED"), {})
+    assert "first attempt breaks" in fields(capsys.readouterr().out)["failure"]
