@@ -1,10 +1,13 @@
 """The root .dockerignore: the image build (context: the repository root) sends
-what deploy/Dockerfile copies and nothing heavy (.venv, node_modules, .git)."""
+what deploy/Dockerfile copies and nothing heavy (.venv, node_modules, .git);
+and the compose stack's secret files stay out of git."""
 
 from __future__ import annotations
 
 import fnmatch
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,3 +55,15 @@ def test_heavy_and_local_directories_are_not_sent() -> None:
                  "loadtests/k6/out/steady.json", "site/index.html", "agentmesh.egg-info/PKG-INFO",
                  ".agentmesh/snapshots/x"):
         assert _ignored(path, patterns), path
+
+
+def test_compose_secret_files_are_never_committed() -> None:
+    compose = (ROOT / "deploy" / "docker-compose.yml").read_text()
+    assert "./observability/secrets:/etc/alertmanager/secrets:ro" in compose
+    git = shutil.which("git")
+    assert git is not None
+    for name in ("slack-webhook-url", "smtp-password"):
+        path = f"deploy/observability/secrets/{name}"
+        out = subprocess.run([git, "check-ignore", "-q", path], cwd=ROOT, check=False,
+                             timeout=30)
+        assert out.returncode == 0, f"{path} is not ignored by git"
