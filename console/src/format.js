@@ -22,6 +22,12 @@ export function pct(x) {
   return `${(x * 100).toFixed(1)} %`;
 }
 
+// Autonomy of a mesh where `ended` tasks ended: "n/a" before any has (the
+// server reports 1 then, which is no figure: 0 of 0).
+export function autonomy(share, ended) {
+  return ended ? pct(share) : 'n/a';
+}
+
 export function labels(map) {
   return Object.entries(map || {}).map(([k, v]) => `${k}=${v}`).join(', ');
 }

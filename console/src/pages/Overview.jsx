@@ -2,7 +2,7 @@
 import { useContext } from 'preact/hooks';
 import { get, useLive } from '../api.js';
 import { Badge, ErrorBox, Loading } from '../components/common.jsx';
-import { ago, pct } from '../format.js';
+import { ago, autonomy } from '../format.js';
 import { Ns } from '../context.js';
 
 function Throughput({ buckets }) {
@@ -64,7 +64,7 @@ export function Overview() {
         </section>
         <section class="card">
           <h3>Autonomy</h3>
-          <div class="big" data-testid="autonomy">{pct(t.autonomy)}</div>
+          <div class="big" data-testid="autonomy">{autonomy(t.autonomy, t.ended)}</div>
           <div class="muted">{t.succeeded_autonomously} of {t.ended} ended tasks without a human</div>
         </section>
         <section class={`card ${t.by_state.DEAD_LETTERED ? 'warn' : ''}`}>
