@@ -12,6 +12,11 @@ W2 can be read against it.
 
     .venv/bin/python loadtests/grpc_floor.py                 # 100/s for 10 s, like W2
     .venv/bin/python loadtests/grpc_floor.py --rate 100 --duration 10 --rounds 3
+    .venv/bin/python loadtests/grpc_floor.py --duration 3 --w1 5000  # + W1: CPU per task
+
+``--w1 N`` also runs W1's shape (N submits pipelined, 64 in flight) and
+prints the CPU per task summed over the four processes: the CPU floor of
+Python gRPC under W1's four messages a task, before any mesh work.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -134,6 +140,58 @@ async def client(port: int, rate: float, duration: float) -> dict[str, float]:
                 "max_ms": round(max(latencies) * 1e3, 2)}
 
 
+async def client_w1(port: int, n: int, inflight: int,
+                    pids: list[int]) -> dict[str, float]:
+    """W1's shape on the bare floor: ``n`` submits pipelined (``inflight`` at once),
+    throughput to the last answer seen, and CPU per task summed over the four
+    processes (this client, the relay, both workers)."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        submit = channel.unary_unary(f"/{SERVICE}/Submit")
+        stream = channel.unary_stream(f"/{SERVICE}/Watch")(b"")
+        seen = 0
+        all_seen = asyncio.Event()
+
+        async def watch() -> None:
+            nonlocal seen
+            async for item in stream:
+                if not item.startswith(b"w"):
+                    seen += 1
+                    if seen >= n:
+                        all_seen.set()
+
+        watcher = asyncio.create_task(watch())
+        for i in range(200):
+            await submit(b"w%d" % i)
+        await asyncio.sleep(0.5)
+        sem = asyncio.Semaphore(inflight)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await submit(b"%d" % i)
+
+        cpu0 = time.process_time() + sum(cpu_seconds(p) for p in pids)
+        begin = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        await asyncio.wait_for(all_seen.wait(), timeout=60)
+        seconds = time.perf_counter() - begin
+        cpu = time.process_time() + sum(cpu_seconds(p) for p in pids) - cpu0
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        return {"tasks": n, "tasks_per_s": round(n / seconds, 1),
+                "cpu_us_per_task": round(cpu / n * 1e6)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def spawn(port: int, role: str) -> subprocess.Popen[bytes]:
     """This script again, in a role."""
     return subprocess.Popen([sys.executable, __file__, "--port", str(port), "--role", role])
@@ -161,6 +219,9 @@ async def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--w1", type=int, default=0, metavar="N",
+                        help="also W1's shape: N pipelined submits, throughput and CPU per task")
+    parser.add_argument("--inflight", type=int, default=64)
     parser.add_argument("--role", choices=["relay", "worker"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -177,6 +238,9 @@ async def main() -> None:
         for _ in range(args.rounds):
             result = await client(port, args.rate, args.duration)
             print(json.dumps({"workload": "grpc_floor", **result}), flush=True)
+            if args.w1:
+                w1 = await client_w1(port, args.w1, args.inflight, [p.pid for p in procs])
+                print(json.dumps({"workload": "grpc_floor_w1", **w1}), flush=True)
     finally:
         for p in reversed(procs):  # workers first: they would complain of a lost relay
             p.kill()
