@@ -33,7 +33,7 @@ import enum
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -321,9 +321,14 @@ async def find_agent(client: MeshClient, name: str) -> AgentInfo:
         return matches[0]
 
 
-async def agent_names(client: MeshClient) -> dict[str, str]:
-    """Display names of the live agents by resource name ("agents/{id}")."""
-    return {a.name: a.display_name for a in await client.list_agents() if a.display_name}
+async def agent_names(client: MeshClient, wanted: Iterable[str] = ()) -> dict[str, str]:
+    """Display names of the live agents by resource name ("agents/{id}"), and of
+    gone ones too when one of ``wanted`` is not live (a task's agent may have left)."""
+    names = {a.name: a.display_name for a in await client.list_agents() if a.display_name}
+    if any(w and w not in names for w in wanted):
+        names.update({a.name: a.display_name for a in await client.list_agents(state="GONE")
+                      if a.display_name and a.name not in names})
+    return names
 
 
 async def cmd_agents_get(client: MeshClient, args: argparse.Namespace) -> int:
@@ -426,7 +431,7 @@ async def _show_task(client: MeshClient, task: TaskInfo, args: argparse.Namespac
     if args.json:
         print_json(task)
     else:
-        print_task(task, await agent_names(client))
+        print_task(task, await agent_names(client, [task.agent]))
 
 
 async def _show_tasks(client: MeshClient, tasks: list[TaskInfo],
@@ -434,7 +439,7 @@ async def _show_tasks(client: MeshClient, tasks: list[TaskInfo],
     if args.json:
         print_json(tasks)
     else:
-        print_tasks(tasks, await agent_names(client))
+        print_tasks(tasks, await agent_names(client, (t.agent for t in tasks)))
 
 
 async def cmd_tasks_submit(client: MeshClient, args: argparse.Namespace) -> int:

@@ -470,3 +470,27 @@ async def test_a_running_line_does_not_repeat_the_previous_attempts_error(
     assert "first attempt breaks" in detail["last failure"]
     print_task(dataclasses.replace(done, state="DEAD_LETTERED"), {})
     assert "first attempt breaks" in fields(capsys.readouterr().out)["failure"]
+
+
+async def test_a_task_of_an_agent_that_left_shows_its_display_name(
+        mesh: Mesh, capsys: pytest.CaptureFixture[str]) -> None:
+    agent = Agent("short-lived", target=mesh.address)
+
+    @agent.handler("once")
+    async def once(task: TaskContext) -> str:
+        return "done"
+
+    runs = await _run_agents(mesh, [agent], ["short-lived"])
+    try:
+        async with MeshClient(mesh.address) as client:
+            done = await client.wait_task((await client.submit_task("once")).id, timeout=20)
+    finally:
+        await _stop_agents([agent], runs)
+    assert done.agent
+    status, out, _ = await cli(capsys, "--server", mesh.address, "tasks", "list")
+    assert status == 0
+    [row] = [ln for ln in out.splitlines() if ln.startswith(done.id)]
+    assert "short-lived" in row.split()
+    assert done.agent.removeprefix("agents/") not in row
+    status, out, _ = await cli(capsys, "--server", mesh.address, "tasks", "get", done.id)
+    assert "short-lived" in out
