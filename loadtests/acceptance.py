@@ -252,7 +252,7 @@ def main() -> None:
                         help="also write the checklist (Markdown) to this file")
     args = parser.parse_args()
     started = time.monotonic()
-    command = "python loadtests/acceptance.py " + " ".join(sys.argv[1:])
+    command = ".venv/bin/python loadtests/acceptance.py " + " ".join(sys.argv[1:])
     bars: list[Bar] = []
     with tempfile.TemporaryDirectory() as tmp:
         print("== autonomy under chaos", flush=True)
