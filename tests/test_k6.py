@@ -124,6 +124,23 @@ def test_runs_at_once_and_with_6565_taken(tmp_path: Path) -> None:
         assert "API server" not in stderr, stderr
 
 
+def test_embedded_mesh_starts_while_the_fixed_ports_are_taken(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another embedded agentmesh (a second `make loadtest`, `make run`) holds the
+    console (8470) and A2A (41241) ports: the load test's own mesh still comes up
+    (also outside pytest, whose conftest turns A2A off in the environment)."""
+    monkeypatch.delenv("AGENTMESH_A2A_PORT", raising=False)
+    monkeypatch.delenv("AGENTMESH_CONSOLE_PORT", raising=False)
+    with contextlib.ExitStack() as stack:
+        for port in (8470, 41241):
+            sock = stack.enter_context(socket.socket())
+            with contextlib.suppress(OSError):  # already held by something: as good
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+        with embedded_mesh(tmp_path / "mesh.log") as target:
+            assert target.startswith("127.0.0.1:")
+
+
 def test_short_steady_passes_and_stuck_tasks_fail_it(tmp_path: Path) -> None:
     with embedded_mesh(tmp_path / "mesh.log") as target:
         res = run_scenario("steady", [target], out_dir=tmp_path,

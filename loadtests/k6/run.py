@@ -133,8 +133,11 @@ def embedded_mesh(log: Path, env: dict[str, str] | None = None) -> Iterator[str]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         proc = subprocess.Popen(
+            # No console (8470) nor A2A gateway (41241), the embedded mode's fixed
+            # ports: a second run, or any agentmesh serving here, would hold them.
             [_bin("agentmesh"), "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--metrics-port", "0", "--log-level", "WARNING"],
+             "--metrics-port", "0", "--console-port", "0", "--a2a-port", "0",
+             "--log-level", "WARNING"],
             cwd=ROOT, stdout=out, stderr=out, env={**os.environ, **(env or {})})
     try:
         target = f"127.0.0.1:{port}"

@@ -38,7 +38,10 @@ class Server:
         self.port = port or free_port()
         self.argv = argv or [sys.executable, "-c", SERVE]
         self.cwd = cwd
-        self.env = {**os.environ, **FAST, **env, "AGENTMESH_PORT": str(self.port),
+        # Embedded mode opens the A2A gateway on 41241 by default: two servers (or
+        # any other agentmesh here) would collide on it, so it is off unless asked.
+        self.env = {**os.environ, **FAST, "AGENTMESH_A2A_PORT": "0", **env,
+                    "AGENTMESH_PORT": str(self.port),
                     "AGENTMESH_METRICS_PORT": "0", "AGENTMESH_CONSOLE_PORT": "0",
                     "AGENTMESH_LOG_LEVEL": "WARNING",
                     "PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}"}

@@ -7,7 +7,9 @@ so every way start-up can fail must kill and reap the child it spawned.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -76,3 +78,23 @@ async def test_nemesis_server_start_up_failure_is_reaped_too(tmp_path: Path) -> 
         await server.start()
     assert server.proc is not None
     assert _gone(server.proc.pid)
+
+
+async def test_servers_start_while_the_embedded_fixed_ports_are_taken(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another agentmesh here (say `make loadtest`'s mesh) holds the console (8470)
+    and A2A (41241) ports of embedded mode: harness servers still start, also
+    outside pytest (chaos_bench, acceptance), whose conftest turns A2A off."""
+    monkeypatch.delenv("AGENTMESH_A2A_PORT", raising=False)
+    monkeypatch.delenv("AGENTMESH_CONSOLE_PORT", raising=False)
+    with contextlib.ExitStack() as stack:
+        for port in (8470, 41241):
+            sock = stack.enter_context(socket.socket())
+            with contextlib.suppress(OSError):  # already held by something: as good
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+        server = await Server({}).start()
+        try:
+            assert server.proc is not None and server.proc.poll() is None
+        finally:
+            server.stop()
