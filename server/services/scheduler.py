@@ -70,6 +70,7 @@ from server.services.sessions import (
     SessionTable,
     WorkerSession,
 )
+from server.services.submits import SubmitBatcher
 from server.services.task_events import NullObserver, SchedulerObserver, TaskEvents
 from server.services.watches import Watches
 
@@ -123,6 +124,7 @@ class Scheduler:
         self.breakers = BreakerBoard(bus, cfg.breaker, on_change=self._breaker_changed,
                                      replica=replica, clock=clock)
         self.sessions = SessionTable()
+        self._submits = SubmitBatcher(tasks)
         live = LiveCapabilities(agents, clock)
         self.leases = Leases(
             tasks, agents, bus, clock, sessions=self.sessions, task_events=self.events,
@@ -205,13 +207,19 @@ class Scheduler:
                 "replica", reason=DRAINING)
 
     async def submit(self, task: Task, *, request_id: str = "") -> Task:
-        """Queue a task (idempotent on request_id; a taken id is ALREADY_EXISTS)."""
+        """Queue a task (idempotent on request_id; a taken id is ALREADY_EXISTS).
+
+        Concurrent submits share store calls (``server/services/submits.py``):
+        each gets the answer its own ``create_task`` would have given.
+        """
         self._accepting()
         now = self._clock.now()
+        client_id = bool(task.id)
         task = replace(human.prepare(task), id=task.id or uuid.uuid4().hex, state=TaskState.QUEUED,
                        create_time=now, update_time=now)
-        stored, created, transition = await self._tasks.create_task(
-            task, request_id=request_id, max_queued=self.config.max_queued_per_namespace)
+        stored, created, transition = await self._submits.create(
+            task, request_id=request_id, client_id=client_id,
+            max_queued=self.config.max_queued_per_namespace)
         if created:
             await self.events.after(transition, now)
         return stored
