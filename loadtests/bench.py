@@ -280,6 +280,9 @@ async def main() -> None:
     parser.add_argument("--auth", action="store_true",
                         help="run the server with a generated token file; clients and "
                              "agents send tokens")
+    parser.add_argument("--unbatched-submits", action="store_true",
+                        help="one SubmitTask call per task (as a raw-stub or k6 client "
+                             "sends them), not the SDK's BatchSubmitTasks coalescing")
     parser.add_argument("--code", type=Path, default=ROOT,
                         help="source tree the servers and agents run from (default: this one)")
     parser.add_argument("--cpu-pid", action="append", default=[], metavar="NAME=PID",
@@ -308,7 +311,8 @@ async def main() -> None:
             await wait_port(int(t.rsplit(":", 1)[1]))
         agents = start_agents(targets, args.agents, args.concurrency, tokens.get("agent"),
                               args.code)
-        async with MeshClient(targets[0], token=tokens.get("client")) as client:
+        async with MeshClient(targets[0], token=tokens.get("client"),
+                              batch_submits=not args.unbatched_submits) as client:
             await wait_agents(client, args.agents)
             setup = {"store": args.store, "bus": args.bus, "replicas": args.replicas,
                      "agents": args.agents, "auth": args.auth,
