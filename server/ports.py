@@ -431,7 +431,12 @@ class AgentRegistry(Protocol):
         ...
 
     async def purge(self, before: float) -> int:
-        """Forget GONE agents whose last heartbeat is older than ``before``."""
+        """Forget GONE agents last seen before ``before``.
+
+        Last seen is the last heartbeat, or the registration of an agent that
+        never beat (``heartbeat_time`` 0): such an agent is kept as long as
+        any other, not dropped at the first purge after it went GONE.
+        """
         ...
 
     async def aclose(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
@@ -121,6 +122,22 @@ async def test_live_capabilities(registry: AgentRegistry) -> None:
     await registry.set_state("a1", AgentState.GONE, now=T0)
     assert await registry.live_capabilities(NS) == frozenset({"y", "z"})
     assert await registry.live_capabilities("other") == frozenset({"w"})
+
+
+async def test_purge_keeps_an_agent_that_never_beat_for_the_retention(
+        registry: AgentRegistry) -> None:
+    """Registered at T0 + 50, never beat (heartbeat_time 0), GONE at T0 + 51: it
+    is last seen at its registration, so a purge of what is older than T0 + 10
+    keeps it (on the previous code it was dropped at once and a work stream
+    opened for it got NOT_FOUND instead of FAILED_PRECONDITION)."""
+    silent = replace(agent("a9", "x"), register_time=T0 + 50, heartbeat_time=0.0)
+    await registry.register(silent)
+    await registry.set_state("a9", AgentState.GONE, now=T0 + 51)
+    assert await registry.purge(T0 + 10) == 0
+    got = await registry.get("a9")
+    assert got is not None and got.state is AgentState.GONE
+    assert await registry.purge(T0 + 100) == 1
+    assert await registry.get("a9") is None
 
 
 async def test_purge(registry: AgentRegistry) -> None:

@@ -96,7 +96,8 @@ class InMemoryAgentRegistry:
     async def purge(self, before: float) -> int:
         """See AgentRegistry.purge."""
         gone = [a.id for a in self._agents.values()
-                if a.state is AgentState.GONE and a.heartbeat_time < before]
+                if a.state is AgentState.GONE
+                and max(a.heartbeat_time, a.register_time) < before]
         for agent_id in gone:
             del self._agents[agent_id]
         return len(gone)

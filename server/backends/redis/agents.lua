@@ -8,7 +8,7 @@ local ACTIVE, DRAINING, GONE = 1, 2, 3
 -- locals outlive the call and one library serves every key prefix).
 local ARGV, B
 local LIVE_KEY -- ACTIVE/DRAINING agents scored by expire_time
-local GONE_KEY -- GONE agents scored by heartbeat_time
+local GONE_KEY -- GONE agents scored by their last sign of life (see last_seen)
 local ACTIVE_KEY -- hash: ACTIVE agent id -> expire_time (tasks.lua reads it to lease)
 
 local function key(id) return B .. ':agent:' .. id end
@@ -30,6 +30,13 @@ local function load(id)
   local raw = redis.call('GET', key(id))
   if not raw then return nil end
   return cjson.decode(raw)
+end
+
+-- The last sign of life: the last heartbeat, or the registration of an agent
+-- that never beat (its heartbeat_time is 0), so such an agent stays readable as
+-- GONE for the retention like any other, instead of being purged at once.
+local function last_seen(a)
+  return math.max(tonumber(a.heartbeat_time) or 0, tonumber(a.register_time) or 0)
 end
 
 local function same_list(x, y)
@@ -66,7 +73,7 @@ local function put(a, prev)
   end
   if not same_ns then redis.call('ZADD', ns_key(a.namespace), 0, id) end
   if a.state == GONE then
-    redis.call('ZADD', GONE_KEY, a.heartbeat_time, id)
+    redis.call('ZADD', GONE_KEY, last_seen(a), id)
   else
     redis.call('ZADD', LIVE_KEY, a.expire_time, id)
   end
