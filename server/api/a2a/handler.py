@@ -16,6 +16,7 @@ records when its message decides an ``input-required`` task.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 
@@ -31,7 +32,6 @@ from a2a.utils.errors import (
     TaskNotFoundError,
     UnsupportedOperationError,
 )
-from google.protobuf.json_format import MessageToDict
 
 from server.api import auth, convert
 from server.api.a2a import mapping
@@ -45,14 +45,15 @@ from server.domain.errors import (
     PermissionDeniedError,
     ResourceExhaustedError,
 )
-from server.domain.human import Decision
-from server.domain.models import DEFAULT_NAMESPACE, Payload, Task
+from server.domain.human import HUMAN_CAPABILITY, Decision, is_human
+from server.domain.models import Payload, Task
 from server.ports import TaskFilter
 from server.services.approvals import HumanDesk
 from server.services.chunks import TaskChunks
 from server.services.scheduler import Scheduler
 
 MAX_PAGE = 100
+MAX_REQUEST_ID = convert.Limits().max_request_id_bytes
 _DECISIONS = {"approve": Decision.APPROVE, "approved": Decision.APPROVE,
               "reject": Decision.REJECT, "rejected": Decision.REJECT}
 
@@ -76,6 +77,18 @@ def a2a_errors() -> Iterator[None]:
         raise Refused(exc, 429) from None
     except AgentMeshError as exc:
         raise InternalError(f"{exc.reason}: {exc.message}") from None
+
+
+def _request_id(message_id: str) -> str:
+    """The idempotency key of a message: its id, or the id's digest when longer than a
+    request id may be (cutting it made two messages that differ past 124 characters one
+    task)."""
+    if not message_id:
+        return ""
+    key = f"a2a:{message_id}"
+    if len(key.encode("utf-8", "surrogatepass")) <= MAX_REQUEST_ID:
+        return key
+    return "a2a:sha256:" + hashlib.sha256(message_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class MeshRequestHandler(RequestHandler):
@@ -107,12 +120,18 @@ class MeshRequestHandler(RequestHandler):
 
     @staticmethod
     def _namespace(tenant: str) -> str:
-        return tenant or DEFAULT_NAMESPACE
+        """The tenant as a namespace (``default`` when empty), checked as gRPC checks one:
+        an unchecked one reached the store and then failed at the bus (-32603)."""
+        with a2a_errors():
+            return convert.namespace(tenant, "tenant")
 
     async def _task(self, task_id: str, tenant: str) -> Task:
+        if not task_id:
+            raise InvalidParamsError("id: required (the task's id)")
+        namespace = self._namespace(tenant)
         with a2a_errors():
             task = await self._scheduler.get_task(task_id)
-        if task.namespace != self._namespace(tenant):
+        if task.namespace != namespace:
             raise TaskNotFoundError(f"task {task_id!r} not found")
         return task
 
@@ -123,14 +142,26 @@ class MeshRequestHandler(RequestHandler):
         return convert.payload(convert.payload_msg(value), "message.parts", self._limits)
 
     async def _skill(self, params: a2a_pb2.SendMessageRequest, namespace: str) -> str:
-        meta = {**MessageToDict(params.message.metadata), **MessageToDict(params.metadata)}
+        with a2a_errors():
+            meta = {**mapping.to_dict(params.message.metadata, "message.metadata"),
+                    **mapping.to_dict(params.metadata, "metadata")}
         skill = meta.get("skill")
-        live = await self._scheduler.live_capabilities(namespace)
+        # the skills on the card: the human desk's capability is not one (with it, "exactly
+        # one live" never held, as the desk is always live)
+        live = await self._scheduler.live_capabilities(namespace) - {HUMAN_CAPABILITY}
         if skill is None and len(live) == 1:
             return next(iter(live))
         if not isinstance(skill, str) or not skill:
             raise InvalidParamsError(
                 "name the skill in the message metadata (\"skill\"): one of "
+                + (", ".join(sorted(live)) or "none (no agent is live)"))
+        with a2a_errors():  # a name no agent could ever register would wait forever
+            skill = convert.capability(skill, "message.metadata.skill")
+        if skill not in live and not is_human(skill):
+            # The card is what an A2A client may ask for: a skill no live agent offers
+            # would sit in `submitted` with no word why (a blocking send hung).
+            raise InvalidParamsError(
+                f"no live agent offers the skill {skill!r}; the skills now: "
                 + (", ".join(sorted(live)) or "none (no agent is live)"))
         return skill
 
@@ -149,8 +180,7 @@ class MeshRequestHandler(RequestHandler):
             task = Task(id=uuid.uuid4().hex, capability=skill, namespace=namespace,
                         input=self._input(message),
                         labels=auth.owner_labels(labels))
-            request_id = f"a2a:{message.message_id}" if message.message_id else ""
-            return await self._scheduler.submit(task, request_id=request_id[:128])
+            return await self._scheduler.submit(task, request_id=_request_id(message.message_id))
 
     async def _answer(self, params: a2a_pb2.SendMessageRequest) -> Task:
         """A message to an ``input-required`` task: a person's decision.
@@ -230,6 +260,13 @@ class MeshRequestHandler(RequestHandler):
                                    ) -> AsyncGenerator[Event, None]:
         """The task as it is (artifacts streamed so far included), then what follows."""
         task = await self._task(params.id, params.tenant)
+        state = mapping.a2a_state(task)
+        if mapping.is_final(state):
+            # The spec: subscribing to a task in a terminal state is UnsupportedOperationError
+            # (nothing further will stream); GetTask returns it with its artifacts.
+            raise UnsupportedOperationError(
+                f"task {task.id} has ended ({a2a_pb2.TaskState.Name(state)}): nothing more "
+                "will stream; GetTask returns it with its artifacts")
         with self._stream(context):
             async for event in self._events(task, snapshot=True):
                 yield event

@@ -6,12 +6,14 @@ Pure conversions; the a2a-sdk protobuf types are the A2A spec's own proto.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from a2a.types import a2a_pb2
 from google.protobuf import struct_pb2, timestamp_pb2
 from google.protobuf.json_format import MessageToDict, ParseDict
+from google.protobuf.message import Message
 
 from server.domain.chunks import ChunkKind, TaskChunk
 from server.domain.errors import InvalidArgumentError
@@ -72,11 +74,26 @@ def is_final(state: int) -> bool:
 # -- payloads and parts ---------------------------------------------------------------
 
 
+def _finite(text: str) -> float | str:
+    number = float(text)
+    return number if math.isfinite(number) else text
+
+
 def decode(payload: Payload) -> Any:
-    """A payload's value by its encoding (JSON, None, else the bytes)."""
+    """A payload's value by its encoding (JSON, None, else the bytes).
+
+    What an agent wrote is shown, never refused: A2A's JSON has no NaN or
+    Infinity (Python's json writes them, and a protobuf ``Value`` holding one
+    cannot be serialized: every read of the task failed with -32603), so
+    those numbers arrive as their text (``"NaN"``, ``"Infinity"``, ``"1e999"``);
+    a JSON payload that does not parse arrives as its bytes.
+    """
     encoding = payload.metadata.get("encoding")
     if encoding == JSON:
-        return json.loads(payload.data)
+        try:
+            return json.loads(payload.data, parse_constant=str, parse_float=_finite)
+        except ValueError:  # UnicodeDecodeError too
+            return payload.data
     if encoding == NULL or (encoding is None and not payload.data):
         return None
     return payload.data
@@ -98,6 +115,19 @@ def parts(value: Any) -> list[a2a_pb2.Part]:
     return [part]
 
 
+def to_dict(message: Message, field: str) -> Any:
+    """A protobuf message (a Struct, a Value, a Part) as JSON values.
+
+    A client's JSON may hold NaN or Infinity (Python's parser takes them, and
+    protobuf stores them in a ``Value``) which JSON cannot carry on: refused,
+    naming the field, instead of failing as an internal error.
+    """
+    try:
+        return MessageToDict(message)
+    except ValueError as exc:
+        raise InvalidArgumentError.field(field, f"not valid JSON ({exc})") from None
+
+
 def message_input(message: a2a_pb2.Message) -> Payload:
     """The task input of a user message.
 
@@ -109,12 +139,12 @@ def message_input(message: a2a_pb2.Message) -> Payload:
     if not ps:
         raise InvalidArgumentError.field("message.parts", "at least one part")
     if len(ps) == 1 and ps[0].HasField("data"):
-        return json_payload(MessageToDict(ps[0].data))
+        return json_payload(to_dict(ps[0].data, "message.parts[0].data"))
     if all(p.WhichOneof("content") == "text" for p in ps):
         return json_payload("\n".join(p.text for p in ps))
     if len(ps) == 1 and ps[0].WhichOneof("content") == "raw":
         return Payload(ps[0].raw, {"encoding": BINARY})
-    return json_payload([MessageToDict(p) for p in ps])
+    return json_payload([to_dict(p, f"message.parts[{i}]") for i, p in enumerate(ps)])
 
 
 def _ts(seconds: float) -> timestamp_pb2.Timestamp | None:
