@@ -270,6 +270,19 @@ async def test_a2a_streams_count_against_the_servers_stream_bounds() -> None:
         assert isinstance(cause, httpx.HTTPStatusError)
         assert cause.response.status_code == 429
         assert cause.response.json()["error"]["data"][0]["reason"] == "STREAM_LIMIT"
+        # a streaming or blocking send refused past the bound has submitted nothing (a
+        # client retrying it with a new message id got the task twice)
+        for streaming in (True, False):
+            sender = await create_client(mesh.a2a_url, client_config=ClientConfig(
+                streaming=streaming, httpx_client=http))
+            with pytest.raises(A2AClientError) as send_refused:
+                async for _ in sender.send_message(message("refused", "summarize")):
+                    pass
+            cause = send_refused.value.__cause__
+            assert isinstance(cause, httpx.HTTPStatusError)
+            assert cause.response.status_code == 429
+        listed = await client.list_tasks(a2a_pb2.ListTasksRequest())
+        assert [t.id for t in listed.tasks] == [slow_id]
         with pytest.raises(RPCError) as watch_refused:
             await anext(grpc_client.watch_chunks(slow_id))
         assert watch_refused.value.code.name == "RESOURCE_EXHAUSTED"

@@ -216,12 +216,17 @@ class MeshRequestHandler(RequestHandler):
 
     async def on_message_send(self, params: a2a_pb2.SendMessageRequest,
                               context: ServerCallContext) -> a2a_pb2.Task | a2a_pb2.Message:
-        """Submit the task; unless ``return_immediately``, wait until it ends or needs input."""
-        with auth.acting_as(principal_of(context)):
-            task = await self._submit(params)
+        """Submit the task; unless ``return_immediately``, wait until it ends or needs input.
+
+        The wait's stream place is taken before the submit: a send refused past the stream
+        bounds (429) has submitted nothing (it did, and a client retrying with a new
+        message id got the task twice)."""
         if params.configuration.return_immediately:
-            return mapping.a2a_task(task)
+            with auth.acting_as(principal_of(context)):
+                return mapping.a2a_task(await self._submit(params))
         with self._stream(context):
+            with auth.acting_as(principal_of(context)):
+                task = await self._submit(params)
             return await self._until_settled(task)
 
     async def _until_settled(self, task: Task) -> a2a_pb2.Task:
@@ -245,13 +250,16 @@ class MeshRequestHandler(RequestHandler):
                                      context: ServerCallContext,
                                      ) -> AsyncGenerator[Event, None]:
         """Submit the task, then stream its status and artifact updates (with
-        ``return_immediately``, only the submitted task)."""
-        with auth.acting_as(principal_of(context)):
-            task = await self._submit(params)
+        ``return_immediately``, only the submitted task); the stream's place is taken
+        before the submit, as in :meth:`on_message_send`."""
         if params.configuration.return_immediately:
+            with auth.acting_as(principal_of(context)):
+                task = await self._submit(params)
             yield mapping.a2a_task(task)
             return
         with self._stream(context):
+            with auth.acting_as(principal_of(context)):
+                task = await self._submit(params)
             async for event in self._events(task, snapshot=False):
                 yield event
 
