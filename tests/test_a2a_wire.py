@@ -8,6 +8,7 @@ internal error (-32603) nor a task left in a state nothing can reach.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -184,3 +185,23 @@ async def test_the_one_live_skill_may_be_left_out_and_long_message_ids_stay_apar
         params["message"]["messageId"] = "m" * 200 + "b"  # the same message again
         again = await rpc(http, mesh, "SendMessage", params)
         assert again["result"]["task"]["id"] == ids[1]
+
+
+async def test_a_clients_malformed_request_leaves_no_traceback(
+        mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    """a2a-sdk logged each malformed request at ERROR with a traceback (any client could
+    fill the log); its WARNING line with the parse error is what stays."""
+    bodies = (b"[]", b'{"id": 1, "method": "GetTask", "params": {"id": "x"}}',
+              b'{"jsonrpc": "2.0", "id": 1.5, "method": "GetTask", "params": {}}',
+              b'{"jsonrpc": "2.0", "id": 1, "method": "ListTasks", "params": {"pageSize": 1e12}}')
+    async with httpx.AsyncClient(timeout=WAIT) as http:
+        with caplog.at_level(logging.INFO):
+            for body in bodies:
+                reply = await http.post(mesh.a2a_url, content=body, headers={
+                    "A2A-Version": "1.0", "Content-Type": "application/json"})
+                assert error_code(reply.json()) in (-32600, INVALID_PARAMS), body
+    records = [r for r in caplog.records if r.name.startswith("a2a.")]
+    assert len(records) == len(bodies)  # one WARNING each, with the parse error
+    assert all(r.levelno == logging.WARNING and not r.exc_info for r in records), [
+        (r.levelname, r.getMessage()) for r in records]
+

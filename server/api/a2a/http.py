@@ -35,6 +35,23 @@ from server.netutil import PortInUseError, ensure_free
 log = logging.getLogger(__name__)
 
 
+class _NoClientTracebacks(logging.Filter):
+    """a2a-sdk's dispatcher logs a client's malformed request (a batch, a missing
+    ``jsonrpc``, params that do not parse) twice: at ERROR with a traceback, then at
+    WARNING with the parse error it answers. Any client could fill the server's log
+    with tracebacks of its own mistakes, so the first is dropped; the WARNING stays."""
+
+    MESSAGES = frozenset({"Failed to validate base JSON-RPC request",
+                          "Failed to parse request params"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.MESSAGES
+
+
+_DISPATCHER_LOG = logging.getLogger("a2a.server.routes.jsonrpc_dispatcher")
+_QUIET = _NoClientTracebacks()
+
+
 class _Uvicorn(uvicorn.Server):
     """uvicorn without its signal handling: ``agentmesh serve`` owns SIGINT/SIGTERM."""
 
@@ -132,6 +149,8 @@ class A2AServer:
     async def start(self) -> None:
         """Serve on the bound socket until :meth:`stop`."""
         assert self._sock is not None, "bind() first"
+        if _QUIET not in _DISPATCHER_LOG.filters:
+            _DISPATCHER_LOG.addFilter(_QUIET)
         card = self._card
 
         async def fresh_card(_: a2a_pb2.AgentCard) -> a2a_pb2.AgentCard:
