@@ -151,6 +151,11 @@ async def test_a_timeout_dead_letters_and_escalates_then_input_answers(tmp_path:
         await waiting(client, task.name)
         with pytest.raises(InvalidArgumentError):
             await client.supply_input(task.name, "x", comment="c" * 2000)
+        # Python's json writes NaN and Infinity; the decision record is JSON that any
+        # language reads, so they are refused (they were kept, and read back as NaN)
+        for odd in ({"score": float("nan")}, [float("inf")]):
+            with pytest.raises(InvalidArgumentError, match="not JSON"):
+                await client.supply_input(task.name, odd)
         answered = await client.supply_input(task.name, {"title": "Agents at work"},
                                              approver="dana")
         assert answered.state == "SUCCEEDED"

@@ -943,14 +943,31 @@ def text(value: str, field: str, max_bytes: int) -> str:
     return _text(value, field, max_bytes)
 
 
+def _strict_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _strict_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is past a double's range")
+    return number
+
+
 def decoded_payload(value: Payload) -> Any:
-    """A payload's value by its encoding: JSON decoded, else the bytes (base64 text)."""
+    """A payload's value by its encoding: JSON decoded, else the bytes (base64 text).
+
+    Strict JSON: Python's parser takes NaN and Infinity (and 1e999 as infinity),
+    which the decision record would then carry on as JSON no other language parses.
+    """
     encoding = value.metadata.get("encoding")
     if encoding == b"json/plain":
         try:
-            return json.loads(value.data)
-        except ValueError:
-            raise _bad("input.data", "not JSON though its encoding says json/plain") from None
+            return json.loads(value.data, parse_constant=_strict_constant,
+                              parse_float=_strict_float)
+        except ValueError as exc:
+            raise _bad("input.data", "not JSON though its encoding says json/plain "
+                       f"({exc})") from None
     if encoding == b"binary/null" or (encoding is None and not value.data):
         return None
     return {"base64": base64.b64encode(value.data).decode()}
