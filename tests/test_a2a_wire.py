@@ -108,6 +108,8 @@ async def test_bad_tenants_skills_and_numbers_are_invalid_params(mesh: Mesh) -> 
         params = send("score")
         params["message"]["metadata"]["weight"] = float("inf")
         assert error_code(await rpc(http, mesh, "SendMessage", params)) == INVALID_PARAMS
+        # a state A2A does not have is no filter that matches nothing
+        assert error_code(await rpc(http, mesh, "ListTasks", {"status": 99})) == INVALID_PARAMS
         # GetTask without an id is a missing parameter, not a task that was not found
         assert error_code(await rpc(http, mesh, "GetTask", {})) == INVALID_PARAMS
         assert await mesh.scheduler.list_tasks(TaskFilter("default"), before_seq=0,

@@ -341,6 +341,8 @@ class MeshRequestHandler(RequestHandler):
         if before < 0:
             raise InvalidParamsError("page_token is not one this server gave")
         wanted = params.status
+        if wanted not in a2a_pb2.TaskState.values():  # it listed nothing, as if none matched
+            raise InvalidParamsError(f"status: {wanted} is no A2A task state")
         states = mapping.A2A_TO_STATES.get(wanted) if wanted else None
         flt = TaskFilter(namespace, next(iter(states)) if states and len(states) == 1 else None)
         out: list[a2a_pb2.Task] = []
