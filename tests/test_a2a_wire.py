@@ -7,6 +7,7 @@ internal error (-32603) nor a task left in a state nothing can reach.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -207,3 +208,42 @@ async def test_a_clients_malformed_request_leaves_no_traceback(
     assert all(r.levelno == logging.WARNING and not r.exc_info for r in records), [
         (r.levelname, r.getMessage()) for r in records]
 
+
+
+async def test_a_blocking_send_whose_client_left_frees_its_stream() -> None:
+    """A blocking SendMessage whose client gave up kept its watch and its stream place
+    until the task ended (an hour for an approval); with max_watch_streams 1, nothing
+    else could stream meanwhile."""
+    settings = embedded_settings(heartbeat_interval=1.0, a2a_port=free_port(),
+                                 max_watch_streams=1)
+    async with running_server(settings) as mesh:
+        agent = Agent("sleeper", target=mesh.address)
+
+        @agent.handler("sleep")
+        async def sleep(task: TaskContext) -> str:
+            await asyncio.sleep(60)
+            return "late"
+
+        @agent.handler("echo")
+        async def echo(task: TaskContext) -> Any:
+            return task.input
+
+        async with running(agent), httpx.AsyncClient(timeout=WAIT) as http:
+            await until(lambda: _live(mesh, "echo"), "the agent registered")
+            body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "SendMessage",
+                               "params": send("sleep")})
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up
+                await http.post(mesh.a2a_url, content=body, timeout=1.0, headers={
+                    "A2A-Version": "1.0", "Content-Type": "application/json"})
+
+            async def streams_again() -> bool:
+                reply = await http.post(mesh.a2a_url, content=json.dumps({
+                    "jsonrpc": "2.0", "id": 2, "method": "SendMessage",
+                    "params": send("echo")}), headers={
+                    "A2A-Version": "1.0", "Content-Type": "application/json"})
+                return reply.status_code == 200
+
+            await until(streams_again, "the abandoned send's stream place is free", limit=10)
+            stuck = await mesh.scheduler.list_tasks(TaskFilter("default"), before_seq=0,
+                                                    limit=10)
+            assert "sleep" in {t.capability for t in stuck}  # the task itself goes on

@@ -69,6 +69,7 @@ SCHEME = "bearer"
 
 REFUSAL_CODE = -32000
 _PRINCIPAL = "agentmesh.principal"
+_DISCONNECTED = "agentmesh.disconnected"
 
 
 def security(card: a2a_pb2.AgentCard) -> None:
@@ -91,6 +92,12 @@ class Refused(HTTPException):
     def __init__(self, error: AgentMeshError, status: int) -> None:
         super().__init__(status_code=status, detail=error.message)
         self.error = error
+
+
+def disconnected_of(context: ServerCallContext) -> Callable[[], Awaitable[bool]] | None:
+    """Whether the request's client has gone (None outside an HTTP request)."""
+    check = context.state.get(_DISCONNECTED)
+    return check if callable(check) else None
 
 
 def principal_of(context: ServerCallContext) -> auth.Principal | None:
@@ -117,6 +124,7 @@ class _ContextBuilder(DefaultServerCallContextBuilder):
 
     def build(self, request: Request) -> ServerCallContext:
         context = super().build(request)
+        context.state[_DISCONNECTED] = request.is_disconnected
         headers = context.state.get("headers")
         if isinstance(headers, dict):
             headers.pop("authorization", None)

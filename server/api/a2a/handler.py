@@ -15,6 +15,7 @@ records when its message decides an ``input-required`` task.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import uuid
@@ -35,7 +36,7 @@ from a2a.utils.errors import (
 
 from server.api import auth, convert
 from server.api.a2a import mapping
-from server.api.a2a.access import Refused, principal_of
+from server.api.a2a.access import Refused, disconnected_of, principal_of
 from server.domain.chunks import ChunkKind, TaskChunk
 from server.domain.errors import (
     AgentMeshError,
@@ -53,6 +54,8 @@ from server.services.chunks import TaskChunks
 from server.services.scheduler import Scheduler
 
 MAX_PAGE = 100
+DISCONNECT_POLL = 0.5
+"""Seconds between checks that a blocking send's client is still there."""
 MAX_REQUEST_ID = convert.Limits().max_request_id_bytes
 _DECISIONS = {"approve": Decision.APPROVE, "approved": Decision.APPROVE,
               "reject": Decision.REJECT, "rejected": Decision.REJECT}
@@ -227,7 +230,33 @@ class MeshRequestHandler(RequestHandler):
         with self._stream(context):
             with auth.acting_as(principal_of(context)):
                 task = await self._submit(params)
-            return await self._until_settled(task)
+            return await self._while_connected(task, context)
+
+    async def _while_connected(self, task: Task,
+                               context: ServerCallContext) -> a2a_pb2.Task:
+        """:meth:`_until_settled`, given up once the client has gone.
+
+        A blocking send whose client disconnected (a timeout) went on waiting for the
+        task to end, holding its watch and its stream place all along: an hour for an
+        approval, and abandoned retries filled ``max_watch_streams``. The task itself
+        goes on; the answer nobody reads is the task as it is.
+        """
+        gone = disconnected_of(context)
+        wait = asyncio.ensure_future(self._until_settled(task))
+        try:
+            while True:
+                done, _ = await asyncio.wait({wait}, timeout=DISCONNECT_POLL)
+                if done:
+                    return wait.result()
+                if gone is not None and await gone():
+                    break
+        finally:
+            if not wait.done():
+                wait.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await wait
+        with a2a_errors():
+            return mapping.a2a_task(await self._scheduler.get_task(task.id))
 
     async def _until_settled(self, task: Task) -> a2a_pb2.Task:
         """The task once it has ended or needs input, with its chunks."""
