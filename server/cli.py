@@ -618,8 +618,8 @@ async def _watch_chunks(client: MeshClient, args: argparse.Namespace) -> int:
     pieces and progress notes get a line each, tagged with their sequence so
     that ``--after SEQ`` resumes exactly after the last one seen.
     """
-    if args.after < 0:
-        raise CLIError("--after must not be negative", EXIT_USAGE)
+    if not 0 <= args.after < 1 << 63:  # a sequence number is an int64
+        raise CLIError("--after must be a sequence number (0 or more)", EXIT_USAGE)
     names = {} if args.json else await agent_names(client)
     inline = False
     chunks_since = False  # chunks printed since the last task line

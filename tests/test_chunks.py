@@ -225,3 +225,7 @@ async def test_cli_tasks_watch_chunks_prints_the_stream_and_resumes(
     assert items[-1]["state"] == "SUCCEEDED" and status == 0
     status, _, err = await cli(capsys, *server, "tasks", "watch", task.id, "x", "--chunks")
     assert status == 2 and "exactly one task" in err
+    for after in ("-3", str(1 << 63)):  # past int64 it was "ValueError: ..." and status 1
+        status, _, err = await cli(capsys, *server, "tasks", "watch", task.id, "--chunks",
+                                   "--after", after)
+        assert status == 2 and "--after must be a sequence number" in err, (after, err)
