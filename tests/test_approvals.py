@@ -240,10 +240,21 @@ async def test_cli_and_a2a_answer_a_waiting_task(
                 parts=[a2a_pb2.Part(text="Agents at work")]))
             answered = [e async for e in a2a.send_message(reply)]
             assert answered[0].task.status.state == a2a_pb2.TASK_STATE_COMPLETED
+            # a raw part answers with bytes, kept as ResolveHumanTask keeps them (it was
+            # an internal error: bytes in the JSON decision record)
+            req.message.message_id = uuid.uuid4().hex  # a second human task
+            second = [e async for e in a2a.send_message(req)]
+            raw_task = second[0].task.id
+            raw = a2a_pb2.SendMessageRequest(message=a2a_pb2.Message(
+                message_id=uuid.uuid4().hex, role=a2a_pb2.Role.ROLE_USER, task_id=raw_task,
+                parts=[a2a_pb2.Part(raw=b"\x00title")]))
+            answered = [e async for e in a2a.send_message(raw)]
+            assert answered[0].task.status.state == a2a_pb2.TASK_STATE_COMPLETED
             await a2a.close()
         got = await client.get_task(task_id)
         assert (got.output["decision"], got.output["input"], got.output["by"]) == (
             "supply_input", "Agents at work", "a2a")
+        assert (await client.get_task(raw_task)).output["input"] == {"base64": "AHRpdGxl"}
 
 
 async def test_the_console_lists_waiting_tasks_and_decides_one() -> None:

@@ -200,7 +200,9 @@ class MeshRequestHandler(RequestHandler):
                 f"task {task.id} is not input-required: a mesh task takes one message; "
                 "send a new message for a new task")
         with a2a_errors():
-            value = mapping.decode(self._input(message))
+            # as ResolveHumanTask reads its input (bytes as {"base64": ...}): a raw part
+            # was bytes, which the decision record could not hold (-32603)
+            value = convert.decoded_payload(self._input(message))
         decision, comment = Decision.SUPPLY_INPUT, ""
         if isinstance(value, dict) and str(value.get("decision", "")).lower() in _DECISIONS:
             decision = _DECISIONS[str(value["decision"]).lower()]
