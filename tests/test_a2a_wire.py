@@ -12,6 +12,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ from agentmesh.v1 import common_pb2, task_pb2
 
 from agent_sdk import Agent, TaskContext
 from server.api.a2a import mapping
+from server.api.auth import hash_token
 from server.app import Mesh, running_server
 from server.domain.models import Payload
 from server.ports import TaskFilter
@@ -247,3 +249,42 @@ async def test_a_blocking_send_whose_client_left_frees_its_stream() -> None:
             stuck = await mesh.scheduler.list_tasks(TaskFilter("default"), before_seq=0,
                                                     limit=10)
             assert "sleep" in {t.capability for t in stuck}  # the task itself goes on
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+"""JSON nested past Python's recursion limit: 200 kB, well within a request's bound."""
+
+
+async def test_json_nested_too_deeply_is_a_parse_error(
+        mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
+    """It was an internal error (-32603) with a traceback in the log."""
+    async with httpx.AsyncClient(timeout=WAIT) as http:
+        with caplog.at_level(logging.WARNING):
+            for body in (DEEP, b'{"jsonrpc": "2.0", "id": 1, "method": "GetTask", '
+                               b'"params": {"id": "x", "z": ' + DEEP + b"}}"):
+                reply = await http.post(mesh.a2a_url, content=body, headers={
+                    "A2A-Version": "1.0", "Content-Type": "application/json"})
+                assert reply.status_code == 200
+                assert error_code(reply.json()) == -32700
+        assert not [r for r in caplog.records if r.exc_info]
+        # a plain parse error is still a2a-sdk's, and the gateway still answers
+        reply = await http.post(mesh.a2a_url, content=b"{oops", headers={
+            "A2A-Version": "1.0", "Content-Type": "application/json"})
+        assert error_code(reply.json()) == -32700
+        assert error_code(await rpc(http, mesh, "GetTask", {"id": "x"})) == -32001
+
+
+async def test_json_nested_too_deeply_is_a_parse_error_with_auth_on(tmp_path: Path) -> None:
+    """The auth guard parses the body to learn the method: it answered HTTP 500."""
+    path = tmp_path / "auth.yaml"
+    path.write_text(json.dumps({"principals": [{
+        "name": "ci", "role": "client", "namespaces": ["*"],
+        "token_sha256": hash_token("amt_wire_test_token_0123456789")}]}))
+    settings = embedded_settings(heartbeat_interval=1.0, a2a_port=free_port(),
+                                 auth_file=str(path))
+    async with running_server(settings) as mesh, httpx.AsyncClient(timeout=WAIT) as http:
+        reply = await http.post(mesh.a2a_url, content=DEEP, headers={
+            "A2A-Version": "1.0", "Content-Type": "application/json",
+            "Authorization": "Bearer amt_wire_test_token_0123456789"})
+        assert reply.status_code == 200, reply.text
+        assert error_code(reply.json()) == -32700

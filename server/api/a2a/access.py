@@ -176,10 +176,10 @@ class GatewayAccess:
         tokens = self._tokens
 
         async def guarded(request: Request) -> Response:
-            if tokens is not None:
-                refusal = await self._check(tokens, request)
-                if refusal is not None:
-                    return refusal
+            refusal = (await self._check(tokens, request) if tokens is not None
+                       else await _unparsable(request))
+            if refusal is not None:
+                return refusal
             try:
                 return await endpoint(request)
             except Refused as exc:
@@ -202,6 +202,8 @@ class GatewayAccess:
             return _refusal(exc, None, 401)
         try:
             body = await request.json()
+        except RecursionError:
+            return _too_deep()
         except ValueError:
             body = None  # the dispatcher answers the parse error
         except HTTPException as exc:  # over the body limit
@@ -222,6 +224,33 @@ class GatewayAccess:
             return _refusal(exc, request_id, 403)
         request.scope[_PRINCIPAL] = principal
         return None
+
+
+async def _unparsable(request: Request) -> Response | None:
+    """The answer to a body that JSON nests too deeply for Python's parser (None for
+    any other body: the dispatcher answers it, from the body read here).
+
+    ``[[[...]]]`` a hundred thousand deep fits in a request and made the parser raise
+    RecursionError, which a2a-sdk answered as an internal error (-32603) with a
+    traceback in the log, and the auth guard as HTTP 500.
+    """
+    try:
+        await request.json()
+    except RecursionError:
+        return _too_deep()
+    except ValueError:
+        return None  # the body is read and kept: the dispatcher answers -32700
+    except HTTPException as exc:  # over the body limit, as the dispatcher answers it
+        if exc.status_code != 413:
+            raise
+        return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {
+            "code": -32600, "message": "Payload too large"}})
+    return None
+
+
+def _too_deep() -> Response:
+    return JSONResponse({"jsonrpc": "2.0", "id": None, "error": {
+        "code": -32700, "message": "Parse error: the JSON nests too deeply"}})
 
 
 def _refusal(error: AgentMeshError, request_id: object, status: int) -> Response:
