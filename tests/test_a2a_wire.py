@@ -151,6 +151,8 @@ def test_decode_shows_non_json_numbers_as_text_and_bad_json_as_bytes() -> None:
         "a": "NaN", "b": "-Infinity", "c": "1e999", "d": 1.5}
     assert mapping.decode(Payload(b"{oops", json_)) == b"{oops"
     assert mapping.decode(Payload(b"\xff", json_)) == b"\xff"
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert mapping.decode(Payload(deep, json_)) == deep
 
 
 async def test_subscribing_to_an_ended_task_is_unsupported(mesh: Mesh) -> None:

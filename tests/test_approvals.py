@@ -22,7 +22,7 @@ import httpx
 import pytest
 from a2a.client import ClientConfig, create_client
 from a2a.types import a2a_pb2
-from agentmesh.v1 import discovery_pb2, discovery_pb2_grpc, task_pb2, task_pb2_grpc
+from agentmesh.v1 import common_pb2, discovery_pb2, discovery_pb2_grpc, task_pb2, task_pb2_grpc
 
 from agent_sdk import Agent, MeshClient, TaskContext
 from agent_sdk.errors import FailedPreconditionError, InvalidArgumentError
@@ -156,6 +156,16 @@ async def test_a_timeout_dead_letters_and_escalates_then_input_answers(tmp_path:
         for odd in ({"score": float("nan")}, [float("inf")]):
             with pytest.raises(InvalidArgumentError, match="not JSON"):
                 await client.supply_input(task.name, odd)
+        # JSON nested past the parser's depth (200 kB) was INTERNAL
+        deep = b"[" * 100_000 + b"]" * 100_000
+        async with grpc.aio.insecure_channel(mesh.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as too_deep:
+                await task_pb2_grpc.TaskServiceStub(channel).ResolveHumanTask(
+                    task_pb2.ResolveHumanTaskRequest(
+                        name=task.name, decision=task_pb2.HUMAN_DECISION_SUPPLY_INPUT,
+                        input=common_pb2.Payload(data=deep,
+                                                 metadata={"encoding": b"json/plain"})))
+        assert too_deep.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         answered = await client.supply_input(task.name, {"title": "Agents at work"},
                                              approver="dana")
         assert answered.state == "SUCCEEDED"
@@ -278,3 +288,31 @@ async def test_the_console_lists_waiting_tasks_and_decides_one() -> None:
         audit = await client.get_state(f"_approvals/{task.id}")
         assert audit is not None and (audit.value["by"], audit.value["decision"]) == (
             "fran", "reject")
+
+
+async def test_a_human_task_whose_input_is_not_json_is_still_announced(mesh: Mesh) -> None:
+    """A raw-stub client may label bytes JSON that are not: the desk's pass failed on it
+    (a traceback each time), and its approvals.requested was never sent."""
+    async with MeshClient(mesh.address) as client, \
+            grpc.aio.insecure_channel(mesh.address) as channel:
+        requests = client.subscribe("approvals.requested")
+
+        async def subscribed() -> bool:  # the subscription is live once a probe arrives
+            probe = asyncio.ensure_future(anext(requests))
+            while not probe.done():
+                await client.publish("approvals.requested", "probe")
+                await asyncio.wait({probe}, timeout=0.1)
+            return True
+
+        await until(subscribed, "the subscription is live")
+        first = asyncio.ensure_future(anext(requests))
+        submitted = await task_pb2_grpc.TaskServiceStub(channel).SubmitTask(
+            task_pb2.SubmitTaskRequest(task=task_pb2.Task(
+                capability="human", input=common_pb2.Payload(
+                    data=b"{not json", metadata={"encoding": b"json/plain"}))))
+        note = await asyncio.wait_for(first, WAIT)
+        while note.value == "probe":  # probes sent while the first was on its way
+            note = await asyncio.wait_for(anext(requests), WAIT)
+        assert note.value["task"] == submitted.task.name
+        assert note.value["input"] == "{not json"
+        await requests.aclose()  # type: ignore[attr-defined]

@@ -965,6 +965,8 @@ def decoded_payload(value: Payload) -> Any:
         try:
             return json.loads(value.data, parse_constant=_strict_constant,
                               parse_float=_strict_float)
+        except RecursionError:  # [[[...]]] past the parser's depth: it was INTERNAL
+            raise _bad("input.data", "JSON nested too deeply") from None
         except ValueError as exc:
             raise _bad("input.data", "not JSON though its encoding says json/plain "
                        f"({exc})") from None

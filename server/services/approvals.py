@@ -71,10 +71,19 @@ def _json(value: Any) -> Payload:
 
 
 def _decode(payload: Payload | None) -> Any:
+    """A task input for the notification: JSON as its value, anything else as text.
+
+    The input is whatever the submitter sent: a "JSON" one that does not parse (or
+    nests past the parser's depth) failed the desk's whole pass, so that task's and the
+    rest of its batch's ``approvals.requested`` were never sent.
+    """
     if payload is None:
         return None
     if payload.metadata.get("encoding") == b"json/plain":
-        return json.loads(payload.data)
+        try:
+            return json.loads(payload.data)
+        except (ValueError, RecursionError):
+            pass
     return payload.data.decode(errors="replace") if payload.data else None
 
 

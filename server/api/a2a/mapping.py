@@ -92,7 +92,7 @@ def decode(payload: Payload) -> Any:
     if encoding == JSON:
         try:
             return json.loads(payload.data, parse_constant=str, parse_float=_finite)
-        except ValueError:  # UnicodeDecodeError too
+        except (ValueError, RecursionError):  # UnicodeDecodeError too; too deep
             return payload.data
     if encoding == NULL or (encoding is None and not payload.data):
         return None
