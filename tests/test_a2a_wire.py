@@ -21,8 +21,10 @@ from agentmesh.v1 import common_pb2, task_pb2
 
 from agent_sdk import Agent, TaskContext
 from server.api.a2a import mapping
+from server.api.a2a.cards import parse_card
 from server.api.auth import hash_token
 from server.app import Mesh, running_server
+from server.domain.errors import InvalidArgumentError
 from server.domain.models import Payload
 from server.ports import TaskFilter
 from tests._services import free_port
@@ -290,3 +292,10 @@ async def test_json_nested_too_deeply_is_a_parse_error_with_auth_on(tmp_path: Pa
             "Authorization": "Bearer amt_wire_test_token_0123456789"})
         assert reply.status_code == 200, reply.text
         assert error_code(reply.json()) == -32700
+
+
+def test_a_registration_card_nested_past_the_parsers_depth_is_invalid() -> None:
+    """RegisterAgent's a2a_agent_card of 2 kB of brackets was INTERNAL (RecursionError)."""
+    with pytest.raises(InvalidArgumentError, match="a2a_agent_card"):
+        parse_card("[" * 2000 + "]" * 2000)
+

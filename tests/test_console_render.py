@@ -60,3 +60,11 @@ def test_a_listener_bounds_its_dirty_set() -> None:
     topics, many = listener.take()
     assert many and topics == ["tasks"]
     assert listener.take() == ([], False) and not listener.changed.is_set()
+
+
+def test_json_nested_past_the_parsers_depth_is_shown_as_text() -> None:
+    """2 kB of brackets made the parser raise RecursionError: the task's page failed."""
+    deep = b"[" * 2000 + b"]" * 2000
+    shown = render.payload(Payload(deep, {"encoding": b"json/plain"}))
+    assert shown is not None and shown["kind"] == "text" and shown["text"] == deep.decode()
+

@@ -35,7 +35,7 @@ def payload(value: Payload | None) -> dict[str, Any] | None:
     if not out["truncated"]:
         try:
             parsed = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # nested past the parser's depth: as text
             pass
         else:
             return {**out, "kind": "json",

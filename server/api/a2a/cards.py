@@ -51,7 +51,7 @@ def parse_card(text: str) -> CardInfo:
         raise InvalidArgumentError.field(FIELD, f"at most {MAX_CARD_BYTES} bytes")
     try:
         card = parse_agent_card(json.loads(text))
-    except (ValueError, ParseError, TypeError) as exc:
+    except (ValueError, ParseError, TypeError, RecursionError) as exc:  # too deep: INTERNAL
         raise InvalidArgumentError.field(FIELD, f"not an A2A agent card: {exc}"[:300]) from None
     if not card.skills:
         raise InvalidArgumentError.field(f"{FIELD}.skills", "at least one skill")
